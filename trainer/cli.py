@@ -1,0 +1,196 @@
+"""`spleen-deepedit` command line. Each subcommand parses its arguments and calls one plain function.
+
+User errors (bad paths, values, data, checkpoints, clicks) end with a one-line `error: ...` message
+naming the value and exit status 2; nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .config import PROFILES, ConfigError
+
+EXIT_USER_ERROR = 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .predictor import ClickError
+
+    return (ConfigError, DataError, CheckpointError, ClickError, FileNotFoundError, NotADirectoryError)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _profiles_help() -> str:
+    return "; ".join(f"{p.name}: {p.description}" for p in PROFILES.values())
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .synth import write_dataset
+
+    t0 = time.perf_counter()
+    shape = tuple(args.shape) if args.shape else None
+    meta = write_dataset(args.out, args.cases, seed=args.seed, test_cases=args.test_cases, shape=shape)
+    print(
+        f"wrote {meta['numTraining']} labelled + {meta['numTest']} test phantoms to {args.out} "
+        f"in {time.perf_counter() - t0:.1f}s (seed {args.seed})"
+    )
+    return 0
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from .data import check_dataset
+
+    ds = check_dataset(args.data)
+    train, val = ds.split(args.val_fraction) if len(ds.labelled) >= 2 else (ds.labelled, [])
+    print(f"{ds.root}: OK — {len(ds.labelled)} labelled cases ({len(train)} train / {len(val)} validation), {len(ds.test)} test images")
+    return 0
+
+
+def build_train_config(args: argparse.Namespace):
+    """Profile defaults < YAML file < command-line flags."""
+    from .config import TrainConfig, load_yaml_config
+
+    cfg = load_yaml_config(args.config) if args.config else TrainConfig()
+    return cfg.replace(
+        profile=args.profile,
+        epochs=args.epochs,
+        resume=True if args.resume else None,
+        init_from=args.init_from,
+        max_train_seconds=args.max_train_seconds,
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        learning_rate=args.learning_rate,
+        amp=False if args.no_amp else None,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = build_train_config(args)
+    from .data import list_dataset
+
+    list_dataset(args.data)  # fail fast on a missing or malformed dataset
+    prof = cfg.profile_spec
+    print(f"profile {prof.name}: {prof.description}; {cfg.num_epochs} epochs; output {args.output}", flush=True)
+    if args.ray:
+        from .ray_job import run_ray_training  # lazy: Ray is an optional dependency
+
+        run_ray_training(cfg, args)
+        return 0
+    import torch
+
+    from .runtime import LocalRuntime
+    from .train import train
+
+    device = torch.device(args.device) if args.device else None
+    metrics = train(cfg, args.data, LocalRuntime(args.output, device))
+    print(json.dumps({k: metrics.get(k) for k in ("epoch", "loss", "train_dice", "val_dice", "best_val_dice")}))
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    import torch
+
+    from .predictor import Predictor, load_clicks, validate_clicks, load_volume
+
+    clicks = load_clicks(args.clicks)
+    image, affine = load_volume(args.image)
+    validate_clicks(clicks, tuple(image.shape))  # before loading the model: fail fast
+    device = torch.device(args.device) if args.device else None
+    predictor = Predictor.from_checkpoint(args.checkpoint, profile=args.profile, device=device)
+    from .predictor import write_mask
+
+    t0 = time.perf_counter()
+    pred = predictor.predict(image, affine, clicks)
+    write_mask(args.output, pred.mask, pred.affine)
+    n_clicks = sum(len(v) for v in (clicks or {}).values())
+    print(
+        f"wrote {args.output}: {int(pred.mask.sum())} spleen voxels, shape {list(pred.mask.shape)}, "
+        f"{n_clicks} click(s), {time.perf_counter() - t0:.2f}s"
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spleen-deepedit", description="DeepEdit spleen segmentation: data, training, inference.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a synthetic Decathlon-layout spleen dataset")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--cases", required=True, type=_positive_int, help="number of labelled cases")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
+    p.add_argument("--test-cases", type=int, default=None, help="unlabelled test images (default: cases // 4, at least 1)")
+    p.add_argument("--shape", type=_positive_int, nargs=3, metavar=("X", "Y", "Z"), help="fixed voxel grid (default: varied)")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("check-data", help="check a Decathlon dataset's integrity before training")
+    p.add_argument("--data", required=True, help="dataset directory (dataset.json or imagesTr/labelsTr)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="validation fraction shown in the summary")
+    p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser("train", help="train DeepEdit (single process, or Ray Train with --ray)")
+    p.add_argument("--data", required=True, help="dataset directory")
+    p.add_argument("--output", required=True, help="output directory: checkpoints/, metrics.jsonl, config.yaml")
+    p.add_argument("--profile", choices=sorted(PROFILES), default=None, help=f"network profile (default cpu). {_profiles_help()}")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="epochs (default: the profile's)")
+    p.add_argument("--config", default=None, help="YAML file of training settings (flags override it)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last.pt")
+    p.add_argument("--init-from", default=None, help="start from this checkpoint (ours or a bundle model.pt)")
+    p.add_argument("--max-train-seconds", type=float, default=None, help="stop after the epoch that passes this wall time")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--val-fraction", type=float, default=None)
+    p.add_argument("--learning-rate", type=float, default=None)
+    p.add_argument("--no-amp", action="store_true", help="disable mixed precision")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--ray", action="store_true", help="run as a Ray Train job (see README)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("infer", help="segment one NIfTI volume, optionally with clicks")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file (ours, or a bundle model.pt)")
+    p.add_argument("--image", required=True, help="input .nii/.nii.gz")
+    p.add_argument("--clicks", default=None, help='JSON or JSON file: {"spleen": [[i,j,k]], "background": [[i,j,k]]} (original voxel indices)')
+    p.add_argument("--output", required=True, help="output mask .nii.gz (uint8, original geometry)")
+    p.add_argument("--profile", choices=sorted(PROFILES), default=None, help="override the checkpoint's profile")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_infer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

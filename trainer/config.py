@@ -1,0 +1,218 @@
+"""Typed configuration: named model profiles and the training job settings.
+
+Every hyperparameter has exactly one home: the dataclass field defaults below. Profiles override a
+few of them (spatial size, filters, epochs); YAML files and command-line flags override those.
+Nothing else in the package restates a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: Label names and values, as in the bundle's `label_names` (spec §1). The network's output channel
+#: index equals the label value; the input click channels are ordered as LABEL_ORDER after the CT.
+LABELS: dict[str, int] = {"background": 0, "spleen": 1}
+#: Order of the click channels after the CT channel: ch1 = spleen, ch2 = background (spec §1, §7.1).
+CLICK_CHANNELS: tuple[str, ...] = ("spleen", "background")
+#: CT window used by the bundle (spec §2): HU in [A_MIN, A_MAX] maps linearly to [0, 1].
+HU_MIN: float = -175.0
+HU_MAX: float = 250.0
+
+
+class ConfigError(ValueError):
+    """A user-supplied setting is invalid; the message names the value and the fix."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Profile:
+    """A named network size. Chosen explicitly by the user, never silently.
+
+    Attributes:
+        name: profile name used on the command line.
+        spatial_size: the network's input grid (the whole volume is resized to it).
+        filters: DynUNet filters per level; None means MONAI's default (the bundle's network).
+        epochs: default number of epochs for this profile.
+        description: one line for `--help` and the model card.
+    """
+
+    name: str
+    spatial_size: tuple[int, int, int]
+    filters: tuple[int, ...] | None
+    epochs: int
+    description: str
+
+
+PROFILES: dict[str, Profile] = {
+    "bundle": Profile(
+        name="bundle",
+        spatial_size=(128, 128, 128),
+        filters=None,
+        epochs=500,
+        description="the model-zoo bundle's network: DynUNet 32..320 filters at 128^3 (GPU)",
+    ),
+    "cpu": Profile(
+        name="cpu",
+        spatial_size=(64, 64, 64),
+        filters=(16, 32, 48, 64, 96, 96),
+        epochs=40,
+        description="demo profile for a laptop CPU: DynUNet 16..96 filters at 64^3",
+    ),
+    "tiny": Profile(
+        name="tiny",
+        spatial_size=(32, 32, 32),
+        filters=(8, 16, 16, 32, 32, 32),
+        epochs=2,
+        description="test profile: DynUNet 8..32 filters at 32^3 (seconds per epoch)",
+    ),
+}
+
+
+def get_profile(name: str) -> Profile:
+    """Return the named profile or raise a ConfigError listing the valid names."""
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown profile {name!r}: choose one of {', '.join(sorted(PROFILES))}"
+        ) from None
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """Settings of one training job. Validated on construction.
+
+    Attributes:
+        profile: name of the network profile (`tiny`, `cpu`, `bundle`).
+        epochs: number of epochs; None takes the profile's default.
+        learning_rate: Adam learning rate (the bundle's StepLR never fires, so it is constant).
+        batch_size: volumes per optimisation step and worker.
+        val_fraction: fraction of the sorted labelled cases, taken from the end, used for validation.
+        val_every: validate every N epochs (and always after the last one).
+        click_prob_train: probability that a training sample gets a click iteration (else automatic).
+        click_prob_val: the same for validation (1.0: every validation case is scored with clicks).
+        max_click_rounds: maximum simulated correction rounds per click iteration; each click
+            iteration draws its number of rounds uniformly from 1..max_click_rounds.
+        max_click_budget: the bundle's per-iteration click budget U{1..N}, used to keep or clear whole
+            labels' click lists so the model also learns from clicks on one label only.
+        guidance_sigma: Gaussian sigma (voxels at network resolution) of the click maps.
+        amp: mixed precision: fp16 autocast + GradScaler on CUDA, bf16 autocast on CPU.
+        seed: seed of every random generator the job owns.
+        cache_workers: threads used to fill the network-resolution cache.
+        loader_workers: DataLoader worker processes (0: in the main process).
+        flip_prob: probability of a flip on each spatial axis (augmentation).
+        rot90_prob: probability of an axial rot90 (k in 1..3).
+        shift_prob: probability of an intensity shift.
+        shift_offset: maximum absolute intensity shift (in the [0, 1] scale).
+        resume: continue from the `last` checkpoint in the output directory if there is one.
+        init_from: a checkpoint (ours or a bundle `model.pt` state_dict) to start from when there is
+            nothing to resume.
+        max_train_seconds: stop after the epoch during which this wall time is exceeded (0: no limit).
+    """
+
+    profile: str = "cpu"
+    epochs: int | None = None
+    learning_rate: float = 1e-4
+    batch_size: int = 1
+    val_fraction: float = 0.2
+    val_every: int = 1
+    click_prob_train: float = 0.4
+    click_prob_val: float = 1.0
+    max_click_rounds: int = 1
+    max_click_budget: int = 10
+    guidance_sigma: float = 3.0
+    amp: bool = True
+    seed: int = 123
+    cache_workers: int = 2
+    loader_workers: int = 0
+    flip_prob: float = 0.1
+    rot90_prob: float = 0.1
+    shift_prob: float = 0.5
+    shift_offset: float = 0.1
+    resume: bool = False
+    init_from: str | None = None
+    max_train_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        get_profile(self.profile)
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
+        if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
+            raise ConfigError(f"learning_rate must be a positive number, got {self.learning_rate}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.val_every < 1:
+            raise ConfigError(f"val_every must be at least 1, got {self.val_every}")
+        for name in ("click_prob_train", "click_prob_val", "flip_prob", "rot90_prob", "shift_prob"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{name} must be a probability in [0, 1], got {value}")
+        if self.max_click_rounds < 1:
+            raise ConfigError(f"max_click_rounds must be at least 1, got {self.max_click_rounds}")
+        if self.max_click_budget < 1:
+            raise ConfigError(f"max_click_budget must be at least 1, got {self.max_click_budget}")
+        if not self.guidance_sigma > 0:
+            raise ConfigError(f"guidance_sigma must be positive, got {self.guidance_sigma}")
+        if self.cache_workers < 1 or self.loader_workers < 0:
+            raise ConfigError("cache_workers must be >= 1 and loader_workers >= 0")
+        if self.max_train_seconds < 0:
+            raise ConfigError(f"max_train_seconds must be >= 0, got {self.max_train_seconds}")
+
+    @property
+    def profile_spec(self) -> Profile:
+        return get_profile(self.profile)
+
+    @property
+    def num_epochs(self) -> int:
+        return self.epochs if self.epochs is not None else self.profile_spec.epochs
+
+    @property
+    def spatial_size(self) -> tuple[int, int, int]:
+        return self.profile_spec.spatial_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML/JSON-safe dict (stored in checkpoints and metrics logs)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "TrainConfig":
+        """Build from a dict, rejecting unknown keys with a message that lists the valid ones."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown setting(s) {', '.join(unknown)}; valid settings: {', '.join(sorted(known))}"
+            )
+        try:
+            return cls(**values)
+        except TypeError as exc:  # wrong type that dataclasses cannot coerce
+            raise ConfigError(f"{source}: {exc}") from None
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with the given fields changed (None values are ignored)."""
+        values = self.to_dict()
+        values.update({k: v for k, v in changes.items() if v is not None})
+        return TrainConfig.from_dict(values)
+
+
+def load_yaml_config(path: str | Path) -> TrainConfig:
+    """Read a YAML file of TrainConfig settings (flat mapping)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist: pass an existing YAML file")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of settings, got {type(values).__name__}")
+    return TrainConfig.from_dict(values, source=str(path))

@@ -1,0 +1,34 @@
+"""Segmentation quality metrics, declared once (MONAI's implementations underneath)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.metrics import compute_dice
+
+
+def _onehot(mask: torch.Tensor) -> torch.Tensor:
+    """(B, X, Y, Z) bool/int mask -> (B, 2, X, Y, Z) float one-hot (background, spleen)."""
+    mask = mask.to(torch.bool)
+    return torch.stack([~mask, mask], dim=1).float()
+
+
+def _as_batch(mask) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
+    if t.ndim == 3:
+        t = t[None]
+    if t.ndim == 5:  # (B, 1, X, Y, Z)
+        t = t[:, 0]
+    return t
+
+
+def spleen_dice(pred, label) -> torch.Tensor:
+    """Spleen-only Dice per batch item, shape (B,). Both empty counts as 1.0 (a correct 'no spleen')."""
+    p, l = _onehot(_as_batch(pred)), _onehot(_as_batch(label))
+    return compute_dice(p, l, include_background=False, ignore_empty=False)[:, 0]
+
+
+def mean_dice_with_background(pred, label) -> torch.Tensor:
+    """The bundle's reported number: mean of background and spleen Dice per item (secondary only)."""
+    p, l = _onehot(_as_batch(pred)), _onehot(_as_batch(label))
+    return compute_dice(p, l, include_background=True, ignore_empty=False).mean(dim=1)

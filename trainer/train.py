@@ -1,0 +1,186 @@
+"""The training loop, written once. Launchers (CLI, torchrun, MONAI bundle, Ray Train) pass a Runtime."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, DataLoader
+from monai.transforms import Compose
+from tqdm.auto import tqdm
+
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from .config import ConfigError, TrainConfig
+from .data import list_dataset
+from .engine import make_loss, train_step, unwrap, validate_item
+from .network import build_network
+from .runtime import LocalRuntime
+from .transforms import augment_transforms, cache_transforms
+
+log = logging.getLogger(__name__)
+
+
+def build_datasets(cfg: TrainConfig, data_dir: str, rank: int = 0, world_size: int = 1, progress: bool = True):
+    """Network-resolution caches of the training and validation cases (validation sharded by rank)."""
+    ds = list_dataset(data_dir)
+    train_items, val_items = ds.split(cfg.val_fraction)
+    val_items = [dict(item, index=i) for i, item in enumerate(val_items)][rank::world_size]
+    cache = cache_transforms(cfg)
+    train_ds = CacheDataset(
+        train_items,
+        transform=Compose(list(cache.transforms) + list(augment_transforms(cfg).transforms)),
+        cache_rate=1.0,
+        num_workers=cfg.cache_workers,
+        progress=progress,
+    )
+    train_ds.transform.set_random_state(seed=cfg.seed + rank)
+    val_ds = CacheDataset(val_items, transform=cache, cache_rate=1.0, num_workers=cfg.cache_workers, progress=progress)
+    return train_ds, val_ds
+
+
+def _restore(model, optimizer, scaler, ckpt: Checkpoint, cfg: TrainConfig, source: str) -> None:
+    if ckpt.profile is not None and ckpt.profile != cfg.profile:
+        raise ConfigError(
+            f"checkpoint {source} was trained with profile {ckpt.profile!r}, this job uses {cfg.profile!r}: "
+            f"pass --profile {ckpt.profile} or start from scratch"
+        )
+    try:
+        unwrap(model).load_state_dict(ckpt.model)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {source} does not fit profile {cfg.profile!r}: {str(exc).splitlines()[0]}") from None
+    if optimizer is not None and ckpt.optimizer:
+        optimizer.load_state_dict(ckpt.optimizer)
+    if scaler is not None and ckpt.scaler:
+        scaler.load_state_dict(ckpt.scaler)
+
+
+def _train_epoch(model, loader, optimizer, scaler, loss_fn, cfg, runtime, epoch) -> dict[str, float]:
+    device = runtime.device
+    losses, dices, samples, skipped = [], [], 0, 0
+    t0 = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.num_epochs}", disable=not runtime.is_main, leave=False, unit="it")
+    for step, batch in enumerate(bar):
+        seeds = np.random.SeedSequence([cfg.seed, runtime.rank, epoch, step]).spawn(batch["image"].shape[0])
+        rngs = [np.random.default_rng(s) for s in seeds]
+        res = train_step(model, batch, optimizer, scaler, loss_fn, rngs, cfg, device)
+        if res.skipped:
+            skipped += 1
+            continue
+        losses.append(res.loss)
+        dices.append(res.dice)
+        samples += batch["image"].shape[0]
+        bar.set_postfix(loss=f"{np.mean(losses):.3f}", dice=f"{np.mean(dices):.3f}")
+    seconds = time.perf_counter() - t0
+    loss_sum, dice_sum, n, total_samples, skipped = runtime.all_reduce_sum(
+        [sum(losses), sum(dices), len(losses), samples, skipped]
+    )
+    n = max(n, 1)
+    return {
+        "loss": loss_sum / n,
+        "train_dice": dice_sum / n,
+        "epoch_seconds": seconds,
+        "samples_per_s": total_samples / max(seconds, 1e-9),
+        "skipped_steps": int(skipped),
+    }
+
+
+def _validate(model, val_ds, cfg, runtime) -> float:
+    total, count = 0.0, 0
+    for i in range(len(val_ds)):
+        item = val_ds[i]
+        batch = {k: (v[None] if isinstance(v, torch.Tensor) else v) for k, v in item.items()}
+        # Seeded by the case only: identical clicks, hence a comparable Dice, every epoch.
+        rng = np.random.default_rng([cfg.seed, 10_000 + int(item["index"])])
+        total += validate_item(model, batch, rng, cfg, runtime.device)
+        count += 1
+    total, count = runtime.all_reduce_sum([total, count])
+    return total / count if count else float("nan")
+
+
+def train(cfg: TrainConfig, data_dir: str, runtime: LocalRuntime) -> dict[str, Any]:
+    """Train `cfg` on the Decathlon dataset at `data_dir`; returns the last epoch's metrics.
+
+    Checkpoints, metrics and resumption go through `runtime`.
+    """
+    device = runtime.device
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    model = build_network(cfg.profile_spec)
+    model = runtime.prepare_model(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp)
+    start_epoch, best = 0, float("-inf")
+    ckpt = runtime.resume_checkpoint(cfg.resume)
+    if ckpt is not None:
+        _restore(model, optimizer, scaler, ckpt, cfg, "last")
+        start_epoch = ckpt.epoch + 1
+        best = float(ckpt.metrics.get("best_val_dice", best))
+        if runtime.is_main:
+            log.info("resumed from epoch %d (best validation Dice %.4f)", ckpt.epoch + 1, best)
+    elif cfg.init_from:
+        _restore(model, None, None, load_checkpoint(cfg.init_from), cfg, repr(cfg.init_from))
+    runtime.start(cfg.to_dict() | {"data": str(data_dir)})
+
+    train_ds, val_ds = build_datasets(cfg, data_dir, runtime.rank, runtime.world_size, progress=runtime.is_main)
+    loader = DataLoader(
+        train_ds,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        num_workers=cfg.loader_workers,
+        drop_last=len(train_ds) >= cfg.batch_size,
+    )
+    loader = runtime.prepare_loader(loader)
+    loss_fn = make_loss()
+    t_start = time.perf_counter()
+    metrics: dict[str, Any] = {"epoch": start_epoch, "resumed_from": start_epoch}
+    for epoch in range(start_epoch, cfg.num_epochs):
+        runtime.set_epoch(loader, epoch)
+        stats = _train_epoch(model, loader, optimizer, scaler, loss_fn, cfg, runtime, epoch)
+        last_epoch = epoch + 1 == cfg.num_epochs
+        over_time = False
+        if cfg.max_train_seconds > 0:
+            # Every rank must take the same decision, or the others would wait forever in a collective.
+            late = float(time.perf_counter() - t_start > cfg.max_train_seconds)
+            over_time = runtime.all_reduce_sum([late])[0] > 0
+        val_dice = None
+        if (epoch + 1) % cfg.val_every == 0 or last_epoch or over_time:
+            val_dice = _validate(model, val_ds, cfg, runtime)
+        is_best = val_dice is not None and val_dice > best
+        if is_best:
+            best = val_dice
+        metrics = {
+            "epoch": epoch + 1,
+            **stats,
+            "val_dice": val_dice,
+            "best_val_dice": best if best > float("-inf") else None,
+            "lr": optimizer.param_groups[0]["lr"],
+            "elapsed_s": time.perf_counter() - t_start,
+            "resumed_from": start_epoch,
+            "time": time.time(),
+        }
+        if runtime.is_main:
+            vd = "-" if val_dice is None else f"{val_dice:.4f}"
+            print(
+                f"epoch {epoch + 1}/{cfg.num_epochs}  loss {stats['loss']:.4f}  train dice {stats['train_dice']:.4f}"
+                f"  val spleen dice {vd}  {stats['epoch_seconds']:.1f}s  {stats['samples_per_s']:.2f} samples/s",
+                flush=True,
+            )
+        checkpoint = Checkpoint(
+            model={k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+            profile=cfg.profile,
+            epoch=epoch,
+            optimizer=optimizer.state_dict(),
+            scaler=scaler.state_dict(),
+            config=cfg.to_dict(),
+            metrics={k: v for k, v in metrics.items() if v is not None},
+        )
+        runtime.on_epoch_end(metrics=metrics, checkpoint=checkpoint, is_best=is_best)
+        if over_time and not last_epoch:
+            if runtime.is_main:
+                print(f"stopping after epoch {epoch + 1}: max_train_seconds={cfg.max_train_seconds} reached", flush=True)
+            break
+    runtime.finish()
+    return metrics
