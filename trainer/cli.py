@@ -164,7 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=None)
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--ray", action="store_true", help="run as a Ray Train job (see README)")
+    g = p.add_argument_group("Ray Train (with --ray; see docs/ray.md)")
+    g.add_argument("--ray", action="store_true", help="run as a Ray Train job (local Ray cluster unless RAY_ADDRESS is set)")
+    g.add_argument("--num-workers", type=_positive_int, default=None, help="Ray Train workers (DDP ranks)")
+    g.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
+    g.add_argument("--storage", default=None, help="checkpoint storage: local path or s3://bucket/prefix")
+    g.add_argument("--run-name", default=None, help="stable run name: resubmitting with it resumes")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("infer", help="segment one NIfTI volume, optionally with clicks")
@@ -175,7 +180,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=sorted(PROFILES), default=None, help="override the checkpoint's profile")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("evaluate", help="Dice versus number of simulated clicks on a dataset split")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file (ours, or a bundle model.pt)")
+    p.add_argument("--data", required=True, help="dataset directory")
+    p.add_argument("--output", required=True, help="report directory: per_case.csv, summary.json, PNG plots")
+    p.add_argument("--max-clicks", type=int, default=10, help="simulated corrective clicks after the automatic pass")
+    p.add_argument("--split", choices=("val", "test", "all"), default="val", help="which cases to evaluate")
+    p.add_argument("--metrics-log", default=None, help="training metrics.jsonl to plot (default: next to the checkpoint)")
+    p.add_argument("--profile", choices=sorted(PROFILES), default=None, help="override the checkpoint's profile")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_lazy("trainer.evaluate", "cmd_evaluate"))
+
+    p = sub.add_parser("serve", help="serve a checkpoint over HTTP with Ray Serve on a local Ray (see docs/serving.md)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint URI: local path or s3://")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_lazy("trainer.serve.cli", "cmd_serve"))
     return parser
+
+
+def _lazy(module: str, name: str):
+    """A command handler imported only when the command runs (keeps `--help` fast, Ray optional)."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return importlib.import_module(module).__dict__[name](args)
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,7 +110,7 @@ def train(cfg: TrainConfig, data_dir: str, runtime: LocalRuntime) -> dict[str, A
     np.random.seed(cfg.seed)
     model = build_network(cfg.profile_spec)
     model = runtime.prepare_model(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp)
     start_epoch, best = 0, float("-inf")
     ckpt = runtime.resume_checkpoint(cfg.resume)
