@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from .config import ConfigError, TrainConfig
-from .data import list_dataset
+from .data import DataError, list_dataset
 from .engine import make_loss, train_step, unwrap, validate_item
 from .network import build_network
 from .runtime import LocalRuntime
@@ -23,8 +23,31 @@ from .transforms import augment_transforms, cache_transforms
 log = logging.getLogger(__name__)
 
 
+def _data_error_in(exc: BaseException) -> DataError | None:
+    """MONAI wraps errors raised inside transforms in RuntimeError("applying transform ..."); find ours."""
+    while exc is not None:
+        if isinstance(exc, DataError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def build_datasets(cfg: TrainConfig, data_dir: str, rank: int = 0, world_size: int = 1, progress: bool = True):
-    """Network-resolution caches of the training and validation cases (validation sharded by rank)."""
+    """Network-resolution caches of the training and validation cases (validation sharded by rank).
+
+    Raises:
+        DataError: a case is unusable (the message names its file).
+    """
+    try:
+        return _build_datasets(cfg, data_dir, rank, world_size, progress)
+    except RuntimeError as exc:
+        err = _data_error_in(exc)
+        if err is None:
+            raise
+        raise err from None
+
+
+def _build_datasets(cfg: TrainConfig, data_dir: str, rank: int, world_size: int, progress: bool):
     ds = list_dataset(data_dir)
     train_items, val_items = ds.split(cfg.val_fraction)
     val_items = [dict(item, index=i) for i, item in enumerate(val_items)][rank::world_size]
