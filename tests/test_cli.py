@@ -91,3 +91,11 @@ def test_infer_bad_inputs(capsys, tmp_path, tiny_dataset):
     proc = run(*base, "--clicks", str(clicks))
     assert proc.returncode == 0, proc.stderr
     assert out.is_file()
+
+
+def test_unusable_device_is_a_one_line_error(capsys, tmp_path):
+    import torch
+
+    assert "not a torch device" in _error(capsys, ["infer", "--checkpoint", "x", "--image", "y", "--output", "z", "--device", "gpu0"])
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in _error(capsys, ["train", "--data", str(tmp_path), "--output", str(tmp_path), "--device", "cuda"])

@@ -36,6 +36,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _check_device(name: str | None) -> None:
+    """Reject a --device this machine cannot use before any work starts."""
+    if not name:
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name!r}: no CUDA device is available here; use --device cpu")
+
+
 def _profiles_help() -> str:
     return "; ".join(f"{p.name}: {p.description}" for p in PROFILES.values())
 
@@ -217,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        _check_device(getattr(args, "device", None))
         return int(args.func(args) or 0)
     except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
