@@ -8,5 +8,5 @@ if ! command -v prometheus >/dev/null 2>&1 && [ -x /usr/bin/apt-get ] && [ "$(id
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) >/dev/null 2>&1 \
     || echo "warning: could not install prometheus; the Prometheus test will be skipped"
 fi
-export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 OMP_NUM_THREADS=2
+export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 OMP_NUM_THREADS=2 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 exec .venv/bin/python -m pytest "$@"

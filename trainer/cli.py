@@ -101,7 +101,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = build_train_config(args)
     from .data import list_dataset
 
-    list_dataset(args.data)  # fail fast on a missing or malformed dataset
+    if not (args.ray and args.data.startswith("s3://")):  # an s3:// dataset is checked by the Ray job
+        list_dataset(args.data)  # fail fast on a missing or malformed dataset
     prof = cfg.profile_spec
     print(f"profile {prof.name}: {prof.description}; {cfg.num_epochs} epochs; output {args.output}", flush=True)
     if args.ray:

@@ -152,6 +152,10 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, profile: str | None = None, device: torch.device | None = None,
                         amp: bool = False) -> "Predictor":
+        if str(path).startswith("s3://"):  # object storage: a local copy through trainer.storage
+            from .storage import fetch
+
+            path = fetch(str(path))
         ckpt = load_checkpoint(path)
         prof = infer_profile(ckpt, profile)
         model = build_network(prof)
