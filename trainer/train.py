@@ -144,7 +144,12 @@ def train(cfg: TrainConfig, data_dir: str, runtime: LocalRuntime) -> dict[str, A
         if runtime.is_main:
             log.info("resumed from epoch %d (best validation Dice %.4f)", ckpt.epoch + 1, best)
     elif cfg.init_from:
-        _restore(model, None, None, load_checkpoint(cfg.init_from), cfg, repr(cfg.init_from))
+        source = cfg.init_from
+        if "://" in source:  # object storage: a local copy first
+            from .storage import fetch
+
+            source = fetch(source)
+        _restore(model, None, None, load_checkpoint(source), cfg, repr(cfg.init_from))
     runtime.start(cfg.to_dict() | {"data": str(data_dir)})
 
     train_ds, val_ds = build_datasets(cfg, data_dir, runtime.rank, runtime.world_size, progress=runtime.is_main)
