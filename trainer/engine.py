@@ -37,6 +37,15 @@ def make_loss() -> DiceCELoss:
     return DiceCELoss(to_onehot_y=True, softmax=True, include_background=True, lambda_dice=1.0, lambda_ce=1.0)
 
 
+def spleen_mask(logits: torch.Tensor) -> torch.Tensor:
+    """(B, 2, X, Y, Z) logits -> (B, X, Y, Z) bool: argmax over (background, spleen), ties to background.
+
+    A comparison instead of `argmax(dim=1)`: identical result, ~1000x faster on CPU (argmax over
+    the channel dimension of a 2x128^3 tensor took 0.5 s on 2 threads).
+    """
+    return logits[:, 1] > logits[:, 0]
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside DDP (no-grad click forwards must not go through DDP's reducer)."""
     return model.module if hasattr(model, "module") else model
@@ -59,7 +68,7 @@ def predict_mask(model: torch.nn.Module, x: torch.Tensor, amp: bool) -> torch.Te
         logits = net(x)
     if was_training:
         net.train()
-    return logits.argmax(dim=1).bool()
+    return spleen_mask(logits)
 
 
 def simulate_clicks(
@@ -137,7 +146,7 @@ def train_step(
     scaler.step(optimizer)
     scaler.update()
     with torch.no_grad():
-        dice = spleen_dice(logits.argmax(dim=1).cpu(), label_t[:, 0].cpu()).mean()
+        dice = spleen_dice(spleen_mask(logits).cpu(), label_t[:, 0].cpu()).mean()
     clicked = sum(1 for c in clicks if any(c.values()))
     return StepResult(loss=float(loss.detach()), dice=float(dice), clicked=clicked)
 

@@ -212,7 +212,9 @@ class Predictor:
         x = torch.cat([image, torch.from_numpy(guidance).to(self.device)], dim=1)
         with autocast(self.device, self.amp):
             logits = self.model(x)
-        return torch.softmax(logits.float(), dim=1)[:, 1:2]
+        # softmax over two channels, spleen part: sigmoid of the logit difference (same value, one pass).
+        logits = logits.float()
+        return torch.sigmoid(logits[:, 1:2] - logits[:, 0:1])
 
     def postprocess(self, prob: torch.Tensor, prepared: Prepared) -> np.ndarray:
         """(1, S, S, S) probability -> uint8 mask in the original array order."""
