@@ -8,7 +8,7 @@ import pytest
 
 from trainer.cli import main
 
-COMMANDS = ["synth", "check-data", "train", "infer", "evaluate", "serve"]
+COMMANDS = ["synth", "check-data", "train", "infer", "evaluate", "serve", "k8s"]
 
 
 def run(*args):

@@ -1,0 +1,174 @@
+{{/* Chart name, trimmed to the 63 characters of a Kubernetes name. */}}
+{{- define "spleen-deepedit-serve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name: the release name, plus the chart name unless the release name already contains it.
+Trimmed to 63 characters (the DNS label limit).
+*/}}
+{{- define "spleen-deepedit-serve.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the RayService: KubeRay appends 6 characters for its RayCluster (at most 53), so at most 47, and a
+DNS-1035 label (starts with a letter). Fails with a message instead of a RayService the operator rejects.
+*/}}
+{{- define "spleen-deepedit-serve.rayName" -}}
+{{- $name := include "spleen-deepedit-serve.fullname" . | trunc 47 | trimSuffix "-" }}
+{{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $name) }}
+{{- fail (printf "RayService name %q must start with a letter (DNS-1035): choose another release name or set fullnameOverride" $name) }}
+{{- end }}
+{{- $name }}
+{{- end }}
+
+{{/* Chart name and version, for the helm.sh/chart label. */}}
+{{- define "spleen-deepedit-serve.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Standard labels of every object. */}}
+{{- define "spleen-deepedit-serve.labels" -}}
+helm.sh/chart: {{ include "spleen-deepedit-serve.chart" . }}
+{{ include "spleen-deepedit-serve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: serving
+{{- end }}
+
+{{/* Labels that select this release's pods (PodMonitors). */}}
+{{- define "spleen-deepedit-serve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "spleen-deepedit-serve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* ServiceAccount of the Ray pods. */}}
+{{- define "spleen-deepedit-serve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "spleen-deepedit-serve.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The container image. */}}
+{{- define "spleen-deepedit-serve.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* Labels of every Ray pod: selector labels (PodMonitors select on them) and user labels. */}}
+{{- define "spleen-deepedit-serve.podLabels" -}}
+{{ include "spleen-deepedit-serve.selectorLabels" . }}
+{{- with .Values.podLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Name of the Serve Service (KubeRay's default name is `<rayservice>-serve-svc`; we set the same). */}}
+{{- define "spleen-deepedit-serve.serveServiceName" -}}
+{{- printf "%s-serve-svc" (include "spleen-deepedit-serve.rayName" .) }}
+{{- end }}
+
+{{/* Environment variable that holds the API token in the replicas. */}}
+{{- define "spleen-deepedit-serve.authTokenEnv" -}}
+DEEPEDIT_AUTH_TOKEN
+{{- end }}
+
+{{/* Settings of every Ray container: S3 credentials (envFrom), endpoint, region, API token. */}}
+{{- define "spleen-deepedit-serve.env" -}}
+{{- with .Values.storage.credentialsSecret -}}
+envFrom:
+  - secretRef:
+      name: {{ . }}
+{{- end }}
+env:
+  {{- with .Values.storage.endpoint }}
+  - name: AWS_ENDPOINT_URL
+    value: {{ . | quote }}
+  {{- end }}
+  - name: AWS_DEFAULT_REGION
+    value: {{ .Values.storage.region | quote }}
+  {{- if .Values.auth.enabled }}
+  - name: {{ include "spleen-deepedit-serve.authTokenEnv" . }}
+    valueFrom:
+      secretKeyRef:
+        name: {{ .Values.auth.existingSecret }}
+        key: {{ .Values.auth.secretKey }}
+  {{- end }}
+{{- end }}
+
+{{/* Pod-level settings shared by head and workers. */}}
+{{- define "spleen-deepedit-serve.podSpecCommon" -}}
+serviceAccountName: {{ include "spleen-deepedit-serve.serviceAccountName" . }}
+{{- with .Values.image.pullSecrets }}
+imagePullSecrets:
+  {{- range . }}
+  - name: {{ . }}
+  {{- end }}
+{{- end }}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- end }}
+
+{{/*
+The Serve config (KubeRay serveConfigV2, Ray's ServeDeploySchema): our application built by the typed
+builder `trainer.serve.app:build_app` from `args` (trainer/serve/settings.py ServeArgs). The checkpoint
+is also in the deployment's user_config: changing only that reloads the model in the live replicas
+(`reconfigure`), which is what `spleen-deepedit k8s promote` patches.
+*/}}
+{{- define "spleen-deepedit-serve.serveConfig" -}}
+{{- $s := .Values.serve }}
+{{- $args := dict
+  "checkpoint" $s.checkpoint
+  "model_name" $s.modelName
+  "num_replicas" (int (ternary .Values.autoscaling.minReplicas $s.replicas .Values.autoscaling.enabled))
+  "num_cpus" $s.cpusPerReplica
+  "num_gpus" $s.gpusPerReplica
+  "max_batch_size" (int $s.maxBatchSize)
+  "batch_wait_timeout_s" $s.batchWaitTimeoutS
+  "max_ongoing_requests" (int $s.maxOngoingRequests)
+  "max_queued_requests" (int $s.maxQueuedRequests)
+  "request_timeout_s" $s.requestTimeoutS
+  "max_upload_bytes" (int64 $s.maxUploadBytes)
+  "session_ttl_s" $s.sessionTtlS
+  "session_max_bytes" (int64 $s.sessionMaxBytes)
+  "cors_origins" $s.corsOrigins
+}}
+{{- with $s.profile }}{{ $_ := set $args "profile" . }}{{ end }}
+{{- with $s.device }}{{ $_ := set $args "device" . }}{{ end }}
+{{- if .Values.auth.enabled }}
+{{- $_ := set $args "auth_token_env" (include "spleen-deepedit-serve.authTokenEnv" .) }}
+{{- end }}
+{{- $deployment := dict "name" "DeepEdit" "user_config" (dict "checkpoint" $s.checkpoint "profile" $s.profile) }}
+{{- if .Values.autoscaling.enabled }}
+{{- $_ := set $deployment "num_replicas" "auto" }}
+{{- $_ := set $deployment "autoscaling_config" (dict
+  "min_replicas" (int .Values.autoscaling.minReplicas)
+  "max_replicas" (int .Values.autoscaling.maxReplicas)
+  "target_ongoing_requests" .Values.autoscaling.targetOngoingRequests
+  "downscale_delay_s" .Values.autoscaling.downscaleDelayS) }}
+{{- end }}
+{{- $app := dict
+  "name" $s.appName
+  "route_prefix" $s.routePrefix
+  "import_path" "trainer.serve.app:build_app"
+  "args" $args
+  "deployments" (list $deployment)
+}}
+{{- $config := dict
+  "proxy_location" "EveryNode"
+  "http_options" (dict "host" "0.0.0.0" "port" 8000)
+  "applications" (list $app)
+}}
+{{- toYaml $config }}
+{{- end }}

@@ -1,0 +1,185 @@
+"""`spleen-deepedit k8s ...`: run training and serving on a Kubernetes cluster with the KubeRay operator.
+
+    spleen-deepedit k8s submit  --values my-train.yaml --release spleen-r1 -n ml [--follow]
+    spleen-deepedit k8s submit  --manifest rendered.yaml -n ml          # e.g. `helm template` output
+    spleen-deepedit k8s status  spleen-r1 -n ml                         # phase, attempt, epoch, val Dice
+    spleen-deepedit k8s follow  spleen-r1 -n ml
+    spleen-deepedit k8s logs    spleen-r1 -n ml
+    spleen-deepedit k8s cancel  spleen-r1 -n ml [--delete]
+    spleen-deepedit k8s promote deepedit -n ml --checkpoint s3://bucket/run/checkpoint_epoch_0042/checkpoint.pt --wait
+
+Registered in `trainer/cli.py` with `add_parser(sub)`; only argparse is imported here, the
+`kubernetes` client is loaded when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXIT_USER_ERROR = 2
+DEFAULT_TRAIN_CHART = "charts/spleen-deepedit-train"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `k8s` command (with its subcommands) to a parent `add_subparsers()` object."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-n", "--namespace", default=None, help="namespace (default: the kubeconfig context's, else default)")
+    common.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or in-cluster)")
+    common.add_argument("--context", default=None, help="kubeconfig context (default: the current one)")
+
+    parser = subparsers.add_parser("k8s", help="train and serve on Kubernetes (KubeRay): submit, status, follow, logs, cancel, promote")
+    sub = parser.add_subparsers(dest="k8s_command", required=True, metavar="K8S_COMMAND")
+
+    p = sub.add_parser("submit", parents=[common], help="create a training RayJob from the chart (values files) or rendered manifests")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("-f", "--values", action="append", metavar="FILE", help="values file for the training chart (repeatable)")
+    source.add_argument("--manifest", metavar="FILE", help="rendered manifests (`helm template` output; - for stdin)")
+    p.add_argument("--chart", default=DEFAULT_TRAIN_CHART, help=f"chart directory for --values (default {DEFAULT_TRAIN_CHART})")
+    p.add_argument("--release", default="spleen-deepedit", help="release name = RayJob name = Ray run name (a resubmission with the same name resumes)")
+    p.add_argument("--dry-run", action="store_true", help="server-side dry run: the API server validates, nothing is created")
+    p.add_argument("--follow", action="store_true", help="follow the job after creating it")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between polls with --follow")
+    p.set_defaults(k8s_func=_submit)
+
+    p = sub.add_parser("status", parents=[common], help="phase, attempt, latest epoch and validation Dice of a RayJob (or a RayService)")
+    p.add_argument("name")
+    p.add_argument("--kind", choices=("rayjob", "rayservice"), default="rayjob")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(k8s_func=_status)
+
+    p = sub.add_parser("follow", parents=[common], help="print status changes of a RayJob until it finishes (exit 1 if it failed)")
+    p.add_argument("name")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between polls")
+    p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds (the job keeps running)")
+    p.set_defaults(k8s_func=_follow)
+
+    p = sub.add_parser("logs", parents=[common], help="the training driver's log (rank 0's epoch lines included)")
+    p.add_argument("name")
+    p.add_argument("--tail", type=int, default=None, help="only the last N lines")
+    p.set_defaults(k8s_func=_logs)
+
+    p = sub.add_parser("cancel", parents=[common], help="stop a RayJob (suspend: cluster deleted, run kept in storage)")
+    p.add_argument("name")
+    p.add_argument("--delete", action="store_true", help="delete the RayJob object instead of suspending it")
+    p.set_defaults(k8s_func=_cancel)
+
+    p = sub.add_parser("promote", parents=[common], help="serve another checkpoint on a RayService without downtime")
+    p.add_argument("name", help="RayService name")
+    p.add_argument("--checkpoint", required=True, help="s3://bucket/run/checkpoint_epoch_NNNN/checkpoint.pt (or an absolute path)")
+    p.add_argument("--app", default=None, help="Serve application name (default: the one with the DeepEdit deployment)")
+    p.add_argument("--profile", default=None, choices=("bundle", "cpu", "tiny"), help="override the checkpoint's profile")
+    p.add_argument("--wait", action="store_true", help="wait until the operator has applied it and the application is RUNNING")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait with --wait")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between polls with --wait")
+    p.set_defaults(k8s_func=_promote)
+
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of every `k8s` subcommand: connect, run, turn API errors into one-line messages."""
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    from .rayjobs import K8sError, api_error, connect
+
+    try:
+        api, namespace = connect(args.kubeconfig, args.context, args.namespace)
+        with api:
+            try:
+                return int(args.k8s_func(api, namespace, args) or 0)
+            except HTTPError as exc:  # connection refused, DNS, TLS: after the client's retries
+                raise K8sError(f"cannot reach the Kubernetes API server at {api.configuration.host}: {exc}; "
+                               "check --kubeconfig / --context and your network") from None
+            except ApiException as exc:
+                raise api_error(exc, f"k8s {args.k8s_command}") from None
+    except K8sError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _submit(api, namespace: str, args: argparse.Namespace) -> int:
+    from . import rayjobs
+
+    if args.manifest:
+        objects = rayjobs.load_manifests(args.manifest)
+    else:
+        objects = rayjobs.render_chart(args.chart, args.values, release=args.release, namespace=namespace)
+    created = rayjobs.create_objects(api, objects, namespace, dry_run=args.dry_run)
+    print(("validated (dry run): " if args.dry_run else "created: ") + ", ".join(created))
+    jobs = [o["metadata"]["name"] for o in objects if o["kind"] == "RayJob"]
+    if args.follow and jobs and not args.dry_run:
+        return _follow_job(api, namespace, jobs[0], args.interval, None)
+    if jobs and not args.dry_run:
+        print(f"follow it with: spleen-deepedit k8s follow {jobs[0]} -n {namespace}")
+    return 0
+
+
+def _status(api, namespace: str, args: argparse.Namespace) -> int:
+    if args.kind == "rayservice":
+        from .rayservices import get_service_status
+
+        status = get_service_status(api, args.name, namespace)
+    else:
+        from .rayjobs import get_status
+
+        status = get_status(api, args.name, namespace)
+    print(json.dumps(status.as_dict()) if args.json else status.line())
+    return 0
+
+
+def _follow_job(api, namespace: str, name: str, interval: float, timeout: float | None) -> int:
+    from .rayjobs import follow
+
+    final = follow(api, name, namespace, interval_s=interval, timeout_s=timeout, out=lambda line: print(line, flush=True))
+    return 0 if final.succeeded else 1
+
+
+def _follow(api, namespace: str, args: argparse.Namespace) -> int:
+    return _follow_job(api, namespace, args.name, args.interval, args.timeout)
+
+
+def _logs(api, namespace: str, args: argparse.Namespace) -> int:
+    from .rayjobs import get_rayjob, read_logs
+
+    text = read_logs(api, get_rayjob(api, args.name, namespace))
+    if args.tail is not None:
+        text = "\n".join(text.splitlines()[-args.tail:])
+    print(text or f"(no log yet for RayJob {namespace}/{args.name})")
+    return 0
+
+
+def _cancel(api, namespace: str, args: argparse.Namespace) -> int:
+    from .rayjobs import cancel
+
+    print(cancel(api, args.name, namespace, delete=args.delete))
+    return 0
+
+
+def _promote(api, namespace: str, args: argparse.Namespace) -> int:
+    from .rayservices import promote
+
+    result = promote(api, args.name, namespace, args.checkpoint, app=args.app, profile=args.profile,
+                     wait=args.wait, timeout_s=args.timeout, interval_s=args.interval)
+    print(f"RayService {namespace}/{args.name}: checkpoint {result['previous']} -> {result['checkpoint']}")
+    if result["status"] is not None:
+        print(result["status"].line())
+    else:
+        print("the replicas reload it in place; check with: "
+              f"spleen-deepedit k8s status {args.name} -n {namespace} --kind rayservice")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (`python -m k8s.cli ...`), same commands as `spleen-deepedit k8s ...`."""
+    parser = argparse.ArgumentParser(prog="spleen-deepedit")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

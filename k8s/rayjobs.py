@@ -1,0 +1,341 @@
+"""Training RayJobs through the Kubernetes API: submit, status, follow, logs, cancel.
+
+Everything goes through the official `kubernetes` client (imported lazily): custom objects for
+`ray.io/v1` RayJobs, the API server's service proxy for the Ray dashboard's job logs (no port-forward
+needed), and the submitter pod's log as a fallback. Progress (epoch, validation Dice) is read from the
+lines the trainer's rank 0 prints each epoch (`trainer/train.py`), which Ray forwards to the job log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RAY_GROUP, RAY_VERSION = "ray.io", "v1"
+#: `jobDeploymentStatus` values after which nothing more happens to a RayJob.
+TERMINAL_PHASES = frozenset({"Complete", "Failed", "ValidationFailed", "Suspended"})
+#: Custom kinds we create: apiVersion, kind -> (group, version, plural).
+CUSTOM_KINDS = {
+    ("ray.io/v1", "RayJob"): (RAY_GROUP, RAY_VERSION, "rayjobs"),
+    ("ray.io/v1", "RayService"): (RAY_GROUP, RAY_VERSION, "rayservices"),
+    ("monitoring.coreos.com/v1", "PodMonitor"): ("monitoring.coreos.com", "v1", "podmonitors"),
+}
+#: Built-in kinds the charts render: kind -> (API class name, create method).
+BUILTIN_KINDS = {
+    "ConfigMap": ("CoreV1Api", "create_namespaced_config_map"),
+    "ServiceAccount": ("CoreV1Api", "create_namespaced_service_account"),
+    "Service": ("CoreV1Api", "create_namespaced_service"),
+    "Ingress": ("NetworkingV1Api", "create_namespaced_ingress"),
+}
+#: Creation order: what the RayJob's pods reference first.
+_ORDER = ["ServiceAccount", "ConfigMap", "Service", "RayJob", "RayService", "Ingress", "PodMonitor"]
+#: The per-epoch line of rank 0 (trainer/train.py), possibly behind Ray's "(RayTrainWorker pid=...)" prefix.
+EPOCH_LINE = re.compile(
+    r"epoch (?P<epoch>\d+)/(?P<epochs>\d+)\s+loss (?P<loss>[-0-9.naif]+).*?val spleen dice (?P<val>[0-9.]+|-)"
+)
+
+
+class K8sError(RuntimeError):
+    """A Kubernetes operation failed for a reason the user can fix; the message says how."""
+
+
+# ----------------------------------------------------------------------------- connection
+
+
+def connect(kubeconfig: str | None = None, context: str | None = None, namespace: str | None = None):
+    """An `ApiClient` and the namespace to use (flag, else the context's, else `default`).
+
+    Reads the kubeconfig (`--kubeconfig`, `$KUBECONFIG`, `~/.kube/config`), or the in-cluster service
+    account when running inside a pod.
+    """
+    from kubernetes import config
+
+    path = kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or str(Path.home() / ".kube" / "config")
+    if os.path.isfile(path):
+        try:
+            api = config.new_client_from_config(config_file=path, context=context)
+            _, current = config.list_kube_config_contexts(config_file=path)
+        except config.ConfigException as exc:
+            raise K8sError(f"kubeconfig {path}: {exc}") from None
+        if context:
+            contexts, _ = config.list_kube_config_contexts(config_file=path)
+            current = next((c for c in contexts if c["name"] == context), current)
+        default_ns = (current or {}).get("context", {}).get("namespace") or "default"
+        return api, namespace or default_ns
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        from kubernetes import client
+
+        config.load_incluster_config()
+        ns_file = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+        return client.ApiClient(), namespace or (ns_file.read_text().strip() if ns_file.is_file() else "default")
+    raise K8sError(f"no kubeconfig at {path} and not running in a cluster: pass --kubeconfig or set KUBECONFIG")
+
+
+def api_error(exc: Exception, what: str) -> K8sError:
+    """A readable K8sError from a kubernetes `ApiException` (status + the API server's message)."""
+    status = getattr(exc, "status", None)
+    try:
+        message = json.loads(getattr(exc, "body", "") or "{}").get("message", "")
+    except (ValueError, AttributeError):
+        message = ""
+    hint = {404: " (not found: check the name and --namespace)",
+            409: " (already exists: pick another release name or delete the old one)",
+            403: " (forbidden: your account lacks RBAC permission)"}.get(status, "")
+    return K8sError(f"{what}: HTTP {status} {message or getattr(exc, 'reason', '')}{hint}".rstrip())
+
+
+def custom_objects(api):
+    from kubernetes import client
+
+    return client.CustomObjectsApi(api)
+
+
+def get_rayjob(api, name: str, namespace: str) -> dict:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return custom_objects(api).get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayjobs", name)
+    except ApiException as exc:
+        raise api_error(exc, f"RayJob {namespace}/{name}") from None
+
+
+# ----------------------------------------------------------------------------- submit
+
+
+def load_manifests(path: str) -> list[dict]:
+    """Objects from a YAML file of one or more documents (`-`: stdin), e.g. `helm template` output."""
+    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def render_chart(chart: str, values_files: Iterable[str], *, release: str, namespace: str) -> list[dict]:
+    """Render a chart with the Helm engine (helm-python-sdk); values files merge left to right."""
+    try:
+        import helm_python
+    except ImportError:
+        raise K8sError("rendering a chart needs helm-python-sdk: pip install 'spleen-deepedit[k8s]', or pass --manifest") from None
+    values: dict = {}
+    for path in values_files:
+        values = _deep_merge(values, yaml.safe_load(Path(path).read_text()) or {})
+    try:
+        rendered = helm_python.Chart.load(chart).render(values, name=release, namespace=namespace, is_install=True)
+    except helm_python.HelmError as exc:
+        raise K8sError(f"chart {chart}: {exc}") from None
+    return [doc for path, text in rendered.items() if not path.endswith("NOTES.txt")
+            for doc in yaml.safe_load_all(text) if doc]
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def create_objects(api, objects: list[dict], namespace: str, *, dry_run: bool = False) -> list[str]:
+    """Create the objects in dependency order; returns `Kind/name` of each. `dry_run`: server-side only."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    unknown = [o.get("kind") for o in objects if (o.get("apiVersion"), o.get("kind")) not in CUSTOM_KINDS
+               and o.get("kind") not in BUILTIN_KINDS]
+    if unknown:
+        raise K8sError(f"cannot create kind(s) {sorted(set(map(str, unknown)))}: apply them with kubectl")
+    if not any(o["kind"] in ("RayJob", "RayService") for o in objects):
+        raise K8sError("the manifests hold no RayJob or RayService")
+    extra = {"dry_run": "All"} if dry_run else {}
+    created = []
+    for obj in sorted(objects, key=lambda o: _ORDER.index(o["kind"]) if o["kind"] in _ORDER else len(_ORDER)):
+        obj = {**obj, "metadata": {**obj["metadata"], "namespace": namespace}}
+        what = f"{obj['kind']}/{obj['metadata']['name']}"
+        try:
+            if obj["kind"] in BUILTIN_KINDS:
+                api_class, method = BUILTIN_KINDS[obj["kind"]]
+                getattr(getattr(client, api_class)(api), method)(namespace, obj, **extra)
+            else:
+                group, version, plural = CUSTOM_KINDS[(obj["apiVersion"], obj["kind"])]
+                custom_objects(api).create_namespaced_custom_object(group, version, namespace, plural, obj, **extra)
+        except ApiException as exc:
+            raise api_error(exc, f"creating {what}" + (f" (created so far: {', '.join(created)})" if created else "")) from None
+        created.append(what)
+    return created
+
+
+# ----------------------------------------------------------------------------- status and progress
+
+
+@dataclass(kw_only=True, slots=True)
+class JobStatus:
+    """What `status` and `follow` show about one training RayJob."""
+
+    name: str
+    phase: str
+    job_status: str | None = None
+    reason: str | None = None
+    message: str | None = None
+    cluster: str | None = None
+    job_id: str | None = None
+    attempt: int = 0
+    max_attempts: int = 1
+    epoch: int | None = None
+    epochs: int | None = None
+    loss: float | None = None
+    val_dice: float | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase in TERMINAL_PHASES
+
+    @property
+    def succeeded(self) -> bool:
+        return self.phase == "Complete" and self.job_status in (None, "SUCCEEDED")
+
+    def line(self) -> str:
+        parts = [f"{self.name}: {self.phase}"]
+        if self.job_status:
+            parts.append(f"job {self.job_status}")
+        parts.append(f"attempt {self.attempt}/{self.max_attempts}")
+        if self.epoch is not None:
+            parts.append(f"epoch {self.epoch}/{self.epochs}")
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.4f}")
+        if self.val_dice is not None:
+            parts.append(f"val dice {self.val_dice:.4f}")
+        if self.reason:
+            parts.append(f"reason {self.reason}")
+        if self.message and self.phase in ("Failed", "ValidationFailed"):
+            parts.append(self.message)
+        return "  ".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__slots__} | {"terminal": self.terminal}
+
+
+def job_status(obj: dict) -> JobStatus:
+    """Phase and attempts from a RayJob object (no log access)."""
+    status = obj.get("status") or {}
+    spec = obj.get("spec") or {}
+    phase = status.get("jobDeploymentStatus") or "New"
+    done = int(status.get("failed") or 0) + int(status.get("succeeded") or 0)
+    attempt = done if phase in TERMINAL_PHASES else done + (phase != "New")
+    return JobStatus(
+        name=obj["metadata"]["name"], phase=phase, job_status=status.get("jobStatus"), reason=status.get("reason"),
+        message=status.get("message"), cluster=status.get("rayClusterName"), job_id=status.get("jobId"),
+        attempt=max(attempt, 0), max_attempts=int(spec.get("backoffLimit") or 0) + 1,
+    )
+
+
+def latest_progress(logs: str) -> dict[str, Any]:
+    """The last epoch line in a job log: epoch, epochs, loss and the last validation Dice seen."""
+    out: dict[str, Any] = {}
+    for match in EPOCH_LINE.finditer(logs):
+        out.update(epoch=int(match["epoch"]), epochs=int(match["epochs"]), loss=_float(match["loss"]))
+        if match["val"] != "-":
+            out["val_dice"] = float(match["val"])
+    return out
+
+
+def _float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def read_logs(api, obj: dict) -> str:
+    """The job's driver log: from the Ray dashboard (through the API server's service proxy) while the
+    cluster lives, else from KubeRay's submitter pod (K8sJobMode). Empty if neither is there yet."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    namespace, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+    status = obj.get("status") or {}
+    cluster, job_id = status.get("rayClusterName"), status.get("jobId")
+    if cluster and job_id:
+        path = f"/api/v1/namespaces/{namespace}/services/{cluster}-head-svc:dashboard/proxy/api/jobs/{job_id}/logs"
+        try:
+            response = api.call_api(path, "GET", auth_settings=["BearerToken"], _preload_content=False,
+                                    _return_http_data_only=True, _request_timeout=15)
+            return json.loads(response.data).get("logs", "")
+        except (ApiException, ValueError, OSError):
+            pass  # cluster gone or dashboard not up yet: try the submitter pod
+    core = client.CoreV1Api(api)
+    try:
+        pods = core.list_namespaced_pod(namespace, label_selector=f"job-name={name}").items
+    except ApiException as exc:
+        raise api_error(exc, f"listing the submitter pods of RayJob {namespace}/{name}") from None
+    pods.sort(key=lambda p: p.metadata.creation_timestamp or 0)
+    for pod in reversed(pods):
+        try:
+            # Raw bytes: the client's str deserialisation of a log returns the bytes' repr.
+            response = core.read_namespaced_pod_log(pod.metadata.name, namespace, _preload_content=False,
+                                                    _request_timeout=15)
+            return response.data.decode("utf-8", errors="replace")
+        except ApiException:
+            continue
+    return ""
+
+
+def get_status(api, name: str, namespace: str, *, progress: bool = True) -> JobStatus:
+    """RayJob phase and attempts, plus the latest epoch and validation Dice from its log."""
+    obj = get_rayjob(api, name, namespace)
+    status = job_status(obj)
+    if progress and status.phase != "New":
+        for key, value in latest_progress(read_logs(api, obj)).items():
+            setattr(status, key, value)
+    return status
+
+
+def follow(api, name: str, namespace: str, *, interval_s: float = 10.0, timeout_s: float | None = None,
+           out: Callable[[str], None] = print) -> JobStatus:
+    """Print a line each time the job's phase, attempt, epoch or Dice changes; return at a terminal phase."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    last = None
+    while True:
+        status = get_status(api, name, namespace)
+        if status.line() != last:
+            last = status.line()
+            out(last)
+        if status.terminal:
+            return status
+        if deadline is not None and time.monotonic() > deadline:
+            raise K8sError(f"RayJob {namespace}/{name} still {status.phase} after {timeout_s:.0f}s (it keeps running)")
+        time.sleep(interval_s)
+
+
+# ----------------------------------------------------------------------------- cancel
+
+
+def cancel(api, name: str, namespace: str, *, delete: bool = False) -> str:
+    """Stop a RayJob: suspend it (the operator deletes its Ray cluster; the object and its run stay, and
+    un-suspending resumes from the last checkpoint), or delete it altogether."""
+    from kubernetes.client.exceptions import ApiException
+
+    custom = custom_objects(api)
+    if delete:
+        try:
+            custom.delete_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayjobs", name)
+        except ApiException as exc:
+            raise api_error(exc, f"deleting RayJob {namespace}/{name}") from None
+        return f"deleted RayJob {namespace}/{name}"
+    obj = get_rayjob(api, name, namespace)
+    if job_status(obj).terminal:
+        return f"RayJob {namespace}/{name} already {job_status(obj).phase}: nothing to cancel"
+    if not obj["spec"].get("shutdownAfterJobFinishes"):
+        raise K8sError(f"RayJob {namespace}/{name} has shutdownAfterJobFinishes false, which KubeRay cannot "
+                       "suspend: use --delete")
+    try:
+        custom.patch_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayjobs", name,
+                                              {"spec": {"suspend": True}}, _content_type="application/merge-patch+json")
+    except ApiException as exc:
+        raise api_error(exc, f"suspending RayJob {namespace}/{name}") from None
+    return f"suspended RayJob {namespace}/{name}: its Ray cluster is being deleted; checkpoints stay in storage"
