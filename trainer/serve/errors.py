@@ -1,0 +1,30 @@
+"""The one error shape of the service: HTTP status + JSON `{"error": code, "detail": message}`."""
+
+from __future__ import annotations
+
+import json
+
+
+class ApiError(Exception):
+    """A client-visible error. `detail` names the offending value; it never holds a stack trace.
+
+    Args:
+        status: HTTP status code (4xx for client errors, 503 for overload).
+        error: a short stable code (`not_nifti`, `unknown_session`, ...), for programs.
+        detail: a sentence for humans.
+        headers: extra response headers (e.g. `Retry-After`).
+    """
+
+    def __init__(self, status: int, error: str, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+        self.detail = detail
+        self.headers = headers or {}
+
+    def body(self) -> bytes:
+        return json.dumps({"error": self.error, "detail": self.detail}).encode()
+
+
+def bad_request(detail: str, error: str = "bad_request") -> ApiError:
+    return ApiError(400, error, detail)
