@@ -55,11 +55,47 @@ def evaluate(checkpoint: Path, data: Path, out: Path) -> dict:
     return summary
 
 
-def serve_and_segment(checkpoint: Path, data: Path) -> None:
-    """Serve the checkpoint on local Ray Serve and segment a held-out volume over HTTP."""
-    from trainer.serve.cli import demo_http_round
+def serve_and_segment(checkpoint: Path, data: Path, port: int, clicks: int = 5) -> None:
+    """Serve the checkpoint on a local Ray Serve and segment a held-out volume over HTTP.
 
-    demo_http_round(checkpoint, data)
+    Automatic first (one upload), then an interactive session: the volume is uploaded once and each
+    simulated corrective click costs one forward on the server.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    from trainer.evaluate import next_click
+    from trainer.metrics import spleen_dice
+    from trainer.serve.cli import start_local, stop_local
+    from trainer.serve.client import DeepEditClient
+
+    image = sorted((data / "imagesTs").glob("*.nii.gz"))[0]
+    label = np.asanyarray(nib.load(str(data / "labelsTs" / image.name)).dataobj).astype(bool)
+    url = start_local(str(checkpoint), port=port)
+    print(f"serving {checkpoint.name} at {url}")
+    try:
+        client = DeepEditClient(url)
+        auto = client.segment(image)
+        print(f"{image.name}: automatic  spleen Dice {float(spleen_dice(auto.mask, label)):.3f}  "
+              f"round trip {auto.seconds * 1000:.0f} ms")
+        rng = np.random.default_rng(0)
+        given: dict[str, list] = {"spleen": [], "background": []}
+        mask = auto.mask
+        with client.session(image) as session:
+            for n in range(1, clicks + 1):
+                click = next_click(mask, label, rng)
+                if click is None:
+                    break
+                name, point = click
+                given[name].append([int(v) for v in point])
+                res = session.click(given)
+                mask = res.mask
+                print(f"{image.name}: {n} click(s) spleen Dice {float(spleen_dice(mask, label)):.3f}  "
+                      f"round trip {res.seconds * 1000:.0f} ms  ({name} click at {list(point)})")
+        client.close()
+    finally:
+        stop_local()
+        print("server stopped")
 
 
 def main() -> int:
@@ -68,6 +104,7 @@ def main() -> int:
     parser.add_argument("--cases", type=int, default=30, help="labelled phantoms (20%% validate)")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "demo"))
     parser.add_argument("--no-serve", action="store_true", help="skip the HTTP part")
+    parser.add_argument("--port", type=int, default=8000, help="local HTTP port of Ray Serve (loopback)")
     args = parser.parse_args()
     work = Path(args.workdir)
     data, run_dir = work / "data", work / "train"
@@ -80,7 +117,7 @@ def main() -> int:
     evaluate(checkpoint, data, run_dir / "eval")
     if not args.no_serve:
         step("4/4 serve over HTTP and segment a held-out volume")
-        serve_and_segment(checkpoint, data)
+        serve_and_segment(checkpoint, data, args.port)
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s; outputs in {work}")
     return 0
 
