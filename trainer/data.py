@@ -120,8 +120,11 @@ def _from_folders(root: Path) -> tuple[list[dict[str, str]], list[str]]:
     return labelled, test
 
 
-def check_volume(path: str | Path) -> nib.Nifti1Image:
-    """Load a NIfTI file and check it is a finite 3D volume; return the image.
+def read_volume(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Read a NIfTI file once and check it is a finite 3D volume; return its array and the image.
+
+    The array is in the file's stored dtype (scaled by nibabel if the header asks for it), so a
+    caller that needs the voxels does not decompress the file a second time.
 
     Raises:
         DataError: unreadable, not 3D, or holding NaN/Inf.
@@ -136,7 +139,16 @@ def check_volume(path: str | Path) -> nib.Nifti1Image:
         raise DataError(f"{path}: expected a 3D volume, got shape {tuple(data.shape)}")
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
         raise DataError(f"{path}: contains NaN or Inf voxels; fix or drop this case")
-    return img
+    return data, img
+
+
+def check_volume(path: str | Path) -> nib.Nifti1Image:
+    """Load a NIfTI file and check it is a finite 3D volume; return the image.
+
+    Raises:
+        DataError: unreadable, not 3D, or holding NaN/Inf.
+    """
+    return read_volume(path)[1]
 
 
 def check_arrays(image, label, affine_image, affine_label, image_path, label_path) -> None:
@@ -158,11 +170,9 @@ def check_arrays(image, label, affine_image, affine_label, image_path, label_pat
 
 def check_pair(image_path: str | Path, label_path: str | Path) -> None:
     """Check one labelled pair: both 3D and finite, same shape and affine, labels in {0, 1}."""
-    img = check_volume(image_path)
-    lab = check_volume(label_path)
-    check_arrays(
-        np.asanyarray(img.dataobj), np.asanyarray(lab.dataobj), img.affine, lab.affine, image_path, label_path
-    )
+    image, img = read_volume(image_path)
+    label, lab = read_volume(label_path)
+    check_arrays(image, label, img.affine, lab.affine, image_path, label_path)
 
 
 def check_dataset(root: str | Path) -> Dataset:
