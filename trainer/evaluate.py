@@ -68,21 +68,33 @@ class CaseResult:
 def next_click(mask: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[str, Point] | None:
     """The corrective click a user would make next, or None when the mask is exact.
 
-    The larger error region wins: missed spleen (label and not mask) gives a "spleen" click, over-
-    segmentation (mask and not label) a "background" click. The voxel is sampled deep inside that
-    region, with probability proportional to exp(d) - 1 (d: chessboard distance to its edge), as the
-    training clicks are (spec §4). Ties go to the missed spleen.
+    A user clicks on the biggest mistake: the largest connected piece of missed spleen (label and not
+    mask; a "spleen" click) or of over-segmentation (mask and not label; a "background" click), not
+    a scattered union of thin boundary slivers. The voxel is sampled deep inside that piece, with
+    probability proportional to exp(d) - 1 (d: chessboard distance to its edge), as the training
+    clicks are (spec §4). Ties go to the missed spleen.
     """
     mask = mask.astype(bool, copy=False)
     label = label.astype(bool, copy=False)
-    missed = label & ~mask
-    extra = mask & ~label
+    missed = _largest_piece(label & ~mask)
+    extra = _largest_piece(mask & ~label)
     n_missed, n_extra = int(missed.sum()), int(extra.sum())
     if n_missed == 0 and n_extra == 0:
         return None
     name, region = ("spleen", missed) if n_missed >= n_extra else ("background", extra)
     point = _sample_deep_point(region, rng)
     return name, tuple(int(v) for v in point)
+
+
+def _largest_piece(region: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of a boolean mask (the mask itself if it has one or none)."""
+    from scipy import ndimage
+
+    comps, n = ndimage.label(region, structure=np.ones((3, 3, 3), bool))
+    if n <= 1:
+        return region
+    sizes = np.bincount(comps.ravel())[1:]
+    return comps == int(np.argmax(sizes)) + 1
 
 
 def hd95_mm(mask: np.ndarray, label: np.ndarray, spacing: Sequence[float]) -> float:
