@@ -365,7 +365,7 @@ def bench_train_pipeline(data_dir: Path, n_cases: int, iterations: int, warmup: 
         rngs = [np.random.default_rng(s) for s in seeds]
         net.label = batch["label"]
         clicks = simulate_clicks(net, image, label_np, body_np, rngs, cfg, cfg.click_prob_train)
-        x = network_input(image, clicks, cfg.guidance_sigma)
+        x = network_input(image, clicks, cfg.sigma)
         assert x.shape[1] == 3
         return any(any(v) for v in clicks[0].values())
 

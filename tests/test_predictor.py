@@ -26,7 +26,8 @@ class FakeClickEchoNet(torch.nn.Module):
 
 
 def _predictor():
-    return Predictor(FakeClickEchoNet(), get_profile("tiny"), device=torch.device("cpu"))
+    # sigma 3 (not the tiny profile's 0.75): a blob several voxels wide makes the mapping visible.
+    return Predictor(FakeClickEchoNet(), get_profile("tiny"), device=torch.device("cpu"), sigma=3.0)
 
 
 def _to_ras(array, affine):

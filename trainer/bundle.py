@@ -348,7 +348,7 @@ def load_predictor(*, network: torch.nn.Module, checkpoint: str, profile: str | 
             f"checkpoint {str(checkpoint)!r} does not fit profile {prof.name!r}: {str(exc).splitlines()[0]}"
         ) from None
     # A plain state_dict carries no settings: the Predictor's guidance sigma is then the training default.
-    extra = {"sigma": float(ckpt.config["guidance_sigma"])} if "guidance_sigma" in ckpt.config else {}
+    extra = {"sigma": float(ckpt.config["guidance_sigma"])} if ckpt.config.get("guidance_sigma") else {}
     version = f"{Path(checkpoint).name}" + ("(state_dict)" if ckpt.plain_state_dict else f"@epoch{ckpt.epoch + 1}")
     return Predictor(network, prof, device=device, version=version, **extra)
 

@@ -39,6 +39,8 @@ class Profile:
         filters: DynUNet filters per level; None means MONAI's default (the bundle's network).
         epochs: default number of epochs for this profile.
         learning_rate: default Adam learning rate for this profile.
+        guidance_sigma: default Gaussian sigma of the click maps, in voxels of this profile's grid.
+            Scaled with the grid (3 at 128^3, as the bundle) so a click covers the same anatomy.
         description: one line for `--help` and the model card.
     """
 
@@ -47,6 +49,7 @@ class Profile:
     filters: tuple[int, ...] | None
     epochs: int
     learning_rate: float
+    guidance_sigma: float
     description: str
 
     def __post_init__(self) -> None:
@@ -62,6 +65,7 @@ PROFILES: dict[str, Profile] = {
         filters=None,
         epochs=500,
         learning_rate=1e-4,
+        guidance_sigma=3.0,
         description="the model-zoo bundle's network: DynUNet 32..320 filters at 128^3 (GPU)",
     ),
     "cpu": Profile(
@@ -71,6 +75,9 @@ PROFILES: dict[str, Profile] = {
         epochs=40,
         # A short CPU budget needs a larger step than the bundle's 1e-4 (measured: see docs/).
         learning_rate=2e-3,
+        # sigma 3 at 64^3 made blobs twice the bundle's relative size and background clicks erased
+        # true spleen: held-out Dice 0.818 -> 0.786 after 5 clicks; with 1.5: 0.851 -> 0.862.
+        guidance_sigma=1.5,
         description="demo profile for a laptop CPU: DynUNet 16..96 filters at 64^3",
     ),
     "tiny": Profile(
@@ -79,6 +86,7 @@ PROFILES: dict[str, Profile] = {
         filters=(8, 16, 16, 32, 32, 32),
         epochs=2,
         learning_rate=3e-3,
+        guidance_sigma=0.75,
         description="test profile: DynUNet 8..32 filters at 32^3 (seconds per epoch)",
     ),
 }
@@ -112,7 +120,8 @@ class TrainConfig:
             iteration draws its number of rounds uniformly from 1..max_click_rounds.
         max_click_budget: the bundle's per-iteration click budget U{1..N}, used to keep or clear whole
             labels' click lists so the model also learns from clicks on one label only.
-        guidance_sigma: Gaussian sigma (voxels at network resolution) of the click maps.
+        guidance_sigma: Gaussian sigma (voxels at network resolution) of the click maps; None takes
+            the profile's default (3 for `bundle`, as the model zoo).
         amp: mixed precision: fp16 autocast + GradScaler on CUDA, bf16 autocast on CPU.
         seed: seed of every random generator the job owns.
         cache_workers: threads used to fill the network-resolution cache.
@@ -137,7 +146,7 @@ class TrainConfig:
     click_prob_val: float = 1.0
     max_click_rounds: int = 1
     max_click_budget: int = 10
-    guidance_sigma: float = 3.0
+    guidance_sigma: float | None = None
     amp: bool = True
     seed: int = 123
     cache_workers: int = 2
@@ -171,7 +180,7 @@ class TrainConfig:
             raise ConfigError(f"max_click_rounds must be at least 1, got {self.max_click_rounds}")
         if self.max_click_budget < 1:
             raise ConfigError(f"max_click_budget must be at least 1, got {self.max_click_budget}")
-        if not self.guidance_sigma > 0:
+        if self.guidance_sigma is not None and not self.guidance_sigma > 0:
             raise ConfigError(f"guidance_sigma must be positive, got {self.guidance_sigma}")
         if self.cache_workers < 1 or self.loader_workers < 0:
             raise ConfigError("cache_workers must be >= 1 and loader_workers >= 0")
@@ -189,6 +198,10 @@ class TrainConfig:
     @property
     def lr(self) -> float:
         return self.learning_rate if self.learning_rate is not None else self.profile_spec.learning_rate
+
+    @property
+    def sigma(self) -> float:
+        return self.guidance_sigma if self.guidance_sigma is not None else self.profile_spec.guidance_sigma
 
     @property
     def spatial_size(self) -> tuple[int, int, int]:

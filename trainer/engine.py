@@ -100,7 +100,7 @@ def simulate_clicks(
             rounds[b] = int(rng.integers(1, cfg.max_click_rounds + 1))
     for r in range(max(rounds, default=0)):
         active = [b for b in range(batch) if rounds[b] > r]
-        x = network_input(image[active], [clicks[b] for b in active], cfg.guidance_sigma)
+        x = network_input(image[active], [clicks[b] for b in active], cfg.sigma)
         pred = predict_mask(model, x, cfg.amp).cpu().numpy()
         for row, b in enumerate(active):
             new = corrective_clicks(pred[row], label[b], rngs[b])
@@ -132,7 +132,7 @@ def train_step(
     label_np = batch["label"][:, 0].numpy().astype(bool)
     body_np = batch["body"][:, 0].numpy().astype(bool)
     clicks = simulate_clicks(model, image, label_np, body_np, rngs, cfg, cfg.click_prob_train)
-    x = network_input(image, clicks, cfg.guidance_sigma)
+    x = network_input(image, clicks, cfg.sigma)
     model.train()
     optimizer.zero_grad(set_to_none=True)
     with autocast(device, cfg.amp):
@@ -164,5 +164,5 @@ def validate_item(
     label_np = item["label"][:, 0].numpy().astype(bool)
     body_np = item["body"][:, 0].numpy().astype(bool)
     clicks = simulate_clicks(model, image, label_np, body_np, [rng], cfg, cfg.click_prob_val)
-    pred = predict_mask(model, network_input(image, clicks, cfg.guidance_sigma), cfg.amp)
+    pred = predict_mask(model, network_input(image, clicks, cfg.sigma), cfg.amp)
     return float(spleen_dice(pred.cpu(), item["label"][:, 0]).mean())

@@ -180,17 +180,17 @@ class Predictor:
         profile: its profile (spatial size).
         device: where the forward runs.
         amp: autocast the forward (fp16 on CUDA, bf16 on CPU).
-        sigma: Gaussian sigma of the click maps.
+        sigma: Gaussian sigma of the click maps (default: the profile's).
         version: a label for the loaded weights (checkpoint digest or path).
     """
 
     def __init__(self, model: torch.nn.Module, profile: Profile, *, device: torch.device | None = None,
-                 amp: bool = False, sigma: float = 3.0, version: str = "unknown"):
+                 amp: bool = False, sigma: float | None = None, version: str = "unknown"):
         self.device = device or default_device()
         self.model = model.to(self.device).eval()
         self.profile = profile
         self.amp = amp
-        self.sigma = sigma
+        self.sigma = sigma if sigma is not None else profile.guidance_sigma
         self.version = version
         self._pre = inference_transforms(profile.spatial_size)
 
@@ -208,7 +208,8 @@ class Predictor:
             model.load_state_dict(ckpt.model)
         except RuntimeError as exc:
             raise CheckpointError(f"checkpoint {str(path)!r} does not fit profile {prof.name!r}: {str(exc).splitlines()[0]}") from None
-        sigma = float(ckpt.config.get("guidance_sigma", 3.0)) if ckpt.config else 3.0
+        # Our checkpoints store the training's setting (None: the profile's default).
+        sigma = (ckpt.config or {}).get("guidance_sigma") or prof.guidance_sigma
         version = f"{Path(path).name}@epoch{ckpt.epoch + 1}" if not ckpt.plain_state_dict else f"{Path(path).name}(state_dict)"
         return cls(model, prof, device=device, amp=amp, sigma=sigma, version=version)
 
