@@ -27,6 +27,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(proc: subprocess.Popen, timeout_s: float = 15.0) -> None:
+    """Terminate a test server, killing it if it has not exited within `timeout_s`."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def weed_binary() -> str | None:
     candidate = Path(sys.executable).with_name("weed")
     return str(candidate) if candidate.is_file() else shutil.which("weed")
@@ -74,9 +83,5 @@ def start_seaweedfs(root: Path, bucket: str, access_key: str, secret_key: str, *
                     time.sleep(0.3)
         yield env
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         log.close()

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 import pytest
-from seaweed import free_port as _free_port, start_seaweedfs, weed_binary
+from seaweed import free_port as _free_port, start_seaweedfs, stop_process, weed_binary
 
 TOKEN_ENV = "DEEPEDIT_TEST_TOKEN"
 TOKEN = "test-token-7c1f0e"
@@ -752,8 +752,4 @@ def test_prometheus_scrapes_our_metrics_and_ray_serve_metrics(service, client, v
                      "ray_serve_deployment_request_counter_total"):
             assert _prom_query(base, name), f"{name} not scraped"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, timeout_s=20)
