@@ -335,6 +335,7 @@ def bench_train_pipeline(data_dir: Path, n_cases: int, iterations: int, warmup: 
     from trainer.config import TrainConfig
     from trainer.engine import network_input, simulate_clicks
     from trainer.train import build_datasets
+    from trainer.transforms import label_mask
 
     cfg = TrainConfig(profile="bundle", seed=SEED)
     assert abs(cfg.click_prob_train - CLICK_PROB_TRAIN) < 1e-12, "both paths must use the same click probability"
@@ -358,7 +359,7 @@ def bench_train_pipeline(data_dir: Path, n_cases: int, iterations: int, warmup: 
             batch = next(state["it"])
         # train_step up to the training forward
         image = batch["image"].to(torch.float32)
-        label_np = batch["label"][:, 0].numpy().astype(bool)
+        label_np = label_mask(batch["label"][:, 0]).numpy()
         body_np = batch["body"][:, 0].numpy().astype(bool)
         seeds = np.random.SeedSequence([cfg.seed, 0, 0, state["step"]]).spawn(image.shape[0])
         state["step"] += 1

@@ -48,8 +48,8 @@ def _affine(code: str, spacing=(0.8, 0.7, 2.5), origin=(-120.0, 35.0, -60.0)) ->
     return affine
 
 
-def _reference(size, keys):
-    modes = ["area" if k == "image" else "nearest" for k in keys]
+def _reference(size, keys, label_mode="nearest"):
+    modes = ["area" if k == "image" else label_mode for k in keys]
     return mt.Compose([
         mt.Orientationd(keys=keys, axcodes="RAS", labels=RAS_LABELS),
         mt.ScaleIntensityRanged(keys=["image"], a_min=HU_MIN, a_max=HU_MAX, b_min=0.0, b_max=1.0, clip=True),
@@ -134,20 +134,52 @@ def test_resize_before_orient_rejects_other_modes():
         ResizeBeforeOrientd(keys="image", spatial_size=(8, 8, 8), mode="trilinear")
 
 
-def test_training_cache_chain_equals_monai_on_files(tmp_path):
+@pytest.mark.parametrize("label_resize", ["nearest", "area"])
+def test_training_cache_chain_equals_monai_on_files(tmp_path, label_resize):
     """The training path: LoadImaged from int16 / uint8 NIfTI files, as the cache builds items."""
     image, label = _volumes((70, 45, 33), seed=5)
     affine = _affine("LPS")
     paths = {"image": tmp_path / "img.nii.gz", "label": tmp_path / "lab.nii.gz"}
     nib.save(nib.Nifti1Image(image, affine), str(paths["image"]))
     nib.save(nib.Nifti1Image(label.astype(np.uint8), affine), str(paths["label"]))
-    cfg = TrainConfig(profile="tiny")
+    cfg = TrainConfig(profile="tiny", label_resize=label_resize)
     ours = cache_transforms(cfg)({k: str(v) for k, v in paths.items()})
     load = mt.Compose([mt.LoadImaged(keys=["image", "label"], image_only=True),
                        mt.EnsureChannelFirstd(keys=["image", "label"], channel_dim="no_channel")])
-    ref = _reference(cfg.spatial_size, ["image", "label"])(load({k: str(v) for k, v in paths.items()}))
+    ref = _reference(cfg.spatial_size, ["image", "label"], label_resize)(load({k: str(v) for k, v in paths.items()}))
     assert float((ours["image"] - ref["image"].as_tensor()).abs().max()) <= 1e-5
-    assert torch.equal(ours["label"], ref["label"].as_tensor().to(torch.uint8))
+    if label_resize == "nearest":  # the bundle's 0/1 labels, exactly
+        assert torch.equal(ours["label"], ref["label"].as_tensor().to(torch.uint8))
+    else:  # fractions of each voxel that are label, stored as float16
+        assert ours["label"].dtype == torch.float16
+        assert float((ours["label"].float() - ref["label"].as_tensor()).abs().max()) <= 1e-3
+
+
+def test_area_labels_are_aligned_with_the_image_and_nearest_ones_are_not(tmp_path):
+    """A network that reproduced its training targets exactly, mapped back by the predictor.
+
+    Nearest takes each bin's first source voxel, so its targets lie up to half a network voxel off
+    the image and cost Dice on the original grid; soft area targets do not (cpu profile, phantoms).
+    """
+    from trainer.metrics import spleen_dice
+    from trainer.synth import write_dataset
+
+    write_dataset(tmp_path, 3, seed=4)
+    pairs = sorted(zip(sorted((tmp_path / "imagesTr").glob("*.nii.gz")), sorted((tmp_path / "labelsTr").glob("*.nii.gz"))))
+    pred = Predictor(torch.nn.Identity(), get_profile("cpu"), device=torch.device("cpu"))
+    scores = {}
+    for mode in ("nearest", "area"):
+        chain = cache_transforms(TrainConfig(profile="cpu", label_resize=mode))
+        dices = []
+        for image_path, label_path in pairs:
+            target = chain({"image": str(image_path), "label": str(label_path)})["label"].float()
+            image, affine = load_volume(image_path)
+            label = load_volume(label_path)[0] > 0.5
+            mask = pred.postprocess(target, pred.preprocess(image, affine)).astype(bool)
+            dices.append(float(spleen_dice(mask, label)))
+        scores[mode] = float(np.mean(dices))
+    assert scores["area"] >= 0.96, scores
+    assert scores["area"] > scores["nearest"] + 0.02, scores
 
 
 @pytest.mark.parametrize("orientation", ["RAS", "LPS", "SLP"])

@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML file of training settings (flags override it)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last.pt")
     p.add_argument("--init-from", default=None, help="start from this checkpoint (ours or a bundle model.pt)")
-    p.add_argument("--max-train-seconds", type=float, default=None, help="stop after the epoch that passes this wall time")
+    p.add_argument("--max-train-seconds", type=float, default=None, help="wall-time budget in seconds: stop at the first step past it (validate, checkpoint); the cosine schedule anneals over it")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--val-fraction", type=float, default=None)
     p.add_argument("--learning-rate", type=float, default=None)

@@ -18,6 +18,7 @@ from monai.losses import DiceCELoss
 from .clicks import Clicks, apply_click_budget, corrective_clicks, empty_clicks, guidance_channels, initial_seeds, merge_clicks
 from .config import TrainConfig
 from .metrics import spleen_dice
+from .transforms import label_mask
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -33,8 +34,18 @@ def autocast(device: torch.device, enabled: bool):
 
 
 def make_loss() -> DiceCELoss:
-    """DiceCE on softmax outputs, one-hot target, background included, weights 1/1 (spec §3)."""
-    return DiceCELoss(to_onehot_y=True, softmax=True, include_background=True, lambda_dice=1.0, lambda_ce=1.0)
+    """DiceCE on softmax outputs, background included, weights 1/1 (spec §3).
+
+    Takes the two-channel target of `loss_target`: for 0/1 labels that is the bundle's one-hot
+    target (same loss); for soft labels, soft Dice and cross-entropy against class probabilities.
+    """
+    return DiceCELoss(to_onehot_y=False, softmax=True, include_background=True, lambda_dice=1.0, lambda_ce=1.0)
+
+
+def loss_target(label: torch.Tensor) -> torch.Tensor:
+    """(B, 1, X, Y, Z) spleen label, 0/1 or fractions -> (B, 2, X, Y, Z) float: background, spleen."""
+    spleen = label.float()
+    return torch.cat([1.0 - spleen, spleen], dim=1)
 
 
 def spleen_mask(logits: torch.Tensor) -> torch.Tensor:
@@ -128,8 +139,8 @@ def train_step(
 ) -> StepResult:
     """Simulate clicks, then one optimisation step on the clicked (or automatic) input."""
     image = batch["image"].to(device, torch.float32, non_blocking=True)
-    label_t = batch["label"].to(device, non_blocking=True)
-    label_np = batch["label"][:, 0].numpy().astype(bool)
+    target = loss_target(batch["label"].to(device, non_blocking=True))
+    label_np = label_mask(batch["label"][:, 0]).numpy()
     body_np = batch["body"][:, 0].numpy().astype(bool)
     clicks = simulate_clicks(model, image, label_np, body_np, rngs, cfg, cfg.click_prob_train)
     x = network_input(image, clicks, cfg.sigma)
@@ -137,7 +148,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     with autocast(device, cfg.amp):
         logits = model(x)
-        loss = loss_fn(logits.float(), label_t.float())
+        loss = loss_fn(logits.float(), target)
     if not torch.isfinite(loss.detach()):
         # A non-finite loss would poison the weights; skip the step as GradScaler does on CUDA.
         optimizer.zero_grad(set_to_none=True)
@@ -146,7 +157,7 @@ def train_step(
     scaler.step(optimizer)
     scaler.update()
     with torch.no_grad():
-        dice = spleen_dice(spleen_mask(logits).cpu(), label_t[:, 0].cpu()).mean()
+        dice = spleen_dice(spleen_mask(logits).cpu(), torch.from_numpy(label_np)).mean()
     clicked = sum(1 for c in clicks if any(c.values()))
     return StepResult(loss=float(loss.detach()), dice=float(dice), clicked=clicked)
 
@@ -161,8 +172,8 @@ def validate_item(
     every epoch (spec §7.5: the bundle re-drew them).
     """
     image = item["image"].to(device, torch.float32)
-    label_np = item["label"][:, 0].numpy().astype(bool)
+    label_np = label_mask(item["label"][:, 0]).numpy()
     body_np = item["body"][:, 0].numpy().astype(bool)
     clicks = simulate_clicks(model, image, label_np, body_np, [rng], cfg, cfg.click_prob_val)
     pred = predict_mask(model, network_input(image, clicks, cfg.sigma), cfg.amp)
-    return float(spleen_dice(pred.cpu(), item["label"][:, 0]).mean())
+    return float(spleen_dice(pred.cpu(), torch.from_numpy(label_np)).mean())

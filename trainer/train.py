@@ -18,6 +18,7 @@ from .data import DataError, list_dataset
 from .engine import make_loss, train_step, unwrap, validate_item
 from .network import build_network
 from .runtime import LocalRuntime
+from .schedule import Budget, learning_rate
 from .transforms import augment_transforms, cache_transforms
 
 log = logging.getLogger(__name__)
@@ -80,12 +81,21 @@ def _restore(model, optimizer, scaler, ckpt: Checkpoint, cfg: TrainConfig, sourc
         scaler.load_state_dict(ckpt.scaler)
 
 
-def _train_epoch(model, loader, optimizer, scaler, loss_fn, cfg, runtime, epoch) -> dict[str, float]:
+def _train_epoch(model, loader, optimizer, scaler, loss_fn, cfg, runtime, epoch, clock) -> dict[str, float]:
+    """One pass over the loader, or less if the time budget runs out (`stats["out_of_time"]`)."""
     device = runtime.device
-    losses, dices, samples, skipped = [], [], 0, 0
+    losses, dices, samples, skipped, out_of_time = [], [], 0, 0, False
     t0 = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.num_epochs}", disable=not runtime.is_main, leave=False, unit="it")
     for step, batch in enumerate(bar):
+        elapsed = clock.elapsed()
+        if clock.budget.out_of_time(elapsed):
+            out_of_time = True
+            break
+        progress = clock.budget.progress(epoch * len(loader) + step, elapsed)
+        lr = learning_rate(cfg.schedule, cfg.lr, progress, anneal=cfg.lr_anneal_fraction)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         seeds = np.random.SeedSequence([cfg.seed, runtime.rank, epoch, step]).spawn(batch["image"].shape[0])
         rngs = [np.random.default_rng(s) for s in seeds]
         res = train_step(model, batch, optimizer, scaler, loss_fn, rngs, cfg, device)
@@ -95,19 +105,40 @@ def _train_epoch(model, loader, optimizer, scaler, loss_fn, cfg, runtime, epoch)
         losses.append(res.loss)
         dices.append(res.dice)
         samples += batch["image"].shape[0]
-        bar.set_postfix(loss=f"{np.mean(losses):.3f}", dice=f"{np.mean(dices):.3f}")
+        bar.set_postfix(loss=f"{np.mean(losses):.3f}", dice=f"{np.mean(dices):.3f}", lr=f"{lr:.1e}")
+    bar.close()
     seconds = time.perf_counter() - t0
     loss_sum, dice_sum, n, total_samples, skipped = runtime.all_reduce_sum(
         [sum(losses), sum(dices), len(losses), samples, skipped]
     )
-    n = max(n, 1)
+    steps, n = int(n), max(n, 1)
     return {
         "loss": loss_sum / n,
         "train_dice": dice_sum / n,
         "epoch_seconds": seconds,
         "samples_per_s": total_samples / max(seconds, 1e-9),
         "skipped_steps": int(skipped),
+        "steps": steps,  # optimisation steps of all ranks together
+        "out_of_time": out_of_time,
     }
+
+
+class _Clock:
+    """Elapsed training time, agreed by all ranks when there is a time budget.
+
+    Every rank must take the same stop decision (or the others would wait forever in a collective)
+    and set the same learning rate, so with a budget the ranks' clocks are averaged each step: one
+    scalar all-reduce, ~1 ms next to a ~1 s step.
+    """
+
+    def __init__(self, budget: Budget, runtime):
+        self.budget, self.runtime, self.start = budget, runtime, time.perf_counter()
+
+    def elapsed(self) -> float:
+        mine = time.perf_counter() - self.start
+        if self.budget.seconds <= 0 or self.runtime.world_size == 1:
+            return mine
+        return self.runtime.all_reduce_sum([mine])[0] / self.runtime.world_size
 
 
 def _validate(model, val_ds, cfg, runtime) -> float:
@@ -162,17 +193,16 @@ def train(cfg: TrainConfig, data_dir: str, runtime: LocalRuntime) -> dict[str, A
     )
     loader = runtime.prepare_loader(loader)
     loss_fn = make_loss()
-    t_start = time.perf_counter()
+    clock = _Clock(Budget(total_steps=cfg.num_epochs * len(loader), seconds=cfg.max_train_seconds), runtime)
     metrics: dict[str, Any] = {"epoch": start_epoch, "resumed_from": start_epoch}
     for epoch in range(start_epoch, cfg.num_epochs):
         runtime.set_epoch(loader, epoch)
-        stats = _train_epoch(model, loader, optimizer, scaler, loss_fn, cfg, runtime, epoch)
+        stats = _train_epoch(model, loader, optimizer, scaler, loss_fn, cfg, runtime, epoch, clock)
         last_epoch = epoch + 1 == cfg.num_epochs
-        over_time = False
-        if cfg.max_train_seconds > 0:
-            # Every rank must take the same decision, or the others would wait forever in a collective.
-            late = float(time.perf_counter() - t_start > cfg.max_train_seconds)
-            over_time = runtime.all_reduce_sum([late])[0] > 0
+        # Out of time during this epoch, or too late to start another one.
+        over_time = stats.pop("out_of_time") or clock.budget.out_of_time(clock.elapsed())
+        if over_time and stats["steps"] == 0:
+            break  # the budget ran out during the previous epoch's validation: nothing new to save
         val_dice = None
         if (epoch + 1) % cfg.val_every == 0 or last_epoch or over_time:
             val_dice = _validate(model, val_ds, cfg, runtime)
@@ -185,7 +215,7 @@ def train(cfg: TrainConfig, data_dir: str, runtime: LocalRuntime) -> dict[str, A
             "val_dice": val_dice,
             "best_val_dice": best if best > float("-inf") else None,
             "lr": optimizer.param_groups[0]["lr"],
-            "elapsed_s": time.perf_counter() - t_start,
+            "elapsed_s": clock.elapsed(),
             "resumed_from": start_epoch,
             "time": time.time(),
         }
@@ -208,7 +238,7 @@ def train(cfg: TrainConfig, data_dir: str, runtime: LocalRuntime) -> dict[str, A
         runtime.on_epoch_end(metrics=metrics, checkpoint=checkpoint, is_best=is_best)
         if over_time and not last_epoch:
             if runtime.is_main:
-                print(f"stopping after epoch {epoch + 1}: max_train_seconds={cfg.max_train_seconds} reached", flush=True)
+                print(f"stopping in epoch {epoch + 1}: max_train_seconds={cfg.max_train_seconds} reached", flush=True)
             break
     runtime.finish()
     return metrics
