@@ -237,25 +237,30 @@ class TrainConfig:
     def profile_spec(self) -> Profile:
         return get_profile(self.profile)
 
+    def _or_profile(self, name: str) -> Any:
+        """The setting `name`, or the profile's field of the same name when it is None."""
+        value = getattr(self, name)
+        return value if value is not None else getattr(self.profile_spec, name)
+
     @property
     def num_epochs(self) -> int:
-        return self.epochs if self.epochs is not None else self.profile_spec.epochs
+        return self._or_profile("epochs")
 
     @property
     def lr(self) -> float:
-        return self.learning_rate if self.learning_rate is not None else self.profile_spec.learning_rate
+        return self._or_profile("learning_rate")
 
     @property
     def schedule(self) -> str:
-        return self.lr_schedule if self.lr_schedule is not None else self.profile_spec.lr_schedule
+        return self._or_profile("lr_schedule")
 
     @property
     def label_resize_mode(self) -> str:
-        return self.label_resize if self.label_resize is not None else self.profile_spec.label_resize
+        return self._or_profile("label_resize")
 
     @property
     def sigma(self) -> float:
-        return self.guidance_sigma if self.guidance_sigma is not None else self.profile_spec.guidance_sigma
+        return self._or_profile("guidance_sigma")
 
     @property
     def spatial_size(self) -> tuple[int, int, int]:
