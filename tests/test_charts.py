@@ -468,6 +468,13 @@ def test_serve_chart_should_put_the_checkpoint_in_user_config_and_gpus_in_args()
     assert app["args"]["num_gpus"] == 1 and app["args"]["max_upload_bytes"] == 512 * 1024 * 1024
     assert app["args"]["session_max_bytes"] == 2 * 1024**3  # large ints stay ints (not 2.147483648e+09)
     assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
+    assert "click_radius" not in app["args"]  # null: the profile's default
+
+
+@pytest.mark.parametrize("radius", [0, 2.5])
+def test_serve_chart_should_pass_the_click_radius_even_when_zero(radius):
+    app = serve_config(rayservice(merge(SERVE_REQUIRED, {"serve": {"clickRadius": radius}})))["applications"][0]
+    assert app["args"]["click_radius"] == radius
 
 
 @pytest.mark.parametrize("enabled", [False, True], ids=["off", "on"])
@@ -546,9 +553,10 @@ def test_serve_chart_should_set_the_upgrade_strategy(strategy):
         ({"auth": {"enabled": True}}, "existingSecret"),
         ({"autoscaling": {"enabled": "yes"}}, "boolean"),
         ({"upgradeStrategy": "Rolling"}, "upgradeStrategy"),
+        ({"serve": {"clickRadius": -1}}, "/serve/clickRadius"),
     ],
     ids=["missing-checkpoint", "unsupported-scheme", "batch-0", "workers-0", "auth-without-secret",
-         "autoscaling-not-bool", "unknown-upgrade-strategy"],
+         "autoscaling-not-bool", "unknown-upgrade-strategy", "negative-click-radius"],
 )
 def test_serve_chart_should_reject_wrong_values(bad, message):
     with pytest.raises(helm_python.HelmValuesError, match=message):

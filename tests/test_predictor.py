@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.config import get_profile
+from trainer.config import ConfigError, get_profile
 from trainer.metrics import mean_dice_with_background, spleen_dice
 from trainer.predictor import ClickError, Predictor, validate_clicks
 from trainer.synth import generate_case
@@ -27,7 +27,8 @@ class FakeClickEchoNet(torch.nn.Module):
 
 def _predictor():
     # sigma 3 (not the tiny profile's 0.75): a blob several voxels wide makes the mapping visible.
-    return Predictor(FakeClickEchoNet(), get_profile("tiny"), device=torch.device("cpu"), sigma=3.0)
+    # Click locality off: these tests look at the network's raw answer to see where clicks land.
+    return Predictor(FakeClickEchoNet(), get_profile("tiny"), device=torch.device("cpu"), sigma=3.0, click_radius=0)
 
 
 def _to_ras(array, affine):
@@ -115,3 +116,111 @@ def test_dice_on_known_masks():
     # Background-inclusive mean is higher than spleen-only (spec §7.3: why it is only secondary).
     bg = 2 * 300 / 1000  # background: 500 vs 500 voxels, 300 shared
     assert float(mean_dice_with_background(a, b)) == pytest.approx((0.6 + bg) / 2)
+
+
+# ----------------------------------------------------------------------------- click locality
+
+
+class FakeOverreachingNet(torch.nn.Module):
+    """A fake network (not trained) whose clicks change everything, as a badly trained one might.
+
+    Automatic: spleen where the image is bright (a cube). Any spleen click: spleen everywhere. Any
+    background click: background everywhere. Counts the volumes it is run on.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.volumes = 0
+
+    def forward(self, x):
+        self.volumes += x.shape[0]
+        logit = (x[:, 0:1] - 0.5) * 20
+        fg = x[:, 1:2].flatten(1).amax(1).view(-1, 1, 1, 1, 1) > 0
+        bg = x[:, 2:3].flatten(1).amax(1).view(-1, 1, 1, 1, 1) > 0
+        logit = torch.where(fg, torch.full_like(logit, 10.0), logit)
+        logit = torch.where(bg, torch.full_like(logit, -10.0), logit)
+        return torch.cat([-logit, logit], dim=1)
+
+
+def _cube_volume():
+    image = np.full((64, 64, 32), -500, np.int16)
+    image[20:44, 20:44, 8:24] = 200  # bright cube: the automatic "spleen"
+    return image, np.diag([2.0, 2.0, 4.0, 1.0])
+
+
+def _locality_predictor(radius):
+    return Predictor(FakeOverreachingNet(), get_profile("tiny"), device=torch.device("cpu"), click_radius=radius)
+
+
+def test_click_locality_confines_a_spleen_click_to_its_neighbourhood():
+    image, affine = _cube_volume()
+    auto = _locality_predictor(2.0).predict(image, affine).mask.astype(bool)
+    click = [50, 32, 16]  # outside the cube
+    raw = _locality_predictor(0).predict(image, affine, {"spleen": [click]}).mask.astype(bool)
+    local = _locality_predictor(2.0).predict(image, affine, {"spleen": [click]}).mask.astype(bool)
+    assert raw.all()  # without locality the click floods the volume
+    assert local[tuple(click)] and (local >= auto).all()  # the clicked voxel is spleen; nothing removed
+    added = np.argwhere(local & ~auto)
+    # 32^3 grid on 64x64x32 voxels: 2 voxels per grid voxel in x, y; 4 grid voxels of radius 2 each side.
+    assert np.abs(added - click).max(axis=0).tolist() <= [4 * 2 * 2, 4 * 2 * 2, 4 * 2]
+    assert 0 < len(added) < 0.02 * image.size
+
+
+def test_background_click_only_removes_near_itself_and_spleen_click_never_removes():
+    image, affine = _cube_volume()
+    pred = _locality_predictor(2.0)
+    auto = pred.predict(image, affine).mask.astype(bool)
+    click = [22, 22, 10]  # a corner of the cube
+    mask = pred.predict(image, affine, {"background": [click]}).mask.astype(bool)
+    assert not mask[tuple(click)] and (mask <= auto).all()
+    assert mask[40, 40, 20] and 0.5 < mask.sum() / auto.sum() < 1  # the far side of the cube stays
+    # A spleen click inside the cube: the overreaching net says "spleen everywhere", locality keeps
+    # only its additions near the click, and removes nothing.
+    inside = pred.predict(image, affine, {"spleen": [[32, 32, 16]]}).mask.astype(bool)
+    np.testing.assert_array_equal(inside, auto)
+
+
+def test_click_radius_zero_returns_the_network_answer_unchanged():
+    image, affine = _cube_volume()
+    pred = _locality_predictor(0)
+    prepared = pred.preprocess(image, affine)
+    clicks = {"spleen": [[50, 32, 16]]}
+    net_clicks = pred.map_clicks(validate_clicks(clicks, image.shape), prepared)
+    torch.testing.assert_close(pred.forward([prepared], [net_clicks]), pred.network([prepared], [net_clicks]))
+    assert pred.predict_prepared(prepared, clicks).mask.all() and prepared.auto_prob is None
+    # The bundle profile keeps the model zoo's behaviour; the cpu profile has locality on.
+    assert Predictor(FakeOverreachingNet(), get_profile("bundle"), device=torch.device("cpu")).click_radius == 0
+    assert get_profile("cpu").click_radius > 0
+
+
+def test_automatic_pass_is_cached_per_volume_and_per_model():
+    image, affine = _cube_volume()
+    pred = _locality_predictor(2.0)
+    prepared = pred.preprocess(image, affine)
+    pred.predict_prepared(prepared, {"spleen": [[50, 32, 16]]})
+    assert pred.model.volumes == 2  # clicked + automatic, one batch
+    pred.predict_prepared(prepared, {"spleen": [[50, 32, 16], [10, 10, 10]]})
+    assert pred.model.volumes == 3  # the automatic pass is reused
+    assert prepared.nbytes == 2 * prepared.image.nelement() * 4
+    other = _locality_predictor(2.0)  # e.g. a reloaded checkpoint: must not reuse the old pass
+    other.predict_prepared(prepared, {"spleen": [[50, 32, 16]]})
+    assert other.model.volumes == 2
+
+
+def test_batched_forward_mixes_clicked_and_automatic_volumes():
+    image, affine = _cube_volume()
+    pred = _locality_predictor(2.0)
+    p1, p2 = pred.preprocess(image, affine), pred.preprocess(image, affine)
+    c1 = pred.map_clicks({"spleen": [(50, 32, 16)], "background": []}, p1)
+    c2 = {"spleen": [], "background": []}
+    batched = pred.forward([p1, p2], [c1, c2])
+    alone = _locality_predictor(2.0)
+    q1 = alone.preprocess(image, affine)
+    np.testing.assert_allclose(batched[0], alone.forward([q1], [c1])[0], atol=1e-6)
+    np.testing.assert_allclose(batched[1], alone.forward([q1], [c2])[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("radius", [-1, float("nan"), float("inf"), "3", True])
+def test_bad_click_radius_is_rejected_naming_the_value(radius):
+    with pytest.raises(ConfigError, match="click_radius must be a number >= 0"):
+        _locality_predictor(radius)

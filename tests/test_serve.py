@@ -152,7 +152,8 @@ def test_serve_args_validation():
     assert args.user_config() == {"checkpoint": "x.pt", "profile": None}
     for bad in ({"checkpoint": "http://x/y.pt"}, {"checkpoint": "x.pt", "auth_token_env": "A-B"},
                 {"checkpoint": "x.pt", "max_batch_size": 8, "max_ongoing_requests": 4},
-                {"checkpoint": "x.pt", "max_bath_size": 2}):
+                {"checkpoint": "x.pt", "max_bath_size": 2}, {"checkpoint": "x.pt", "click_radius": -1},
+                {"checkpoint": "x.pt", "click_radius": float("nan")}):
         with pytest.raises(ValidationError):
             ServeArgs(**bad)
 
@@ -306,6 +307,7 @@ def test_health_ready_info_and_auth_exemptions(service, client):
     assert anon.get("/v1/info").status_code == 401
     info = _info(client)
     assert info["model"]["profile"] == "tiny" and info["model"]["version"].startswith("model_")
+    assert info["model"]["click_radius"] == 1.0  # the tiny profile's click locality
     assert info["auth"] is True and "/" not in info["model"]["checkpoint"]  # no paths leak
     # CORS: the configured origin is allowed (preflight needs no token), others get no CORS header.
     pre = anon.options("/v1/segment", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST",

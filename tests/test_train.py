@@ -61,3 +61,18 @@ def test_resume_continues_from_last(trained_tiny, tmp_path):
     assert metrics["resumed_from"] == 12 and metrics["epoch"] == 13
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 13
+
+
+def test_a_diverged_run_stops_with_a_clear_error_and_keeps_its_last_checkpoint(tiny_dataset, tmp_path):
+    """lr 1e30: the first update sends the weights to ~1e30, every later step is non-finite and
+    skipped. Training stops at the first epoch without one good step, naming the fix, and the
+    checkpoint of the last epoch that made progress is intact."""
+    from trainer.runtime import LocalRuntime
+    from trainer.train import TrainingDiverged, train
+
+    cfg = TrainConfig(profile="tiny", epochs=3, learning_rate=1e30, val_every=1, cache_workers=1, amp=False)
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss or gradient.*Lower --learning-rate"):
+        train(cfg, str(tiny_dataset), LocalRuntime(tmp_path))
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 1 and lines[0]["steps"] >= 1  # epoch 1 made (one) step, epoch 2 none
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt").epoch == 0

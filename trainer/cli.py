@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,8 +23,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .data import DataError
     from .predictor import ClickError
+    from .train import TrainingDiverged
 
-    return (ConfigError, DataError, CheckpointError, ClickError, FileNotFoundError, NotADirectoryError)
+    return (ConfigError, DataError, CheckpointError, ClickError, TrainingDiverged, FileNotFoundError, NotADirectoryError)
 
 
 def _positive_int(text: str) -> int:
@@ -34,6 +36,20 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
     return value
+
+
+def _radius(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0 (grid voxels; 0 turns click locality off)")
+    return value
+
+
+CLICK_RADIUS_HELP = ("click locality radius in network-grid voxels: a click changes the mask only near itself "
+                     "(default: the profile's, 2 for cpu; 0 = off, the model zoo's behaviour)")
 
 
 def _check_device(name: str | None) -> None:
@@ -130,7 +146,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     image, affine = load_volume(args.image)
     validate_clicks(clicks, tuple(image.shape))  # before loading the model: fail fast
     device = torch.device(args.device) if args.device else None
-    predictor = Predictor.from_checkpoint(args.checkpoint, profile=args.profile, device=device)
+    predictor = Predictor.from_checkpoint(args.checkpoint, profile=args.profile, device=device,
+                                          click_radius=args.click_radius)
     from .predictor import write_mask
 
     t0 = time.perf_counter()
@@ -193,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clicks", default=None, help='JSON or JSON file: {"spleen": [[i,j,k]], "background": [[i,j,k]]} (original voxel indices)')
     p.add_argument("--output", required=True, help="output mask .nii.gz (uint8, original geometry)")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None, help="override the checkpoint's profile")
+    p.add_argument("--click-radius", type=_radius, default=None, help=CLICK_RADIUS_HELP)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_infer)
 
@@ -204,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("val", "test", "all"), default="val", help="which cases to evaluate")
     p.add_argument("--metrics-log", default=None, help="training metrics.jsonl to plot (default: next to the checkpoint)")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None, help="override the checkpoint's profile")
+    p.add_argument("--click-radius", type=_radius, default=None, help=CLICK_RADIUS_HELP)
     p.add_argument("--device", default=None)
     p.set_defaults(func=_lazy("trainer.evaluate", "cmd_evaluate"))
 
@@ -211,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint URI: local path or s3://")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--click-radius", type=_radius, default=None, help=CLICK_RADIUS_HELP)
     p.add_argument("--device", default=None)
     p.set_defaults(func=_lazy("trainer.serve.cli", "cmd_serve"))
 

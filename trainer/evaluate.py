@@ -399,6 +399,7 @@ def evaluate_checkpoint(
     metrics_log: str | Path | None = None,
     seed: int = 0,
     val_fraction: float = 0.2,
+    click_radius: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on a dataset split and write the report into `output_dir`.
 
@@ -413,6 +414,7 @@ def evaluate_checkpoint(
         max_clicks: corrective clicks after the automatic pass.
         profile: override the checkpoint's profile.
         device: torch device (default: CUDA if available).
+        click_radius: click locality radius in grid voxels (default: the profile's; 0 = off).
         metrics_log: training `metrics.jsonl` to plot (default: `<checkpoint dir>/../metrics.jsonl`).
         seed: click-sampling seed.
         val_fraction: validation fraction of the `val` split (as in training).
@@ -425,7 +427,7 @@ def evaluate_checkpoint(
     # Everything a user can get wrong is checked before the (long) evaluation starts.
     cases = select_cases(data_dir, split, val_fraction)
     log_path, training = _training_log(checkpoint, metrics_log)
-    predictor = Predictor.from_checkpoint(checkpoint, profile=profile, device=device)
+    predictor = Predictor.from_checkpoint(checkpoint, profile=profile, device=device, click_radius=click_radius)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -436,6 +438,7 @@ def evaluate_checkpoint(
         checkpoint=str(checkpoint),
         model_version=predictor.version,
         profile=predictor.profile.name,
+        click_radius=predictor.click_radius,
         max_clicks=max_clicks,
         seed=seed,
         metrics_log=None if log_path is None else str(log_path),
@@ -463,6 +466,7 @@ def cmd_evaluate(args) -> int:
         profile=args.profile,
         device=device,
         metrics_log=args.metrics_log,
+        click_radius=args.click_radius,
     )
     print(f"report written to {args.output}", flush=True)
     return 0

@@ -81,6 +81,10 @@ def _restore(model, optimizer, scaler, ckpt: Checkpoint, cfg: TrainConfig, sourc
         scaler.load_state_dict(ckpt.scaler)
 
 
+class TrainingDiverged(RuntimeError):
+    """Every step of an epoch had a non-finite loss or gradient: the run cannot make progress."""
+
+
 def _train_epoch(model, loader, optimizer, scaler, loss_fn, cfg, runtime, epoch, clock) -> dict[str, float]:
     """One pass over the loader, or less if the time budget runs out (`stats["out_of_time"]`)."""
     device = runtime.device
@@ -113,8 +117,8 @@ def _train_epoch(model, loader, optimizer, scaler, loss_fn, cfg, runtime, epoch,
     )
     steps, n = int(n), max(n, 1)
     return {
-        "loss": loss_sum / n,
-        "train_dice": dice_sum / n,
+        "loss": loss_sum / n if steps else float("nan"),
+        "train_dice": dice_sum / n if steps else float("nan"),
         "epoch_seconds": seconds,
         "samples_per_s": total_samples / max(seconds, 1e-9),
         "skipped_steps": int(skipped),
@@ -199,6 +203,13 @@ def train(cfg: TrainConfig, data_dir: str, runtime: LocalRuntime) -> dict[str, A
         runtime.set_epoch(loader, epoch)
         stats = _train_epoch(model, loader, optimizer, scaler, loss_fn, cfg, runtime, epoch, clock)
         last_epoch = epoch + 1 == cfg.num_epochs
+        if stats["steps"] == 0 and stats["skipped_steps"] > 0:
+            # Stop before writing anything: the last checkpoint is the last good state.
+            raise TrainingDiverged(
+                f"epoch {epoch + 1}: all {stats['skipped_steps']} steps had a non-finite loss or gradient and "
+                f"were skipped (learning rate {optimizer.param_groups[0]['lr']:.2e}). Lower --learning-rate, or "
+                "train with --no-amp; --resume continues from the last checkpoint"
+            )
         # Out of time during this epoch, or too late to start another one.
         over_time = stats.pop("out_of_time") or clock.budget.out_of_time(clock.elapsed())
         if over_time and stats["steps"] == 0:

@@ -86,7 +86,7 @@ class DeepEditService(MonaiLabelRoutes, ServiceCore):
             "description": "DeepEdit interactive spleen segmentation from CT (clicks are original voxel indices)",
             "model": {"version": p.version, "profile": p.profile.name, "spatial_size": list(p.profile.spatial_size),
                       "labels": {"background": 0, "spleen": 1}, "click_labels": ["spleen", "background"],
-                      "device": str(p.device), "checkpoint": redact(self.checkpoint_uri),
+                      "click_radius": p.click_radius, "device": str(p.device), "checkpoint": redact(self.checkpoint_uri),
                       "checkpoint_source": "s3" if (self.checkpoint_uri or "").startswith("s3://") else "local",
                       "torch_threads": torch.get_num_threads()},
             "limits": {"max_upload_bytes": s.max_upload_bytes, "max_voxels": s.max_voxels, "max_dim": s.max_dim},

@@ -180,6 +180,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     checkpoint = args.checkpoint
     check_checkpoint_uri(checkpoint)
     opts = {"device": args.device} if getattr(args, "device", None) else {}
+    if getattr(args, "click_radius", None) is not None:
+        opts["click_radius"] = args.click_radius
     url = start_local(checkpoint, host=args.host, port=args.port, **opts)
     print(f"serving {checkpoint} at {url} (native API /v1/..., MONAI Label API /info/); Ctrl-C to stop", flush=True)
     stop = threading.Event()

@@ -39,7 +39,7 @@ def resolve_checkpoint(uri: str) -> str:
     return uri
 
 
-def load_predictor(uri: str, profile: str | None, device: str | None):
+def load_predictor(uri: str, profile: str | None, device: str | None, click_radius: float | None = None):
     """The one `Predictor`, its version suffixed with a digest of the file (a retrained `best.pt` differs)."""
     import hashlib
 
@@ -48,7 +48,8 @@ def load_predictor(uri: str, profile: str | None, device: str | None):
     from trainer.predictor import Predictor
 
     path = resolve_checkpoint(uri)
-    predictor = Predictor.from_checkpoint(path, profile=profile, device=torch.device(device) if device else None)
+    predictor = Predictor.from_checkpoint(path, profile=profile, device=torch.device(device) if device else None,
+                                          click_radius=click_radius)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -117,7 +118,8 @@ class ServiceCore:
             try:
                 if not isinstance(uri, str) or not uri:
                     raise ValueError("user_config must hold 'checkpoint': a local path or s3:// URI")
-                predictor = await asyncio.to_thread(load_predictor, uri, profile, self.settings.device)
+                predictor = await asyncio.to_thread(load_predictor, uri, profile, self.settings.device,
+                                                   self.settings.click_radius)
             except Exception as exc:
                 if self.predictor is None:
                     raise
