@@ -122,10 +122,11 @@ def test_dice_on_known_masks():
 
 
 class FakeOverreachingNet(torch.nn.Module):
-    """A fake network (not trained) whose clicks change everything, as a badly trained one might.
+    """A fake network (not trained) whose clicks change far-away things, as a badly trained one might.
 
-    Automatic: spleen where the image is bright (a cube). Any spleen click: spleen everywhere. Any
-    background click: background everywhere. Counts the volumes it is run on.
+    Image: bright cubes. Automatic: spleen where bright. Any spleen click: also a blob around the
+    click and a slab at the far end of x (grid x >= 28). Any background click: everything
+    background. Counts the volumes it is run on.
     """
 
     def __init__(self):
@@ -137,7 +138,10 @@ class FakeOverreachingNet(torch.nn.Module):
         logit = (x[:, 0:1] - 0.5) * 20
         fg = x[:, 1:2].flatten(1).amax(1).view(-1, 1, 1, 1, 1) > 0
         bg = x[:, 2:3].flatten(1).amax(1).view(-1, 1, 1, 1, 1) > 0
-        logit = torch.where(fg, torch.full_like(logit, 10.0), logit)
+        extra = torch.zeros_like(logit, dtype=torch.bool)
+        extra[..., 28:, :, :] = True
+        extra |= x[:, 1:2] > 0.05
+        logit = torch.where(fg & extra, torch.full_like(logit, 10.0), logit)
         logit = torch.where(bg, torch.full_like(logit, -10.0), logit)
         return torch.cat([-logit, logit], dim=1)
 
@@ -145,6 +149,7 @@ class FakeOverreachingNet(torch.nn.Module):
 def _cube_volume():
     image = np.full((64, 64, 32), -500, np.int16)
     image[20:44, 20:44, 8:24] = 200  # bright cube: the automatic "spleen"
+    image[4:10, 50:58, 4:10] = 200  # a small bright blob far from it
     return image, np.diag([2.0, 2.0, 4.0, 1.0])
 
 
@@ -155,29 +160,53 @@ def _locality_predictor(radius):
 def test_click_locality_confines_a_spleen_click_to_its_neighbourhood():
     image, affine = _cube_volume()
     auto = _locality_predictor(2.0).predict(image, affine).mask.astype(bool)
-    click = [50, 32, 16]  # outside the cube
+    click = [8, 32, 16]  # left of the cube, 2 grid voxels (4 voxels) from the far slab's opposite end
     raw = _locality_predictor(0).predict(image, affine, {"spleen": [click]}).mask.astype(bool)
     local = _locality_predictor(2.0).predict(image, affine, {"spleen": [click]}).mask.astype(bool)
-    assert raw.all()  # without locality the click floods the volume
+    assert raw[60:].all()  # without locality the click also paints the far slab
     assert local[tuple(click)] and (local >= auto).all()  # the clicked voxel is spleen; nothing removed
+    assert not local[60:].any()
     added = np.argwhere(local & ~auto)
     # 32^3 grid on 64x64x32 voxels: 2 voxels per grid voxel in x, y; 4 grid voxels of radius 2 each side.
-    assert np.abs(added - click).max(axis=0).tolist() <= [4 * 2 * 2, 4 * 2 * 2, 4 * 2]
+    assert np.all(np.abs(added - click).max(axis=0) <= [4 * 2 * 2, 4 * 2 * 2, 4 * 2])
     assert 0 < len(added) < 0.02 * image.size
 
 
-def test_background_click_only_removes_near_itself_and_spleen_click_never_removes():
+def test_background_click_removes_the_piece_it_is_in_and_a_spleen_click_never_removes():
     image, affine = _cube_volume()
     pred = _locality_predictor(2.0)
     auto = pred.predict(image, affine).mask.astype(bool)
-    click = [22, 22, 10]  # a corner of the cube
-    mask = pred.predict(image, affine, {"background": [click]}).mask.astype(bool)
-    assert not mask[tuple(click)] and (mask <= auto).all()
-    assert mask[40, 40, 20] and 0.5 < mask.sum() / auto.sum() < 1  # the far side of the cube stays
-    # A spleen click inside the cube: the overreaching net says "spleen everywhere", locality keeps
-    # only its additions near the click, and removes nothing.
+    assert auto[6, 54, 6] and auto[32, 32, 16]
+    # The net answers a background click with "everything background"; only the blob clicked goes.
+    mask = pred.predict(image, affine, {"background": [[6, 54, 6]]}).mask.astype(bool)
+    assert not mask[4:10, 50:58, 4:10].any()
+    np.testing.assert_array_equal(mask[16:48, 16:48], auto[16:48, 16:48])  # the cube stays whole
+    # A spleen click inside the cube: the net's additions far away are dropped; nothing is removed.
     inside = pred.predict(image, affine, {"spleen": [[32, 32, 16]]}).mask.astype(bool)
-    np.testing.assert_array_equal(inside, auto)
+    assert (inside >= auto).all() and not inside[60:].any()
+
+
+class FakeTwoBlobNet(torch.nn.Module):
+    """A fake network (not trained): automatic = nothing; any spleen click = two bright cubes (one
+    clicked, one far away), as a network that found the missed spleen and also a false positive."""
+
+    def forward(self, x):
+        bright = (x[:, 0:1] - 0.5) * 20
+        fg = x[:, 1:2].flatten(1).amax(1).view(-1, 1, 1, 1, 1) > 0
+        logit = torch.where(fg, bright, torch.full_like(bright, -10.0))
+        return torch.cat([-logit, logit], dim=1)
+
+
+def test_a_click_in_a_missed_piece_takes_all_of_it_and_nothing_else():
+    image = np.full((64, 64, 32), -500, np.int16)
+    image[4:28, 4:28, 4:28] = 200  # the missed spleen: 24 voxels = 12 grid voxels wide, far beyond radius 1
+    image[44:56, 44:56, 8:20] = 200  # another bright piece the click is not in
+    pred = Predictor(FakeTwoBlobNet(), get_profile("tiny"), device=torch.device("cpu"), click_radius=1.0)
+    mask = pred.predict(image, np.diag([2.0, 2.0, 4.0, 1.0]), {"spleen": [[16, 16, 16]]}).mask.astype(bool)
+    clicked_piece = np.zeros_like(mask)
+    clicked_piece[4:28, 4:28, 4:28] = True
+    assert (mask & clicked_piece).sum() / clicked_piece.sum() > 0.9
+    assert not mask[44:56, 44:56, 8:20].any()
 
 
 def test_click_radius_zero_returns_the_network_answer_unchanged():
@@ -187,7 +216,7 @@ def test_click_radius_zero_returns_the_network_answer_unchanged():
     clicks = {"spleen": [[50, 32, 16]]}
     net_clicks = pred.map_clicks(validate_clicks(clicks, image.shape), prepared)
     torch.testing.assert_close(pred.forward([prepared], [net_clicks]), pred.network([prepared], [net_clicks]))
-    assert pred.predict_prepared(prepared, clicks).mask.all() and prepared.auto_prob is None
+    assert pred.predict_prepared(prepared, clicks).mask[60:].all() and prepared.auto_prob is None
     # The bundle profile keeps the model zoo's behaviour; the cpu profile has locality on.
     assert Predictor(FakeOverreachingNet(), get_profile("bundle"), device=torch.device("cpu")).click_radius == 0
     assert get_profile("cpu").click_radius > 0

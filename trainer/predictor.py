@@ -13,9 +13,11 @@ median changed voxel lay 20-35 mm from the click, a third to two thirds of the c
 corrective clicks on a good mask cost about as much as they fixed. With `click_radius` R > 0 the
 returned probability is the automatic one plus, near spleen clicks, what the clicked pass adds, and
 minus, near background clicks, what it removes, weighted by exp(-d^2 / 2R^2) (d in grid voxels):
-`p = a + w_spleen * max(c - a, 0) - w_background * max(a - c, 0)`. A spleen click can only add
-spleen, a background click only remove it, as users expect. The automatic pass is cached in the
-`Prepared` volume, so an interactive session pays for it once.
+`p = a + w_spleen * max(c - a, 0) - w_background * max(a - c, 0)`. The weight is also 1 on the whole
+connected piece of the change that contains the click: a click in a wholly missed spleen takes all
+of it, a click in a false-positive blob removes all of it. A spleen click can only add spleen, a
+background click only remove it, as users expect. The automatic pass is cached in the `Prepared`
+volume, so an interactive session pays for it once.
 """
 
 from __future__ import annotations
@@ -308,13 +310,31 @@ class Predictor:
             if not _has_clicks(c):
                 self._cache_auto(p, out[b])
                 continue
-            auto = p.auto_prob.to(out.device)
-            size = tuple(out.shape[-3:])
-            w_fg = torch.from_numpy(click_weight(c.get("spleen", []), size, self.click_radius)).to(out.device)
-            w_bg = torch.from_numpy(click_weight(c.get("background", []), size, self.click_radius)).to(out.device)
+            auto = p.auto_prob.to(out.device)[0]
             clicked = out[b, 0]
-            out[b, 0] = auto[0] + w_fg * (clicked - auto[0]).clamp(min=0) - w_bg * (auto[0] - clicked).clamp(min=0)
+            added = ((clicked > 0.5) & (auto <= 0.5)).cpu().numpy()
+            removed = ((auto > 0.5) & (clicked <= 0.5)).cpu().numpy()
+            w_fg = torch.from_numpy(self._click_weight(c.get("spleen", []), added)).to(out.device)
+            w_bg = torch.from_numpy(self._click_weight(c.get("background", []), removed)).to(out.device)
+            out[b, 0] = auto + w_fg * (clicked - auto).clamp(min=0) - w_bg * (auto - clicked).clamp(min=0)
         return out
+
+    def _click_weight(self, points: list, changed: np.ndarray) -> np.ndarray:
+        """Where clicks of one label may change the mask: a Gaussian of `click_radius` around each
+        click, and all of each connected piece of `changed` (what the clicked pass adds, or removes)
+        that contains a click, so a click in a missed spleen or in a false-positive blob takes the
+        whole of it."""
+        weight = click_weight(points, changed.shape, self.click_radius)
+        if not points or not changed.any():
+            return weight
+        from scipy import ndimage
+
+        pieces, _ = ndimage.label(changed, structure=np.ones((3, 3, 3), bool))
+        voxels = [tuple(min(max(int(v), 0), n - 1) for v, n in zip(q, changed.shape)) for q in points]
+        hit = {int(pieces[v]) for v in voxels} - {0}
+        if hit:
+            weight[np.isin(pieces, sorted(hit))] = 1.0
+        return weight
 
     def _cache_auto(self, prepared: Prepared, prob: torch.Tensor) -> None:
         prepared.auto_prob = prob.detach().to("cpu", torch.float32).clone()
