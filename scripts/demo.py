@@ -2,7 +2,7 @@
 """The main job on embedded defaults: synthesise -> train (cpu profile) -> evaluate -> serve -> segment over HTTP.
 
 Everything runs locally: synthetic phantoms, local storage under runs/demo/, a local Ray for Serve.
-Usage: .venv/bin/python scripts/demo.py [--minutes 9.5] [--cases 30] [--workdir runs/demo] [--no-serve]
+Usage: .venv/bin/python scripts/demo.py [--minutes 9.5] [--cases 160] [--test-cases 24] [--workdir runs/demo] [--no-serve]
 """
 
 from __future__ import annotations
@@ -21,14 +21,17 @@ def step(title: str) -> None:
     print(f"\n=== {title} ===", flush=True)
 
 
-def synthesise(data: Path, cases: int) -> None:
+def synthesise(data: Path, cases: int, test_cases: int) -> None:
     from trainer.synth import write_dataset
 
-    if (data / "dataset.json").is_file() and json.loads((data / "dataset.json").read_text())["numTraining"] == cases:
-        print(f"reusing {data}")
-        return
+    if (data / "dataset.json").is_file():
+        meta = json.loads((data / "dataset.json").read_text())
+        if (meta["numTraining"], meta["numTest"]) == (cases, test_cases):
+            print(f"reusing {data}")
+            return
+        shutil.rmtree(data)  # another size: start clean (no stale files from the old one)
     t0 = time.perf_counter()
-    meta = write_dataset(data, cases, seed=0, test_cases=6)
+    meta = write_dataset(data, cases, seed=0, test_cases=test_cases)
     print(f"wrote {meta['numTraining']} labelled + {meta['numTest']} held-out phantoms in {time.perf_counter() - t0:.1f}s")
 
 
@@ -104,7 +107,11 @@ def serve_and_segment(checkpoint: Path, data: Path, port: int, clicks: int = 5) 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=9.5, help="training wall-time budget")
-    parser.add_argument("--cases", type=int, default=30, help="labelled phantoms (20%% validate)")
+    # 160, not 30: phantoms are free, and with 24 training phantoms the model overfit (held-out
+    # automatic Dice 0.877 with 24, 0.880 with 64 and 0.912 with 128 training phantoms, 9.5 min each).
+    parser.add_argument("--cases", type=int, default=160, help="labelled phantoms (20%% validate)")
+    # 24, not 6: six held-out phantoms happened to be easy ones (0.91 automatic where 24 give 0.88).
+    parser.add_argument("--test-cases", type=int, default=24, help="held-out phantoms for the evaluation")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "demo"))
     parser.add_argument("--no-serve", action="store_true", help="skip the HTTP part")
     parser.add_argument("--port", type=int, default=8000, help="local HTTP port of Ray Serve (loopback)")
@@ -113,7 +120,7 @@ def main() -> int:
     data, run_dir = work / "data", work / "train"
     t0 = time.perf_counter()
     step("1/4 synthesise a Decathlon-layout dataset")
-    synthesise(data, args.cases)
+    synthesise(data, args.cases, args.test_cases)
     step("2/4 train the cpu profile")
     checkpoint = train(data, run_dir, args.minutes)
     step("3/4 evaluate on held-out volumes (Dice vs clicks)")
