@@ -312,21 +312,28 @@ class Predictor:
                 continue
             auto = p.auto_prob.to(out.device)[0]
             clicked = out[b, 0]
-            added = ((clicked > 0.5) & (auto <= 0.5)).cpu().numpy()
-            removed = ((auto > 0.5) & (clicked <= 0.5)).cpu().numpy()
-            w_fg = torch.from_numpy(self._click_weight(c.get("spleen", []), added)).to(out.device)
-            w_bg = torch.from_numpy(self._click_weight(c.get("background", []), removed)).to(out.device)
-            out[b, 0] = auto + w_fg * (clicked - auto).clamp(min=0) - w_bg * (auto - clicked).clamp(min=0)
+            gain, loss = (clicked - auto).clamp(min=0), (auto - clicked).clamp(min=0)
+            result = auto.clone()
+            if c.get("spleen"):
+                result += self._click_weight(c["spleen"], (clicked > 0.5) & (auto <= 0.5)) * gain
+            if c.get("background"):
+                result -= self._click_weight(c["background"], (auto > 0.5) & (clicked <= 0.5)) * loss
+            out[b, 0] = result
         return out
 
-    def _click_weight(self, points: list, changed: np.ndarray) -> np.ndarray:
+    def _click_weight(self, points: list, changed: torch.Tensor) -> torch.Tensor:
         """Where clicks of one label may change the mask: a Gaussian of `click_radius` around each
         click, and all of each connected piece of `changed` (what the clicked pass adds, or removes)
         that contains a click, so a click in a missed spleen or in a false-positive blob takes the
         whole of it."""
+        device, changed = changed.device, changed.cpu().numpy()
         weight = click_weight(points, changed.shape, self.click_radius)
-        if not points or not changed.any():
-            return weight
+        if changed.any():
+            self._take_clicked_pieces(weight, points, changed)
+        return torch.from_numpy(weight).to(device)
+
+    @staticmethod
+    def _take_clicked_pieces(weight: np.ndarray, points: list, changed: np.ndarray) -> None:
         from scipy import ndimage
 
         pieces, _ = ndimage.label(changed, structure=np.ones((3, 3, 3), bool))
@@ -334,7 +341,6 @@ class Predictor:
         hit = {int(pieces[v]) for v in voxels} - {0}
         if hit:
             weight[np.isin(pieces, sorted(hit))] = 1.0
-        return weight
 
     def _cache_auto(self, prepared: Prepared, prob: torch.Tensor) -> None:
         prepared.auto_prob = prob.detach().to("cpu", torch.float32).clone()
