@@ -99,3 +99,11 @@ def test_unusable_device_is_a_one_line_error(capsys, tmp_path):
     assert "not a torch device" in _error(capsys, ["infer", "--checkpoint", "x", "--image", "y", "--output", "z", "--device", "gpu0"])
     if not torch.cuda.is_available():
         assert "no CUDA device" in _error(capsys, ["train", "--data", str(tmp_path), "--output", str(tmp_path), "--device", "cuda"])
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "abc"])
+def test_click_radius_flag_rejects_bad_values_naming_them(value, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["infer", "--checkpoint", "x.pt", "--image", "x.nii.gz", "--output", "y.nii.gz", "--click-radius", value])
+    assert info.value.code == 2
+    assert f"'{value}' is not a number >= 0" in capsys.readouterr().err

@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
 
-from .config import PROFILES, ConfigError
+from .config import PROFILES, ConfigError, check_click_radius
 
 EXIT_USER_ERROR = 2
 
@@ -40,12 +39,9 @@ def _positive_int(text: str) -> int:
 
 def _radius(text: str) -> float:
     try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0 (grid voxels; 0 turns click locality off)")
-    return value
+        return check_click_radius(float(text))
+    except ValueError:  # not a number, or ConfigError (a ValueError) naming the value
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0 (grid voxels; 0 turns click locality off)") from None
 
 
 CLICK_RADIUS_HELP = ("click locality radius in network-grid voxels: a click changes the mask only near itself "

@@ -47,6 +47,11 @@ def gaussian_kernel_1d(sigma: float, truncated: float = 4.0) -> np.ndarray:
     return np.clip(out, 0, None).astype(np.float32)
 
 
+def _window(point: Point, shape: tuple[int, int, int], tail: int) -> tuple[slice, ...]:
+    """The box of `tail` voxels on each side of `point`, clipped to the volume."""
+    return tuple(slice(max(v - tail, 0), min(v + tail + 1, n)) for v, n in zip(point, shape))
+
+
 def encode_guidance(points, shape: tuple[int, int, int], sigma: float = 3.0) -> np.ndarray:
     """One guidance channel: Gaussian blobs at the clicks, min-max normalised to [0, 1].
 
@@ -68,12 +73,9 @@ def encode_guidance(points, shape: tuple[int, int, int], sigma: float = 3.0) -> 
     k = gaussian_kernel_1d(float(sigma))
     tail = (len(k) - 1) // 2
     for p in sorted(unique):
-        sl, ks = [], []
-        for v, n in zip(p, shape):
-            lo, hi = max(v - tail, 0), min(v + tail + 1, n)
-            sl.append(slice(lo, hi))
-            ks.append(k[lo - v + tail : hi - v + tail])
-        signal[tuple(sl)] += ks[0][:, None, None] * ks[1][None, :, None] * ks[2][None, None, :]
+        sl = _window(p, shape, tail)
+        ks = [k[s.start - v + tail : s.stop - v + tail] for s, v in zip(sl, p)]
+        signal[sl] += ks[0][:, None, None] * ks[1][None, :, None] * ks[2][None, None, :]
     lo, hi = float(signal.min()), float(signal.max())
     if hi > lo:
         signal -= lo
@@ -97,15 +99,13 @@ def click_weight(points, shape: tuple[int, int, int], radius: float) -> np.ndarr
         return weight
     tail = int(math.ceil(4 * radius))
     for p in points:
-        sl, d2 = [], []
-        for v, n in zip((int(x) for x in p[-3:]), shape):
-            lo, hi = max(v - tail, 0), min(v + tail + 1, n)
-            sl.append(slice(lo, hi))
-            d2.append(((np.arange(lo, hi, dtype=np.float32) - v) ** 2) / np.float32(2 * radius * radius))
+        p = tuple(int(x) for x in p[-3:])
+        sl = _window(p, shape, tail)
         if any(s.start >= s.stop for s in sl):
             continue
+        d2 = [((np.arange(s.start, s.stop, dtype=np.float32) - v) ** 2) / np.float32(2 * radius * radius) for s, v in zip(sl, p)]
         window = np.exp(-(d2[0][:, None, None] + d2[1][None, :, None] + d2[2][None, None, :]))
-        np.maximum(weight[tuple(sl)], window, out=weight[tuple(sl)])
+        np.maximum(weight[sl], window, out=weight[sl])
     return weight
 
 

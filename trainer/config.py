@@ -126,6 +126,13 @@ PROFILES: dict[str, Profile] = {
 }
 
 
+def check_click_radius(value: Any) -> float:
+    """A click locality radius (trainer.predictor): a finite number >= 0 in grid voxels, 0 = off."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"click_radius must be a number >= 0 (grid voxels; 0 turns click locality off), got {value!r}")
+    return float(value)
+
+
 def get_profile(name: str) -> Profile:
     """Return the named profile or raise a ConfigError listing the valid names."""
     try:

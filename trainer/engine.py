@@ -140,7 +140,7 @@ def grads_finite(model: torch.nn.Module) -> bool:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return True
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
 
 @dataclass(kw_only=True, slots=True)

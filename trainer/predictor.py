@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from .clicks import Clicks, click_weight, guidance_channels
-from .config import CLICK_CHANNELS, PROFILES, ConfigError, Profile, get_profile
+from .clicks import Clicks, click_weight, empty_clicks, guidance_channels
+from .config import CLICK_CHANNELS, PROFILES, Profile, check_click_radius, get_profile
 from .data import DataError
 from .engine import autocast
 from .network import build_network, filters_of_state_dict
@@ -300,9 +300,8 @@ class Predictor:
             return self.network(prepared, net_clicks)
         cached = [p.auto_prob is not None and p.auto_owner is self._token for p in prepared]
         missing = [b for b, c in enumerate(net_clicks) if _has_clicks(c) and not cached[b]]
-        empty = {name: [] for name in CLICK_CHANNELS}
         prob = self.network(list(prepared) + [prepared[b] for b in missing],
-                            list(net_clicks) + [empty] * len(missing))
+                            list(net_clicks) + [empty_clicks() for _ in missing])
         for row, b in enumerate(missing, start=len(prepared)):
             self._cache_auto(prepared[b], prob[row])
         out = prob[: len(prepared)].clone()
@@ -416,13 +415,6 @@ class Predictor:
 
 def _has_clicks(clicks: Clicks) -> bool:
     return any(len(points) for points in clicks.values())
-
-
-def check_click_radius(value: Any) -> float:
-    """A click locality radius: a finite number >= 0 (grid voxels; 0 = off)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ConfigError(f"click_radius must be a number >= 0 (grid voxels; 0 turns click locality off), got {value!r}")
-    return float(value)
 
 
 def write_mask(path: str | Path, mask: np.ndarray, affine: np.ndarray, dtype=np.uint8) -> None:
