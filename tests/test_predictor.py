@@ -209,6 +209,31 @@ def test_a_click_in_a_missed_piece_takes_all_of_it_and_nothing_else():
     assert not mask[44:56, 44:56, 8:20].any()
 
 
+class FakeShellNet(torch.nn.Module):
+    """A fake network (not trained): spleen where the image is brighter than a threshold, and a
+    lower threshold once there is a spleen click, so a click grows the mask by one voxel all round,
+    as a model that moves its whole boundary when any click arrives."""
+
+    def forward(self, x):
+        fg = x[:, 1:2].flatten(1).amax(1).view(-1, 1, 1, 1, 1) > 0
+        threshold = torch.where(fg, torch.full_like(fg, 0.553, dtype=x.dtype), torch.full_like(fg, 0.6, dtype=x.dtype))
+        logit = (x[:, 0:1] - threshold) * 50
+        return torch.cat([-logit, logit], dim=1)
+
+
+def test_a_click_on_the_boundary_does_not_take_a_shell_all_round():
+    # A ball whose brightness falls 20 HU per voxel: automatic = radius 8.5, clicked = radius 9.5
+    # (the thresholds above, on the 32^3 grid of `tiny`, one image voxel per grid voxel).
+    d = np.linalg.norm(np.indices((32, 32, 32)) - 16.0, axis=0)
+    image = np.rint(250 - 20 * d).astype(np.int16)
+    pred = Predictor(FakeShellNet(), get_profile("tiny"), device=torch.device("cpu"), click_radius=1.0)
+    assert pred.predict(image, np.eye(4)).mask[16, 16, 16] and not pred.predict(image, np.eye(4)).mask[25, 16, 16]
+    mask = pred.predict(image, np.eye(4), {"spleen": [[25, 16, 16]]}).mask.astype(bool)
+    assert mask[25, 16, 16]  # the clicked voxel is added
+    assert not mask[7, 16, 16] and not mask[16, 7, 16] and not mask[16, 16, 25]  # the far side is not
+    assert mask.sum() < ((d <= 8.5).sum() + (d <= 9.5).sum()) / 2
+
+
 def test_click_radius_zero_returns_the_network_answer_unchanged():
     image, affine = _cube_volume()
     pred = _locality_predictor(0)

@@ -322,9 +322,9 @@ class Predictor:
 
     def _click_weight(self, points: list, changed: torch.Tensor) -> torch.Tensor:
         """Where clicks of one label may change the mask: a Gaussian of `click_radius` around each
-        click, and all of each connected piece of `changed` (what the clicked pass adds, or removes)
-        that contains a click, so a click in a missed spleen or in a false-positive blob takes the
-        whole of it."""
+        click, and all of each connected piece of `changed` (what the clicked pass adds, or removes;
+        thin shells opened away) that contains a click, so a click in a missed spleen or in a
+        false-positive blob takes the whole of it."""
         device, changed = changed.device, changed.cpu().numpy()
         weight = click_weight(points, changed.shape, self.click_radius)
         if changed.any():
@@ -335,7 +335,10 @@ class Predictor:
     def _take_clicked_pieces(weight: np.ndarray, points: list, changed: np.ndarray) -> None:
         from scipy import ndimage
 
-        pieces, _ = ndimage.label(changed, structure=np.ones((3, 3, 3), bool))
+        cube = np.ones((3, 3, 3), bool)
+        # An opening first: a shell one or two voxels thick (the clicked pass moving the boundary all
+        # round) is not a piece; a missed spleen or a false-positive blob is thick and stays.
+        pieces, _ = ndimage.label(ndimage.binary_opening(changed, cube), structure=cube)
         voxels = [tuple(min(max(int(v), 0), n - 1) for v, n in zip(q, changed.shape)) for q in points]
         hit = {int(pieces[v]) for v in voxels} - {0}
         if hit:
