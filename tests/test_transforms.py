@@ -242,3 +242,38 @@ def test_load_volume_reads_the_file_once_as_float32(tmp_path, monkeypatch):
     assert len(loads) == 1
     assert array.dtype == np.float32 and np.array_equal(array, image.astype(np.float32))
     np.testing.assert_allclose(affine, _affine("LPS"), atol=1e-5)
+
+
+def test_edge_cut_makes_a_scan_that_ends_inside_the_spleen_and_keeps_the_cache_dtypes():
+    from trainer.transforms import RandEdgeCutd, augment_transforms
+
+    label = torch.zeros(1, 32, 32, 32, dtype=torch.float16)
+    label[:, 10:20, 10:20, 10:22] = 1
+    item = {"image": torch.linspace(0, 1, 32).expand(1, 32, 32, 32).clone(), "label": label,
+            "body": torch.ones(1, 32, 32, 32, dtype=torch.uint8)}
+    cut = RandEdgeCutd(keys=["image", "label", "body"], prob=1.0, soft_label=True)
+    cut.set_random_state(seed=0)
+    edges = set()
+    for _ in range(10):
+        out = cut(item)
+        assert {k: (v.shape, v.dtype) for k, v in out.items()} == {k: (v.shape, v.dtype) for k, v in item.items()}
+        spleen_z = torch.nonzero(out["label"][0].float().amax((0, 1)) >= 0.5).flatten()
+        # The spleen now touches the first or the last slice: the scan ends inside it ...
+        assert spleen_z[0] == 0 or spleen_z[-1] == 31
+        edges.add("bottom" if spleen_z[0] == 0 else "top")
+        # ... and part of it is gone, x and y untouched.
+        assert out["label"][:, :10].float().sum() == 0 and out["label"][:, 10:20, 10:20].float().amax() == 1
+    assert edges == {"bottom", "top"}
+    # No spleen, nothing to cut; the bundle profile keeps the model zoo's augmentation.
+    empty = dict(item, label=torch.zeros_like(label))
+    assert cut(empty)["image"] is empty["image"]
+    assert TrainConfig(profile="bundle").edge_cut_probability == 0.0 < TrainConfig(profile="cpu").edge_cut_probability
+    plain = augment_transforms(TrainConfig(profile="bundle", flip_prob=0.0, rot90_prob=0.0, shift_prob=0.0))(dict(item))
+    torch.testing.assert_close(plain["label"], label)
+
+
+def test_a_bad_edge_cut_probability_is_refused():
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="edge_cut_prob must be a probability in \\[0, 1\\], got 1.5"):
+        TrainConfig(profile="cpu", edge_cut_prob=1.5)
