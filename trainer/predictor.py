@@ -15,9 +15,9 @@ returned probability is the automatic one plus, near spleen clicks, what the cli
 minus, near background clicks, what it removes, weighted by exp(-d^2 / 2R^2) (d in grid voxels):
 `p = a + w_spleen * max(c - a, 0) - w_background * max(a - c, 0)`. The weight is also 1 on the whole
 connected piece of the change that contains the click (for spleen clicks after an opening, so a
-shell one or two voxels thick, the boundary moving out all round, is not a piece): a click in a wholly missed spleen takes
-all of it, a click in a false-positive blob removes all of it. A spleen click can only add spleen, a
-background click only remove it, as users expect. The automatic pass is cached in the `Prepared`
+shell one or two voxels thick, the boundary moving out all round, is not a piece): a click in a
+wholly missed spleen takes all of it, a click in a false-positive blob removes all of it. A spleen
+click can only add spleen, a background click only remove it, as users expect. The automatic pass is cached in the `Prepared`
 volume, so an interactive session pays for it once.
 """
 

@@ -336,8 +336,7 @@ class RandEdgeCutd(mt.RandomizableTransform, mt.MapTransform):
             value = torch.as_tensor(d[key])
             part = value[..., window[0]: window[1]].float()
             linear = key == IMAGE or (key == self.label_key and self.soft_label)
-            size = (*value.shape[-3:-1], value.shape[-1])
-            out = F.interpolate(part[None], size=size, mode="trilinear" if linear else "nearest-exact",
+            out = F.interpolate(part[None], size=tuple(value.shape[-3:]), mode="trilinear" if linear else "nearest-exact",
                                 align_corners=False if linear else None)[0]
             d[key] = out.to(value.dtype)
         return d
