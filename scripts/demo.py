@@ -2,7 +2,7 @@
 """The main job on embedded defaults: synthesise -> train (cpu profile) -> evaluate -> serve -> segment over HTTP.
 
 Everything runs locally: synthetic phantoms, local storage under runs/demo/, a local Ray for Serve.
-Usage: .venv/bin/python scripts/demo.py [--minutes 9.5] [--cases 160] [--test-cases 24] [--workdir runs/demo] [--no-serve]
+Usage: .venv/bin/python scripts/demo.py [--minutes 9.5] [--cases 160] [--test-cases 64] [--workdir runs/demo] [--no-serve]
 """
 
 from __future__ import annotations

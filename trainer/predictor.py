@@ -17,8 +17,8 @@ minus, near background clicks, what it removes, weighted by exp(-d^2 / 2R^2) (d 
 connected piece of the change that contains the click (for spleen clicks after an opening, so a
 shell one or two voxels thick, the boundary moving out all round, is not a piece): a click in a
 wholly missed spleen takes all of it, a click in a false-positive blob removes all of it. A spleen
-click can only add spleen, a background click only remove it, as users expect. The automatic pass is cached in the `Prepared`
-volume, so an interactive session pays for it once.
+click can only add spleen, a background click only remove it, as users expect. The automatic pass
+is cached in the `Prepared` volume, so an interactive session pays for it once.
 """
 
 from __future__ import annotations
