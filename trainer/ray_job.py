@@ -270,7 +270,11 @@ class RayRuntime(LocalRuntime):
         reported = ray.train.get_checkpoint()
         if reported is None:
             return None
-        with reported.as_directory() as local:
+        # A private download per rank, not `as_directory()`: on one node that shares a single temporary
+        # directory, and a rank that takes its lock after another finished downloads again over the files
+        # the other is still reading (a truncated checkpoint.pt; seen once in CI with two workers).
+        with tempfile.TemporaryDirectory(prefix=f"deepedit-resume-{self.rank}-", ignore_cleanup_errors=True) as tmp:
+            local = reported.to_directory(tmp)
             local_file = os.path.join(local, CHECKPOINT_FILE)
             try:
                 ckpt = load_checkpoint(local_file)
