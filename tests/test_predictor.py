@@ -1,11 +1,13 @@
 """The predictor: click mapping through orientation and resize (spec §5), geometry of the output."""
 
+import dataclasses
 import json
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from trainer.config import ConfigError, get_profile
 from trainer.metrics import mean_dice_with_background, spleen_dice
@@ -278,3 +280,67 @@ def test_batched_forward_mixes_clicked_and_automatic_volumes():
 def test_bad_click_radius_is_rejected_naming_the_value(radius):
     with pytest.raises(ConfigError, match="click_radius must be a number >= 0"):
         _locality_predictor(radius)
+
+
+# ----------------------------------------------------------------------------- the nudge
+
+
+class FakeDeafNet(torch.nn.Module):
+    """A fake network (not trained) that ignores clicks: spleen where the image is brighter than a
+    threshold, as a model whose answer to a click on a thin boundary error is "no change"."""
+
+    def forward(self, x):
+        logit = (x[:, 0:1] - 0.6) * 20
+        return torch.cat([-logit, logit], dim=1)
+
+
+def _ball(n=64):
+    # Brightness falls 10 HU per voxel from the centre: the mask edge lies between grid voxels.
+    d = np.linalg.norm(np.indices((n, n, n)) + 0.5 - n / 2, axis=0)
+    return np.rint(250 - 10 * d).astype(np.int16), d
+
+
+def test_a_click_just_past_the_boundary_moves_it_there_and_nowhere_else():
+    image, d = _ball()  # 64^3 voxels on the 32^3 grid of `tiny`: two voxels per grid voxel
+    pred = Predictor(FakeDeafNet(), get_profile("tiny"), device=torch.device("cpu"), click_radius=1.0)
+    auto = pred.predict(image, np.eye(4)).mask.astype(bool)
+    edge = int(np.argmax(~auto[32:, 32, 32])) + 32  # first voxel outside the mask along +x
+    outside, inside = [edge, 32, 32], [edge - 1, 32, 32]
+    grown = pred.predict(image, np.eye(4), {"spleen": [outside]}).mask.astype(bool)
+    shrunk = pred.predict(image, np.eye(4), {"background": [inside]}).mask.astype(bool)
+    assert grown[tuple(outside)] and (grown >= auto).all()  # the clicked voxel becomes spleen
+    assert not shrunk[tuple(inside)] and (shrunk <= auto).all()  # the clicked voxel becomes background
+    for mask, click in ((grown, outside), (shrunk, inside)):
+        changed = np.argwhere(mask != auto)
+        # sigma 1.5 R = 1.5 grid voxels: changes stay within 3 sigma = 4.5 grid voxels = 9 voxels
+        assert 0 < len(changed) and np.abs(changed - click).max() <= 10
+    # The network alone (no exact click positions, hence no nudge) leaves the clicked voxel as it was.
+    prepared = pred.preprocess(image, np.eye(4))
+    net_only = pred.forward([prepared], [pred.map_clicks({"spleen": [tuple(outside)], "background": []}, prepared)])
+    assert not pred.postprocess(net_only[0], prepared)[tuple(outside)]
+
+
+def test_click_radius_zero_turns_the_nudge_off():
+    image, _ = _ball()
+    deaf = Predictor(FakeDeafNet(), get_profile("tiny"), device=torch.device("cpu"), click_radius=0)
+    auto = deaf.predict(image, np.eye(4)).mask
+    edge = int(np.argmax(~auto[32:, 32, 32].astype(bool))) + 32
+    np.testing.assert_array_equal(deaf.predict(image, np.eye(4), {"spleen": [[edge, 32, 32]]}).mask, auto)
+
+
+def test_upsampling_follows_the_profile():
+    # logit: the logit is interpolated and thresholded at 0; bundle: the probability, at 0.5 (spec §5).
+    assert get_profile("bundle").upsample == "probability" and get_profile("cpu").upsample == "logit"
+    rng = np.random.default_rng(0)
+    prob = torch.from_numpy(rng.uniform(0, 1, (1, 32, 32, 32)).astype(np.float32))
+    for name, level, values in (("tiny", 0.0, torch.logit(prob.clamp(1e-6, 1 - 1e-6))), (None, 0.5, prob)):
+        profile = get_profile("tiny") if name else dataclasses.replace(get_profile("tiny"), upsample="probability")
+        pred = Predictor(FakeDeafNet(), profile, device=torch.device("cpu"))
+        prepared = pred.preprocess(np.zeros((80, 72, 40), np.int16), np.eye(4))
+        expected = F.interpolate(values[None], size=(80, 72, 40), mode="trilinear", align_corners=False)[0, 0] > level
+        np.testing.assert_array_equal(pred.postprocess(prob, prepared), expected.numpy())
+
+
+def test_a_profile_with_an_unknown_upsampling_is_refused():
+    with pytest.raises(ConfigError, match="upsample must be one of probability, logit"):
+        dataclasses.replace(get_profile("tiny"), upsample="cubic")

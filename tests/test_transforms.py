@@ -9,6 +9,8 @@ The predictor's postprocessing (box-limited trilinear upsampling) is checked aga
 
 from __future__ import annotations
 
+import dataclasses
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -200,19 +202,23 @@ def test_predictor_preprocess_equals_monai_from_int16_and_float32(orientation):
     assert prepared.ras_shape == tuple(ras.shape[1:])
 
 
-def _full_postprocess(prob: torch.Tensor, prepared) -> tuple[np.ndarray, np.ndarray]:
-    """What the predictor did before: upsample everything, threshold, reorient back."""
-    up = F.interpolate(prob[None].float(), size=prepared.ras_shape, mode="trilinear", align_corners=False)[0, 0]
+def _full_postprocess(prob: torch.Tensor, prepared, upsample: str) -> tuple[np.ndarray, np.ndarray]:
+    """What the predictor did before: upsample everything, threshold, reorient back. Returns the mask
+    and the upsampled values minus the threshold."""
+    values, level = (prob, 0.5) if upsample == "probability" else (torch.logit(prob.clamp(1e-6, 1 - 1e-6)), 0.0)
+    up = F.interpolate(values[None].float(), size=prepared.ras_shape, mode="trilinear", align_corners=False)[0, 0]
     back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), prepared.to_ras)
     to_orig = lambda a: np.ascontiguousarray(nib.orientations.apply_orientation(a, back))  # noqa: E731
-    return to_orig((up > 0.5).numpy().astype(np.uint8)), to_orig(up.numpy())
+    return to_orig((up > level).numpy().astype(np.uint8)), to_orig((up - level).numpy())
 
 
+@pytest.mark.parametrize("upsample", ["probability", "logit"])
 @pytest.mark.parametrize("orientation", ["RAS", "LPS", "SLP"])
 @pytest.mark.parametrize("shape", [(160, 160, 50), (100, 70, 33), (20, 30, 10)])
 @pytest.mark.parametrize("kind", ["blob", "corners", "noisy", "empty"])
-def test_postprocess_equals_full_trilinear_upsampling(orientation, shape, kind):
-    pred = Predictor(torch.nn.Identity(), get_profile("tiny"), device=torch.device("cpu"))
+def test_postprocess_equals_full_trilinear_upsampling(orientation, shape, kind, upsample):
+    profile = dataclasses.replace(get_profile("tiny"), upsample=upsample)
+    pred = Predictor(torch.nn.Identity(), profile, device=torch.device("cpu"))
     prepared = pred.preprocess(np.zeros(shape, np.int16), _affine(orientation))
     gen = torch.Generator().manual_seed(sum(shape))
     prob = torch.zeros(1, 32, 32, 32)
@@ -223,11 +229,11 @@ def test_postprocess_equals_full_trilinear_upsampling(orientation, shape, kind):
     elif kind == "noisy":  # values near the threshold everywhere: the box is the whole volume
         prob = 0.5 + (torch.rand(1, 32, 32, 32, generator=gen) - 0.5) * 0.02
     mask = pred.postprocess(prob, prepared)
-    ref, values = _full_postprocess(prob, prepared)
+    ref, values = _full_postprocess(prob, prepared, upsample)
     assert mask.shape == ref.shape == shape and mask.dtype == np.uint8
     differ = mask != ref
     # Equal except, at most, at float-rounding ties with the threshold.
-    assert not (differ & (np.abs(values - 0.5) > 1e-6)).any()
+    assert not (differ & (np.abs(values) > 1e-5)).any()
     assert differ.sum() <= 2
 
 

@@ -439,6 +439,7 @@ def evaluate_checkpoint(
         model_version=predictor.version,
         profile=predictor.profile.name,
         click_radius=predictor.click_radius,
+        upsample=predictor.profile.upsample,
         max_clicks=max_clicks,
         seed=seed,
         metrics_log=None if log_path is None else str(log_path),

@@ -178,8 +178,9 @@ class ServiceCore:
         """Validated clicks -> uint8 mask in the original array order."""
         checked = self.check_clicks(clicks, prepared.orig_shape)
         net_clicks = predictor.map_clicks(checked, prepared)
+        exact = predictor.grid_points(checked, prepared)
         t0 = time.perf_counter()
-        prob = await self._forward_batch(predictor, prepared, net_clicks)
+        prob = await self._forward_batch(predictor, prepared, net_clicks, exact)
         watch.add("forward", time.perf_counter() - t0)
         return await watch.run("postprocess", predictor.postprocess, prob, prepared)
 
@@ -187,7 +188,7 @@ class ServiceCore:
         return await watch.run("encode", encode_mask, mask, affine, extension, dtype)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
-    async def _forward_batch(self, predictors: list, prepared: list, net_clicks: list) -> list:
+    async def _forward_batch(self, predictors: list, prepared: list, net_clicks: list, exact: list) -> list:
         """Concurrent requests' forwards as one batch (grouped by model, should a swap split them)."""
         self.metrics.batch_size.observe(len(prepared))
         self.counters["forward_batches"] += 1
@@ -198,7 +199,8 @@ class ServiceCore:
             groups.setdefault(id(p), []).append(i)
         for idx in groups.values():
             pred = predictors[idx[0]]
-            prob = await asyncio.to_thread(pred.forward, [prepared[i] for i in idx], [net_clicks[i] for i in idx])
+            prob = await asyncio.to_thread(pred.forward, [prepared[i] for i in idx], [net_clicks[i] for i in idx],
+                                           [exact[i] for i in idx])
             for j, i in enumerate(idx):
                 out[i] = prob[j]
         return out
