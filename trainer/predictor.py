@@ -295,8 +295,7 @@ class Predictor:
         for name, points in clicks.items():
             mapped = []
             for p in points:
-                ras = prepared.index_to_ras @ np.array([*p, 1.0])
-                idx = np.rint(ras[:3]).astype(int)
+                idx = np.rint(_ras_index(p, prepared)).astype(int)
                 mapped.append(tuple(int(np.floor(v * s / n)) for v, s, n in zip(idx, size, prepared.ras_shape)))
             out[name] = mapped
         return out
@@ -311,8 +310,7 @@ class Predictor:
         fine = np.asarray(prepared.ras_shape, dtype=np.float64)
         out: GridPoints = {}
         for name, points in clicks.items():
-            ras = [(prepared.index_to_ras @ np.array([*p, 1.0]))[:3] for p in points]
-            out[name] = [tuple(float(v) for v in (r + 0.5) * size / fine - 0.5) for r in ras]
+            out[name] = [tuple(float(v) for v in (_ras_index(p, prepared) + 0.5) * size / fine - 0.5) for p in points]
         return out
 
     @torch.no_grad()
@@ -463,6 +461,11 @@ class Predictor:
         write_mask(output_path, pred.mask, pred.affine)
         pred.timings = {"load": t1 - t0, **pred.timings, "write": time.perf_counter() - t2}
         return pred
+
+
+def _ras_index(point, prepared: Prepared) -> np.ndarray:
+    """An original voxel index -> its index in the RAS-ordered array (float; exact integers)."""
+    return (prepared.index_to_ras @ np.array([*point, 1.0]))[:3]
 
 
 def _has_clicks(clicks: Clicks) -> bool:
