@@ -88,23 +88,27 @@ def guidance_channels(clicks: Clicks, shape: tuple[int, int, int], sigma: float 
     return np.stack([encode_guidance(clicks.get(name, []), shape, sigma) for name in CLICK_CHANNELS])
 
 
-def click_weight(points, shape: tuple[int, int, int], radius: float) -> np.ndarray:
-    """How strongly a voxel is "near a click": max over clicks of exp(-d^2 / (2 radius^2)).
+def click_weight(points, shape: tuple[int, int, int], radius: float, *, scales=None, truncate: float = 4.0) -> np.ndarray:
+    """How strongly a voxel is "near a click": max over clicks of scale * exp(-d^2 / (2 radius^2)).
 
-    d is the Euclidean distance in voxels; computed in a window of 4 radius around each click (the
-    weight beyond is below e^-8), so the cost is O(clicks * (8 radius)^3). No clicks: all zero.
+    d is the Euclidean distance in voxels to the click, which may lie between voxels (fractional
+    coordinates); computed in a window of `truncate` radius around each click (at 4 the weight
+    beyond is below e^-8), so the cost is O(clicks * (2 truncate radius)^3). `scales`: one factor
+    per click (default 1). No clicks: all zero.
     """
     weight = np.zeros(shape, dtype=np.float32)
     if radius <= 0:
         return weight
-    tail = int(math.ceil(4 * radius))
-    for p in points:
-        p = tuple(int(x) for x in p[-3:])
-        sl = _window(p, shape, tail)
+    tail = int(math.ceil(truncate * radius))
+    for i, p in enumerate(points):
+        centre = [float(x) for x in p[-3:]]
+        sl = _window(tuple(int(round(v)) for v in centre), shape, tail)
         if any(s.start >= s.stop for s in sl):
             continue
-        d2 = [((np.arange(s.start, s.stop, dtype=np.float32) - v) ** 2) / np.float32(2 * radius * radius) for s, v in zip(sl, p)]
+        d2 = [((np.arange(s.start, s.stop, dtype=np.float32) - v) ** 2) / np.float32(2 * radius * radius) for s, v in zip(sl, centre)]
         window = np.exp(-(d2[0][:, None, None] + d2[1][None, :, None] + d2[2][None, None, :]))
+        if scales is not None:
+            window *= np.float32(scales[i])
         np.maximum(weight[sl], window, out=weight[sl])
     return weight
 

@@ -489,27 +489,20 @@ def nudge(prob: torch.Tensor, points: GridPoints, sigma: float, margin: float = 
     if sigma <= 0 or not _has_clicks(points):
         return prob
     logit = torch.logit(prob.detach().float().clamp(LOGIT_EPS, 1 - LOGIT_EPS)).cpu().numpy()
-    shift = {name: np.zeros_like(logit) for name in CLICK_CHANNELS}
     sign = {"spleen": 1.0, "background": -1.0}
+    shift = {}
     for name in CLICK_CHANNELS:
+        wrong, amounts = [], []
         for point in points.get(name, []):
             here = float(ndimage.map_coordinates(logit, np.reshape(point, (3, 1)), order=1, mode="nearest")[0])
-            amount = margin - sign[name] * here
-            if amount > 0:
-                window, gauss = _gaussian_window(point, logit.shape, sigma)
-                np.maximum(shift[name][window], amount * gauss, out=shift[name][window])
+            if margin - sign[name] * here > 0:
+                wrong.append(point)
+                amounts.append(margin - sign[name] * here)
+        shift[name] = click_weight(wrong, logit.shape, sigma, scales=amounts, truncate=3.0)
     if not any(s.any() for s in shift.values()):
         return prob
     logit += shift["spleen"] - shift["background"]
     return torch.sigmoid(torch.from_numpy(logit)).to(prob.device, prob.dtype)
-
-
-def _gaussian_window(centre, shape: tuple[int, ...], sigma: float) -> tuple[tuple[slice, ...], np.ndarray]:
-    """exp(-d^2 / 2 sigma^2) around a fractional `centre`, on the window of +-3 sigma (clipped)."""
-    tail = int(math.ceil(3 * sigma))
-    window = tuple(slice(max(int(round(c)) - tail, 0), min(int(round(c)) + tail + 1, n)) for c, n in zip(centre, shape))
-    axes = [np.exp(-((np.arange(w.start, w.stop) - c) ** 2) / (2 * sigma**2)) for w, c in zip(window, centre)]
-    return window, axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
 
 
 def write_mask(path: str | Path, mask: np.ndarray, affine: np.ndarray, dtype=np.uint8) -> None:
