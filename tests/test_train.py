@@ -66,13 +66,13 @@ def test_resume_continues_from_last(trained_tiny, tmp_path):
 
 def test_a_diverged_run_stops_with_a_clear_error_and_keeps_its_last_checkpoint(tiny_dataset, tmp_path):
     """lr 1e30: the first update sends the weights to ~1e30, every later step is non-finite and
-    skipped. Training stops once 20 steps in a row were skipped (8 steps per epoch here: in epoch 4),
-    naming the fix, and the checkpoints written before are intact."""
+    skipped. Training stops once half of the last 50 steps were skipped (8 steps per epoch here: the
+    25th skip is step 2 of epoch 4), naming the fix, and the checkpoints written before are intact."""
     from trainer.runtime import LocalRuntime
     from trainer.train import TrainingDiverged, train
 
     cfg = TrainConfig(profile="tiny", epochs=6, learning_rate=1e30, val_every=1, cache_workers=1, amp=False)
-    with pytest.raises(TrainingDiverged, match=r"epoch 4: the last 24 steps .*non-finite loss or gradient.*Lower --learning-rate"):
+    with pytest.raises(TrainingDiverged, match=r"epoch 4: 25 of the last 26 steps had a non-finite loss or gradient.*Lower --learning-rate"):
         train(cfg, str(tiny_dataset), LocalRuntime(tmp_path))
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [l["steps"] for l in lines] == [1, 0, 0]  # epoch 1 made one step, epochs 2-3 none

@@ -9,6 +9,8 @@ made per sample (spec §7.5: the bundle zeroed only batch item 0).
 from __future__ import annotations
 
 import contextlib
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -151,6 +153,10 @@ class StepResult:
     skipped: bool = False
 
 
+def _agreed_alone(ok: bool) -> bool:
+    return ok
+
+
 def train_step(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
@@ -160,8 +166,21 @@ def train_step(
     rngs: list[np.random.Generator],
     cfg: TrainConfig,
     device: torch.device,
+    agree: Callable[[bool], bool] = _agreed_alone,
 ) -> StepResult:
-    """Simulate clicks, then one optimisation step on the clicked (or automatic) input."""
+    """Simulate clicks, then one optimisation step on the clicked (or automatic) input.
+
+    Every rank runs `backward()` whatever its loss: DDP all-reduces gradient buckets during backward,
+    and a rank that left it out would pair its next step's buckets with this step's buckets of the
+    others (gradients of different steps averaged, then a hang or a crash at the next collective of
+    another size). Whether to apply the step is decided after the all-reduce, by `agree` (all ranks
+    vote; one non-finite loss or gradient anywhere skips the step everywhere), as GradScaler does for
+    an inf gradient. A loss can be inf while its gradients are finite (cross-entropy of a saturated
+    softmax), so the gradients alone would not make the ranks agree.
+
+    Args:
+        agree: `ok -> all ranks ok` (`Runtime.all_true`); one process: the identity.
+    """
     image = batch["image"].to(device, torch.float32, non_blocking=True)
     target = loss_target(batch["label"].to(device, non_blocking=True))
     label_np = label_mask(batch["label"][:, 0]).numpy()
@@ -173,21 +192,19 @@ def train_step(
     with autocast(device, cfg.amp):
         logits = model(x)
         loss = loss_fn(logits.float(), target)
-    if not torch.isfinite(loss.detach()):
-        # A non-finite loss would poison the weights; skip the step as GradScaler does on CUDA.
-        optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=float("nan"), dice=0.0, clicked=0, skipped=True)
     scaler.scale(loss).backward()
-    if not scaler.is_enabled() and not grads_finite(model):
-        # GradScaler skips such steps on CUDA; elsewhere one inf/NaN gradient would poison the weights.
+    scaler.unscale_(optimizer)  # true gradients for the check (a no-op when the scaler is off)
+    loss_value = float(loss.detach())
+    if not agree(math.isfinite(loss_value) and grads_finite(model)):
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=float(loss.detach()), dice=0.0, clicked=0, skipped=True)
+        scaler.update()  # an enabled scaler lowers its scale after an inf gradient, as after its own skip
+        return StepResult(loss=loss_value, dice=0.0, clicked=0, skipped=True)
     scaler.step(optimizer)
     scaler.update()
     with torch.no_grad():
         dice = spleen_dice(spleen_mask(logits).cpu(), torch.from_numpy(label_np)).mean()
     clicked = sum(1 for c in clicks if any(c.values()))
-    return StepResult(loss=float(loss.detach()), dice=float(dice), clicked=clicked)
+    return StepResult(loss=loss_value, dice=float(dice), clicked=clicked)
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -337,8 +338,10 @@ def _set_ray_env_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
-def fit(cfg: TrainConfig, data: str, job: RayJobConfig):
+def fit(cfg: TrainConfig, data: str, job: RayJobConfig, *, loop: Callable[[dict[str, Any]], Any] = train_func):
     """Run (or resume) the Ray Train job; returns the `ray.train.Result`.
+
+    `loop` is what every worker runs (`train_func`; tests wrap it to instrument the workers).
 
     Joins the cluster at `RAY_ADDRESS` (or the one this process is connected to); starts a local one
     otherwise. Raises StorageError within seconds if the storage is unusable.
@@ -362,7 +365,7 @@ def fit(cfg: TrainConfig, data: str, job: RayJobConfig):
     else:
         job_storage = job.storage
     trainer = TorchTrainer(
-        train_func,
+        loop,
         train_loop_config={"train": cfg.to_dict(), "data": data, "run_name": job.run_name, "fault": job.fault},
         scaling_config=ray.train.ScalingConfig(
             num_workers=job.num_workers,

@@ -61,6 +61,12 @@ class LocalRuntime:
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         return list(values)
 
+    def all_true(self, ok: bool) -> bool:
+        """Whether `ok` holds on every rank: one scalar all-reduce, so all ranks take one decision."""
+        if self.world_size == 1:
+            return bool(ok)
+        return self.all_reduce_sum([0.0 if ok else 1.0])[0] == 0.0
+
     def barrier(self) -> None:
         pass
 
@@ -117,22 +123,6 @@ class TorchDistributedRuntime(LocalRuntime):
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
-
-    def prepare_loader(self, loader):
-        from torch.utils.data import DataLoader
-        from torch.utils.data.distributed import DistributedSampler
-
-        if self.world_size == 1:
-            return loader
-        sampler = DistributedSampler(loader.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True)
-        return DataLoader(
-            loader.dataset,
-            batch_size=loader.batch_size,
-            sampler=sampler,
-            num_workers=loader.num_workers,
-            collate_fn=loader.collate_fn,
-            drop_last=True,
-        )
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         import torch.distributed as dist

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
 import time
 from typing import Any
 
@@ -60,7 +62,6 @@ def _build_datasets(cfg: TrainConfig, data_dir: str, rank: int, world_size: int,
         num_workers=cfg.cache_workers,
         progress=progress,
     )
-    train_ds.transform.set_random_state(seed=cfg.seed + rank)
     val_ds = CacheDataset(val_items, transform=cache, cache_rate=1.0, num_workers=cfg.cache_workers, progress=progress)
     return train_ds, val_ds
 
@@ -81,23 +82,55 @@ def _restore(model, optimizer, scaler, ckpt: Checkpoint, cfg: TrainConfig, sourc
         scaler.load_state_dict(ckpt.scaler)
 
 
-#: Stop when this many steps in a row (counted over whole epochs without one good step) were skipped
-#: for a non-finite loss or gradient. bf16 on CPU skips ~2 % of steps, and a tiny model in its first
-#: steps can skip a whole short epoch (4 steps) by chance; a diverged run skips everything.
-DIVERGED_AFTER_SKIPPED_STEPS = 20
+#: The divergence rule: stop once DIVERGED_SKIPPED_SHARE of the last DIVERGED_WINDOW_STEPS steps (or
+#: that many of the steps so far, early in a run) were skipped for a non-finite loss or gradient. bf16
+#: on CPU skips ~2 % of steps, and a tiny model in its first steps can skip a short epoch (4 steps) by
+#: chance; a diverged run skips everything, and one skipping most of its steps makes no progress either.
+DIVERGED_WINDOW_STEPS = 50
+DIVERGED_SKIPPED_SHARE = 0.5
 
 
 class TrainingDiverged(RuntimeError):
-    """Many steps in a row had a non-finite loss or gradient: the run cannot make progress."""
+    """Most recent steps had a non-finite loss or gradient: the run cannot make progress."""
 
 
-def _train_epoch(model, loader, optimizer, scaler, loss_fn, cfg, runtime, epoch, clock) -> dict[str, float]:
-    """One pass over the loader, or less if the time budget runs out (`stats["out_of_time"]`)."""
+class SkipWindow:
+    """The outcomes (skipped or not) of the last `size` optimisation steps, across epochs.
+
+    Every rank records the same outcomes (the skip decision is agreed, see `engine.train_step`), so
+    every rank trips at the same step.
+    """
+
+    def __init__(self, size: int = DIVERGED_WINDOW_STEPS, share: float = DIVERGED_SKIPPED_SHARE):
+        self.size, self.limit = size, max(1, math.ceil(share * size))
+        self.outcomes: collections.deque[bool] = collections.deque(maxlen=size)
+
+    def record(self, skipped: bool) -> bool:
+        """Record one step; True when the run counts as diverged."""
+        self.outcomes.append(bool(skipped))
+        return self.skipped >= self.limit
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.outcomes)
+
+
+def stream_seed(*parts: int) -> int:
+    """A 63-bit seed for one random stream, e.g. (job seed, rank, epoch): distinct parts, distinct streams."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def _train_epoch(model, loader, optimizer, scaler, loss_fn, cfg, runtime, epoch, clock, window,
+                 first_step: int = 0) -> dict[str, Any]:
+    """One pass over the loader from `first_step` (a resumed unfinished epoch), or less if the time
+    budget runs out (`stats["out_of_time"]`) or the run diverges (`stats["diverged"]`)."""
     device = runtime.device
-    losses, dices, samples, skipped, out_of_time = [], [], 0, 0, False
+    losses, dices, samples, skipped, done, out_of_time, diverged = [], [], 0, 0, first_step, False, False
     t0 = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.num_epochs}", disable=not runtime.is_main, leave=False, unit="it")
     for step, batch in enumerate(bar):
+        if step < first_step:
+            continue  # fetched all the same: the augmentation stream advances as in the first attempt
         elapsed = clock.elapsed()
         if clock.budget.out_of_time(elapsed):
             out_of_time = True
@@ -108,7 +141,11 @@ def _train_epoch(model, loader, optimizer, scaler, loss_fn, cfg, runtime, epoch,
             group["lr"] = lr
         seeds = np.random.SeedSequence([cfg.seed, runtime.rank, epoch, step]).spawn(batch["image"].shape[0])
         rngs = [np.random.default_rng(s) for s in seeds]
-        res = train_step(model, batch, optimizer, scaler, loss_fn, rngs, cfg, device)
+        res = train_step(model, batch, optimizer, scaler, loss_fn, rngs, cfg, device, agree=runtime.all_true)
+        done = step + 1
+        if window.record(res.skipped):
+            diverged = True
+            break
         if res.skipped:
             skipped += 1
             continue
@@ -118,19 +155,71 @@ def _train_epoch(model, loader, optimizer, scaler, loss_fn, cfg, runtime, epoch,
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", dice=f"{np.mean(dices):.3f}", lr=f"{lr:.1e}")
     bar.close()
     seconds = time.perf_counter() - t0
-    loss_sum, dice_sum, n, total_samples, skipped = runtime.all_reduce_sum(
-        [sum(losses), sum(dices), len(losses), samples, skipped]
-    )
-    steps, n = int(n), max(n, 1)
+    loss_sum, dice_sum, n, total_samples = runtime.all_reduce_sum([sum(losses), sum(dices), len(losses), samples])
+    n = max(n, 1)
+    # All ranks step (or skip) together: the counts of one rank are the job's.
+    steps = done - first_step - skipped
     return {
         "loss": loss_sum / n if steps else float("nan"),
         "train_dice": dice_sum / n if steps else float("nan"),
         "epoch_seconds": seconds,
         "samples_per_s": total_samples / max(seconds, 1e-9),
-        "skipped_steps": int(skipped),
-        "steps": steps,  # optimisation steps of all ranks together
+        "skipped_steps": skipped,
+        "steps": steps,  # optimisation steps taken (each by all ranks together)
+        "epoch_steps_done": done,  # position in the epoch's batches, for resuming an unfinished epoch
+        "epoch_complete": done == len(loader),
         "out_of_time": out_of_time,
+        "diverged": diverged,
     }
+
+
+def make_loader(train_ds, cfg: TrainConfig, rank: int, world_size: int) -> DataLoader:
+    """The training loader: this rank's share of a shuffle that depends only on (seed, epoch).
+
+    A `DistributedSampler` also for one process, so a resumed run visits the cases in the same order
+    as an uninterrupted one (a plain shuffle draws from torch's global generator). The generator
+    seeds the workers' augmentation streams (`seed_epoch`).
+    """
+    from torch.utils.data.distributed import DistributedSampler
+
+    sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
+    return DataLoader(
+        train_ds,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.loader_workers,
+        drop_last=len(sampler) >= cfg.batch_size,
+        generator=torch.Generator(),
+    )
+
+
+def seed_epoch(loader, cfg: TrainConfig, rank: int, epoch: int) -> None:
+    """Make the epoch's shuffle and augmentation streams functions of (seed, rank, epoch) alone.
+
+    Each rank draws its own augmentation (MONAI's DataLoader re-seeds the dataset from torch's
+    global generator, which is seeded alike on every rank: every rank drew the same flips), and a
+    run resumed at epoch E draws what an uninterrupted run draws there. Without workers the
+    dataset's transforms are seeded here; with workers, each worker seeds them from the loader's
+    generator (MONAI's `worker_init_fn`: base seed + worker id).
+    """
+    from monai.data.utils import set_rnd
+
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    seed = stream_seed(cfg.seed, rank, epoch)
+    generator = getattr(loader, "generator", None)
+    if generator is not None:
+        generator.manual_seed(seed)
+    if not getattr(loader, "num_workers", 0):
+        set_rnd(loader.dataset, seed=seed % (2**32))
+
+
+def _resume_position(ckpt: Checkpoint) -> tuple[int, int]:
+    """(epoch, step) to continue from: the next epoch, or the same one where a time budget cut it."""
+    if ckpt.metrics.get("epoch_complete", True):
+        return ckpt.epoch + 1, 0
+    return ckpt.epoch, int(ckpt.metrics.get("epoch_steps_done", 0))
 
 
 class _Clock:
@@ -176,14 +265,15 @@ def train(cfg: TrainConfig, data_dir: str, runtime: LocalRuntime) -> dict[str, A
     model = runtime.prepare_model(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp)
-    start_epoch, best = 0, float("-inf")
+    start_epoch, first_step, best = 0, 0, float("-inf")
     ckpt = runtime.resume_checkpoint(cfg.resume)
     if ckpt is not None:
         _restore(model, optimizer, scaler, ckpt, cfg, "last")
-        start_epoch = ckpt.epoch + 1
+        start_epoch, first_step = _resume_position(ckpt)
         best = float(ckpt.metrics.get("best_val_dice", best))
         if runtime.is_main:
-            log.info("resumed from epoch %d (best validation Dice %.4f)", ckpt.epoch + 1, best)
+            where = f"epoch {start_epoch + 1}" + (f", step {first_step + 1}" if first_step else "")
+            log.info("resumed at %s (best validation Dice %.4f)", where, best)
     elif cfg.init_from:
         source = cfg.init_from
         if "://" in source:  # object storage: a local copy first
@@ -194,29 +284,23 @@ def train(cfg: TrainConfig, data_dir: str, runtime: LocalRuntime) -> dict[str, A
     runtime.start(cfg.to_dict() | {"data": str(data_dir)})
 
     train_ds, val_ds = build_datasets(cfg, data_dir, runtime.rank, runtime.world_size, progress=runtime.is_main)
-    loader = DataLoader(
-        train_ds,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        num_workers=cfg.loader_workers,
-        drop_last=len(train_ds) >= cfg.batch_size,
-    )
-    loader = runtime.prepare_loader(loader)
+    loader = runtime.prepare_loader(make_loader(train_ds, cfg, runtime.rank, runtime.world_size))
     loss_fn = make_loss()
     clock = _Clock(Budget(total_steps=cfg.num_epochs * len(loader), seconds=cfg.max_train_seconds), runtime)
     metrics: dict[str, Any] = {"epoch": start_epoch, "resumed_from": start_epoch}
-    skipped_in_a_row = 0
+    window = SkipWindow()
     for epoch in range(start_epoch, cfg.num_epochs):
         runtime.set_epoch(loader, epoch)
-        stats = _train_epoch(model, loader, optimizer, scaler, loss_fn, cfg, runtime, epoch, clock)
+        seed_epoch(loader, cfg, runtime.rank, epoch)
+        stats = _train_epoch(model, loader, optimizer, scaler, loss_fn, cfg, runtime, epoch, clock, window,
+                             first_step if epoch == start_epoch else 0)
         last_epoch = epoch + 1 == cfg.num_epochs
-        skipped_in_a_row = skipped_in_a_row + stats["skipped_steps"] if stats["steps"] == 0 else 0
-        if skipped_in_a_row >= DIVERGED_AFTER_SKIPPED_STEPS:
+        if stats.pop("diverged"):
             # Stop before writing anything: the weights have not changed since the last checkpoint.
             raise TrainingDiverged(
-                f"epoch {epoch + 1}: the last {skipped_in_a_row} steps all had a non-finite loss or gradient and "
-                f"were skipped (learning rate {optimizer.param_groups[0]['lr']:.2e}). Lower --learning-rate, or "
-                "train with --no-amp; --resume continues from the last checkpoint"
+                f"epoch {epoch + 1}: {window.skipped} of the last {len(window.outcomes)} steps had a non-finite "
+                f"loss or gradient and were skipped (learning rate {optimizer.param_groups[0]['lr']:.2e}). "
+                "Lower --learning-rate, or train with --no-amp; --resume continues from the last checkpoint"
             )
         # Out of time during this epoch, or too late to start another one.
         over_time = stats.pop("out_of_time") or clock.budget.out_of_time(clock.elapsed())
