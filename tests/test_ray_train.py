@@ -353,3 +353,36 @@ def test_resubmitting_the_same_run_name_resumes(first_run, s3, s3_dataset, tmp_p
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt").epoch == 2
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_ranks_agree_to_skip_a_step_one_rank_cannot_take(ray_cluster, tiny_dataset, tmp_path):
+    """As tests/test_dist_skip.py, under Ray Train across the two raylets: rank 1's loss is NaN at its
+    step 1 and inf (finite gradients) at step 3; both ranks skip both, stay identical, and finish."""
+    from test_dist_skip import FAULTS, check_in_step
+
+    from trainer.ray_job import fit
+
+    tests_dir, out = str(Path(__file__).parent), str(tmp_path / "digests")
+    os.makedirs(out)
+
+    def loop(config):  # runs in each Ray worker; pickled by value
+        import sys
+
+        sys.path.insert(0, tests_dir)
+        import nonfinite_rank
+
+        from trainer.ray_job import train_func
+
+        nonfinite_rank.install(FAULTS, rank=1, out_dir=out)
+        return train_func(config)
+
+    cfg = TrainConfig(profile="tiny", epochs=2, cache_workers=1, amp=False, seed=5, val_every=2)
+    job = RayJobConfig(storage=str(tmp_path / "runs"), run_name="skip-agree", num_workers=2, max_failures=0)
+    result = fit(cfg, str(tiny_dataset), job, loop=loop)
+    assert result.error is None
+    check_in_step(Path(out), 8)
+    history = [json.loads(line) for line in Path(result.checkpoint.path, "metrics.jsonl").read_text().splitlines()]
+    assert history[0]["skipped_steps"] == 2 and history[0]["steps"] == 2, history[0]
+    assert result.metrics["weights_in_sync"]
