@@ -329,18 +329,44 @@ def test_click_radius_zero_turns_the_nudge_off():
 
 
 def test_upsampling_follows_the_profile():
-    # logit: the logit is interpolated and thresholded at 0; bundle: the probability, at 0.5 (spec §5).
-    assert get_profile("bundle").upsample == "probability" and get_profile("cpu").upsample == "logit"
+    # logit: the logit is interpolated and thresholded at 0; probability: trilinear at 0.5; area (the
+    # bundle): adaptive average pooling, as the model zoo's Invertd of Resized(mode="area") (spec §5).
+    assert get_profile("bundle").upsample == "area" and get_profile("cpu").upsample == "logit"
     rng = np.random.default_rng(0)
     prob = torch.from_numpy(rng.uniform(0, 1, (1, 32, 32, 32)).astype(np.float32))
-    for name, level, values in (("tiny", 0.0, torch.logit(prob.clamp(1e-6, 1 - 1e-6))), (None, 0.5, prob)):
-        profile = get_profile("tiny") if name else dataclasses.replace(get_profile("tiny"), upsample="probability")
+    cases = (("logit", 0.0, torch.logit(prob.clamp(1e-6, 1 - 1e-6)), "trilinear"),
+             ("probability", 0.5, prob, "trilinear"), ("area", 0.5, prob, "area"))
+    for upsample, level, values, mode in cases:
+        profile = dataclasses.replace(get_profile("tiny"), upsample=upsample)
         pred = Predictor(FakeDeafNet(), profile, device=torch.device("cpu"))
         prepared = pred.preprocess(np.zeros((80, 72, 40), np.int16), np.eye(4))
-        expected = F.interpolate(values[None], size=(80, 72, 40), mode="trilinear", align_corners=False)[0, 0] > level
+        kwargs = {} if mode == "area" else {"align_corners": False}
+        expected = F.interpolate(values[None], size=(80, 72, 40), mode=mode, **kwargs)[0, 0] > level
         np.testing.assert_array_equal(pred.postprocess(prob, prepared), expected.numpy())
 
 
+@pytest.mark.parametrize("shape", [(80, 72, 40), (97, 61, 23), (33, 130, 17), (32, 32, 32), (250, 250, 7)])
+@pytest.mark.parametrize("upsample", ["area", "logit"])
+def test_windowed_upsampling_equals_the_whole_volume_resize(shape, upsample):
+    """Only the box that can be foreground is resized; the answer is the full-volume resize's, for
+    scans larger and smaller than the grid, sizes that share no factor with it, and blobs at the edge."""
+    rng = np.random.default_rng(sum(shape))
+    profile = dataclasses.replace(get_profile("tiny"), upsample=upsample)
+    pred = Predictor(FakeDeafNet(), profile, device=torch.device("cpu"))
+    prepared = pred.preprocess(np.zeros(shape, np.int16), np.eye(4))
+    for trial in range(4):
+        prob = torch.zeros(1, 32, 32, 32)
+        lo = rng.integers(0, 28, 3) if trial else np.array([0, 25, 28])
+        hi = np.minimum(lo + rng.integers(2, 6, 3), 32)
+        prob[0, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = torch.from_numpy(rng.uniform(0.3, 1.0, tuple(hi - lo)).astype(np.float32))
+        if upsample == "area":
+            full = F.interpolate(prob[None], size=shape, mode="area")[0, 0] > 0.5
+        else:
+            full = F.interpolate(torch.logit(prob.clamp(1e-6, 1 - 1e-6))[None], size=shape, mode="trilinear",
+                                 align_corners=False)[0, 0] > 0
+        np.testing.assert_array_equal(pred.postprocess(prob, prepared), full.numpy())
+
+
 def test_a_profile_with_an_unknown_upsampling_is_refused():
-    with pytest.raises(ConfigError, match="upsample must be one of probability, logit"):
+    with pytest.raises(ConfigError, match="upsample must be one of area, probability, logit"):
         dataclasses.replace(get_profile("tiny"), upsample="cubic")

@@ -184,29 +184,40 @@ def _as_channel_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32))[None]  # e.g. uint16, big-endian, read-only
 
 
-def _linear_taps(coarse: int, fine: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per fine index: the two coarse indices `F.interpolate(mode="trilinear", align_corners=False)`
-    blends (ATen's formula: src = max(scale * (j + 0.5) - 0.5, 0), scale = coarse / fine)."""
+def _taps(coarse: int, fine: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per fine index: the first and last coarse index its value is made of.
+
+    `trilinear` (`F.interpolate(align_corners=False)`, ATen's formula: src = max(scale * (j + 0.5) -
+    0.5, 0), scale = coarse / fine): the two coarse voxels it blends. `area` (adaptive average
+    pooling, what `F.interpolate(mode="area")` and MONAI's `Resize(mode="area")` do): the coarse range
+    [floor(j * c / f), ceil((j + 1) * c / f)) it averages.
+    """
+    if mode == "area":
+        j = torch.arange(fine, dtype=torch.int64)
+        return (j * coarse) // fine, -((-(j + 1) * coarse) // fine) - 1
     scale = torch.tensor(coarse, dtype=torch.float32) / torch.tensor(fine, dtype=torch.float32)
     src = (scale * (torch.arange(fine, dtype=torch.float32) + 0.5) - 0.5).clamp_(min=0)
     i0 = src.floor().to(torch.int64).clamp_(max=coarse - 1)
     return i0, torch.where(i0 < coarse - 1, i0 + 1, i0)
 
 
-def _upsample_window(fg_along: torch.Tensor, fine: int) -> tuple[slice, slice, slice]:
+def _upsample_window(fg_along: torch.Tensor, fine: int, mode: str = "trilinear") -> tuple[slice, slice, slice] | None:
     """Along one axis: which coarse slab to upsample, to which fine slab, and which fine indices to keep.
 
-    Keep: the fine indices whose two coarse taps touch a coarse voxel over 0.5 (elsewhere the trilinear
-    value, a convex combination of voxels <= 0.5, cannot exceed 0.5). Coarse and fine sizes repeat
+    Keep: the fine indices whose coarse taps touch a coarse voxel over 0.5 (elsewhere the value, a
+    convex combination of voxels <= 0.5 in both modes, cannot exceed 0.5). Coarse and fine sizes repeat
     with periods c/g and f/g (g = gcd): a slab cut at whole periods, with one spare period on each
-    side, is resized by `F.interpolate` with exactly the full volume's scale and taps, and the spare
-    periods absorb the edge clamping the full volume does not have there.
+    side, is resized by `F.interpolate` with exactly the full volume's scale and taps (area: the same
+    pooling ranges, shifted by whole periods), and the spare periods absorb the edge clamping the full
+    volume does not have there. None: no fine index touches the foreground.
     """
     coarse = fg_along.numel()
     hits = torch.nonzero(fg_along).flatten()
     lo, hi = int(hits[0]), int(hits[-1])
-    i0, i1 = _linear_taps(coarse, fine)
+    i0, i1 = _taps(coarse, fine, mode)
     touching = torch.nonzero((i1 >= lo) & (i0 <= hi)).flatten()  # contiguous: the taps are monotone
+    if not len(touching):
+        return None  # a scan with fewer voxels than the grid: trilinear taps can step over the blob
     j_lo, j_hi = int(touching[0]), int(touching[-1]) + 1
     g = math.gcd(coarse, fine)
     pc, pf = coarse // g, fine // g
@@ -394,11 +405,12 @@ class Predictor:
     def postprocess(self, prob: torch.Tensor, prepared: Prepared) -> np.ndarray:
         """(1, S, S, S) probability -> uint8 mask in the original array order (Fortran-ordered memory).
 
-        Equal to `F.interpolate(prob, ras_shape, mode="trilinear") > 0.5`, reoriented back (up to float
-        rounding at values within ~1e-7 of 0.5), but only the box that can be foreground is upsampled
-        (see `_upsample_window`) and only that box is reoriented: a spleen is a few % of the volume.
-        With `upsample: logit` the logit is interpolated and thresholded at 0 (the same box: a
-        trilinear value of logits <= 0 cannot exceed 0 either).
+        Equal to `F.interpolate(prob, ras_shape, mode) > 0.5`, reoriented back (up to float rounding at
+        values within ~1e-7 of 0.5), with mode `area` for `upsample: area` (the model zoo's `Invertd`
+        of `Resized(mode="area")`, then argmax) and `trilinear` otherwise, but only the box that can be
+        foreground is upsampled (see `_upsample_window`) and only that box is reoriented: a spleen is a
+        few % of the volume. With `upsample: logit` the logit is interpolated and thresholded at 0 (the
+        same box: a trilinear value of logits <= 0 cannot exceed 0 either).
         """
         p = prob.detach().float().reshape(prob.shape[-3:])
         # Fortran order, as NIfTI stores voxels (x fastest): writing it skips a full-volume transpose.
@@ -406,15 +418,18 @@ class Predictor:
         fg = p > 0.5
         if not bool(fg.any()):
             return mask
+        mode = "area" if self.profile.upsample == "area" else "trilinear"
         windows = [
-            _upsample_window(fg.any(dim=tuple(d for d in range(3) if d != axis)), fine)
+            _upsample_window(fg.any(dim=tuple(d for d in range(3) if d != axis)), fine, mode)
             for axis, fine in enumerate(prepared.ras_shape)
         ]
+        if any(w is None for w in windows):
+            return mask
         coarse, level = p[tuple(w[0] for w in windows)], 0.5
         if self.profile.upsample == "logit":
             coarse, level = torch.logit(coarse.clamp(LOGIT_EPS, 1 - LOGIT_EPS)), 0.0
         size = tuple(w[1].stop - w[1].start for w in windows)
-        up = F.interpolate(coarse[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
+        up = F.interpolate(coarse[None, None], size=size, mode=mode, **({} if mode == "area" else {"align_corners": False}))[0, 0]
         crop = (up[tuple(w[2] for w in windows)] > level).cpu().numpy().view(np.uint8)
         # Back to the original array order: reorient the crop and place it at the box's original indices.
         back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), prepared.to_ras)
