@@ -4,7 +4,7 @@ Implements the click model of DeepEdit (Diaz-Pinto et al., MICCAI DALI 2022) as 
 `monai.apps.deepedit` transforms do (spec §4), with the upstream defects of spec §7 fixed:
 
 - fixed channel order: guidance channel 0 = spleen clicks, 1 = background clicks (`CLICK_CHANNELS`);
-- background seeds are sampled inside the body, outside the spleen, near its boundary;
+- background seeds are sampled inside the body, outside the spleen, near its boundary and far from it;
 - every random choice comes from an explicit `numpy.random.Generator` (seedable per sample);
 - the guidance map is computed locally around each click instead of by a full-volume convolution.
 
@@ -155,6 +155,12 @@ def _seeds_in_slice(mask2d: np.ndarray, rng: np.random.Generator, max_components
     return out
 
 
+#: Probabilities of the background seeds of a click iteration: near the spleen only, far from it
+#: only, or both (the rest). Seeds only near the spleen teach "a background click means spleen is
+#: near" (MONAI Label #1406: users' background clicks added spleen).
+BACKGROUND_NEAR_ONLY, BACKGROUND_FAR_ONLY = 1 / 3, 1 / 3
+
+
 def initial_seeds(
     label: np.ndarray,
     body: np.ndarray | None,
@@ -164,16 +170,18 @@ def initial_seeds(
 ) -> Clicks:
     """Initial clicks from the ground truth (spec §4, with spec §7.2 fixed).
 
-    Spleen: a random axial slice containing spleen; one deep point per connected component.
-    Background: in the same slice, inside the body, outside the spleen and within
-    `background_margin` voxels of it (default: 1/8 of the in-plane size), so the click teaches where
-    the spleen stops. Falls back to anywhere in the body when that ring is empty.
+    Spleen: a random axial slice containing spleen; one deep point per connected component (the
+    largest five; MONAI takes them in label order, which differs only past five components).
+    Background, one or two seeds: near the spleen (in the same slice, inside the body, outside the
+    spleen, within `background_margin` voxels of it: where the spleen stops) and/or far from it
+    (anywhere in the body beyond twice the margin: liver, stomach, body wall), so the background
+    channel does not tell where the spleen is. Falls back to anywhere in the body.
 
     Args:
         label: boolean spleen mask at network resolution, shape (X, Y, Z).
         body: boolean body mask (same shape) or None (then the whole volume counts as body).
         rng: random generator.
-        background_margin: ring width in voxels.
+        background_margin: ring width in voxels (default: 1/8 of the in-plane size).
     """
     label = label.astype(bool, copy=False)
     body = np.ones_like(label) if body is None else body.astype(bool, copy=False)
@@ -181,39 +189,59 @@ def initial_seeds(
     if background_margin is None:
         background_margin = max(2, label.shape[0] // 8)
     z_with_label = np.flatnonzero(label.any(axis=(0, 1)))
-    if len(z_with_label):
-        z = int(rng.choice(z_with_label))
-        clicks["spleen"] = [(i, j, z) for i, j in _seeds_in_slice(label[:, :, z], rng)]
-        ring = ndimage.binary_dilation(label[:, :, z], iterations=background_margin)
-        bg2d = ring & body[:, :, z] & ~label[:, :, z]
-        if not bg2d.any():
-            bg2d = body[:, :, z] & ~label[:, :, z]
-        p = _sample_deep_point(bg2d, rng)
-        if p is not None:
-            clicks["background"] = [(p[0], p[1], z)]
-    else:
+    if not len(z_with_label):
         # No spleen in this volume: one background click anywhere in the body.
         p = _sample_deep_point(body & ~label, rng)
-        if p is not None:
-            clicks["background"] = [p]
+        clicks["background"] = [p] if p is not None else []
+        return clicks
+    z = int(rng.choice(z_with_label))
+    clicks["spleen"] = [(i, j, z) for i, j in _seeds_in_slice(label[:, :, z], rng)]
+    u = rng.random()
+    near = _near_background_seed(label, body, z, background_margin, rng) if u >= BACKGROUND_FAR_ONLY else None
+    far = _far_background_seed(label, body, 2 * background_margin, rng) if u < 1 - BACKGROUND_NEAR_ONLY else None
+    clicks["background"] = [p for p in (near, far) if p is not None]
+    if not clicks["background"]:  # e.g. no body far from a large spleen
+        p = _near_background_seed(label, body, z, background_margin, rng)
+        clicks["background"] = [p] if p is not None else []
     return clicks
 
 
-def corrective_clicks(pred: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> Clicks:
-    """One click in the missed spleen (FN) and one in the over-segmented region (FP), if any.
+def _near_background_seed(label, body, z: int, margin: int, rng) -> tuple[int, int, int] | None:
+    """In axial slice z: inside the body, outside the spleen, within `margin` voxels of it if possible."""
+    ring = ndimage.binary_dilation(label[:, :, z], iterations=margin)
+    bg2d = ring & body[:, :, z] & ~label[:, :, z]
+    if not bg2d.any():
+        bg2d = body[:, :, z] & ~label[:, :, z]
+    p = _sample_deep_point(bg2d, rng)
+    return None if p is None else (p[0], p[1], z)
+
+
+def _far_background_seed(label, body, distance: int, rng) -> tuple[int, int, int] | None:
+    """Anywhere in the body more than `distance` voxels (chessboard) from the spleen; None if nowhere."""
+    far = body & ~ndimage.binary_dilation(label, structure=np.ones((3, 3, 3), bool), iterations=distance)
+    if not far.any():
+        return None
+    return _sample_deep_point(far, rng)
+
+
+def corrective_clicks(pred: np.ndarray, label: np.ndarray, rng: np.random.Generator,
+                      second_click_above: int = 0) -> Clicks:
+    """A click in the missed spleen (FN) and one in the over-segmented region (FP), if any.
 
     Each click is sampled proportionally to exp(d) - 1 with d the 3D chessboard distance to the edge
-    of its error region, as in MONAI's `AddRandomGuidanceDeepEditd`.
+    of its error region, as in MONAI's `AddRandomGuidanceDeepEditd`. With `second_click_above` > 0,
+    an error region larger than that many voxels gets a second, independent click, as MONAI's does
+    (its "other label" discrepancy of more than 50 voxels; the `bundle` profile).
     """
     pred = pred.astype(bool, copy=False)
     label = label.astype(bool, copy=False)
     out = empty_clicks()
-    fn = _sample_deep_point(label & ~pred, rng)
-    fp = _sample_deep_point(pred & ~label, rng)
-    if fn is not None:
-        out["spleen"].append(fn)
-    if fp is not None:
-        out["background"].append(fp)
+    for name, region in (("spleen", label & ~pred), ("background", pred & ~label)):
+        clicks = 2 if second_click_above > 0 and int(region.sum()) > second_click_above else 1
+        for _ in range(clicks):
+            p = _sample_deep_point(region, rng)
+            if p is not None:
+                out[name].append(p)
     return out
 
 

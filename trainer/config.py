@@ -59,6 +59,14 @@ class Profile:
             mode, adaptive average pooling of the softmax), `probability` (trilinear on the softmax)
             or `logit` (trilinear on the logit; see trainer.predictor).
         description: one line for `--help` and the model card.
+        cuda_fp16_inference: inference autocasts to fp16 on CUDA by default (the model zoo's
+            evaluator does; its masks are what the `bundle` profile reproduces).
+        zoo_click_arithmetic: map clicks to the RAS array as the model zoo does (the float product
+            inv(A_ras) @ A_orig, truncated: a click can land one voxel lower, e.g. 79.99999 -> 79),
+            instead of rounding to the exact index.
+        second_click_voxels: training's corrective clicks: an error region larger than this many
+            grid voxels gets a second click, as MONAI's DeepEdit does above 50 voxels at 128^3; 0:
+            one click per error region (the small grids, where most regions are that small).
     """
 
     name: str
@@ -73,6 +81,9 @@ class Profile:
     edge_cut_prob: float
     upsample: str
     description: str
+    cuda_fp16_inference: bool = False
+    zoo_click_arithmetic: bool = False
+    second_click_voxels: int = 0
 
     def __post_init__(self) -> None:
         # DynUNet strides (1,2,2,2,2,(2,2,1)) downsample x and y by 32 and z by 16.
@@ -98,6 +109,9 @@ PROFILES: dict[str, Profile] = {
         # mode, area. Trilinear probabilities agreed with it only at Dice 0.96 on a smooth blob.
         upsample="area",
         description="the model-zoo bundle's network: DynUNet 32..320 filters at 128^3 (GPU)",
+        cuda_fp16_inference=True,  # the model zoo's evaluator: "amp": true
+        zoo_click_arithmetic=True,  # its OrientationGuidance + AddGuidanceFromPoints arithmetic
+        second_click_voxels=50,  # MONAI's AddRandomGuidanceDeepEditd
     ),
     "cpu": Profile(
         name="cpu",

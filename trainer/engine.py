@@ -131,7 +131,7 @@ def simulate_clicks(
         x = network_input(image[active], [clicks[b] for b in active], cfg.sigma)
         pred = predict_mask(model, x, cfg.amp).cpu().numpy()
         for row, b in enumerate(active):
-            new = corrective_clicks(pred[row], label[b], rngs[b])
+            new = corrective_clicks(pred[row], label[b], rngs[b], cfg.profile_spec.second_click_voxels)
             clicks[b] = apply_click_budget(merge_clicks(clicks[b], new), rngs[b], cfg.max_click_budget)
     return clicks
 

@@ -232,7 +232,8 @@ class Predictor:
         model: a DynUNet of `profile`.
         profile: its profile (spatial size).
         device: where the forward runs.
-        amp: autocast the forward (fp16 on CUDA, bf16 on CPU).
+        amp: autocast the forward (fp16 on CUDA, bf16 on CPU); None: the profile's choice (fp16 on
+            CUDA for `bundle`, as the model zoo; fp32 otherwise).
         sigma: Gaussian sigma of the click maps (default: the profile's).
         click_radius: click locality radius in grid voxels, 0 = off (default: the profile's; see
             the module docstring).
@@ -240,12 +241,14 @@ class Predictor:
     """
 
     def __init__(self, model: torch.nn.Module, profile: Profile, *, device: torch.device | None = None,
-                 amp: bool = False, sigma: float | None = None, click_radius: float | None = None,
+                 amp: bool | None = None, sigma: float | None = None, click_radius: float | None = None,
                  version: str = "unknown"):
         self.device = device or default_device()
         self.model = model.to(self.device).eval()
         self.profile = profile
-        self.amp = amp
+        # None: the profile's precision. The model zoo's evaluator (amp: true) runs fp16 autocast on
+        # CUDA, and nothing on a CPU (its autocast is CUDA's), so the bundle profile does the same.
+        self.amp = (profile.cuda_fp16_inference and self.device.type == "cuda") if amp is None else bool(amp)
         self.sigma = sigma if sigma is not None else profile.guidance_sigma
         self.click_radius = check_click_radius(profile.click_radius if click_radius is None else click_radius)
         self.version = version
@@ -254,7 +257,7 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, profile: str | None = None, device: torch.device | None = None,
-                        amp: bool = False, click_radius: float | None = None) -> "Predictor":
+                        amp: bool | None = None, click_radius: float | None = None) -> "Predictor":
         if str(path).startswith("s3://"):  # object storage: a local copy through trainer.storage
             from .storage import fetch
 
@@ -301,14 +304,16 @@ class Predictor:
 
     def map_clicks(self, clicks: Clicks, prepared: Prepared) -> Clicks:
         """Original voxel indices -> network-grid indices (spec §5)."""
-        size = self.profile.spatial_size
+        # The model zoo's arithmetic (ResizeGuidanceMultipleLabelDeepEditd): the index times the float
+        # factor grid / scan, truncated, so a click on an exact multiple lands where the bundle puts it.
+        factor = np.divide(self.profile.spatial_size, prepared.ras_shape)
         out: Clicks = {}
         for name, points in clicks.items():
-            mapped = []
-            for p in points:
-                idx = np.rint(_ras_index(p, prepared)).astype(int)
-                mapped.append(tuple(int(np.floor(v * s / n)) for v, s, n in zip(idx, size, prepared.ras_shape)))
-            out[name] = mapped
+            if self.profile.zoo_click_arithmetic:
+                idx = [_zoo_ras_index(p, prepared).astype(int) for p in points]
+            else:
+                idx = [np.rint(_ras_index(p, prepared)).astype(int) for p in points]
+            out[name] = [tuple(int(v) for v in np.multiply(i, factor).astype(int)) for i in idx]
         return out
 
     def grid_points(self, clicks: Clicks, prepared: Prepared) -> GridPoints:
@@ -326,13 +331,18 @@ class Predictor:
 
     @torch.no_grad()
     def network(self, prepared: list[Prepared], net_clicks: list[Clicks]) -> torch.Tensor:
-        """The network's batched answer: -> (B, 1, S, S, S) spleen probability on the network grid."""
+        """The network's batched answer on the network grid: (B, 1, S, S, S) spleen probability, or
+        with `upsample: area` (B, 2, S, S, S), the softmax of (background, spleen) as the model zoo keeps it."""
         size = tuple(self.profile.spatial_size)
         guidance = np.stack([guidance_channels(c, size, self.sigma) for c in net_clicks])
         image = torch.cat([p.image for p in prepared]).to(self.device)
         x = torch.cat([image, torch.from_numpy(guidance).to(self.device)], dim=1)
         with autocast(self.device, self.amp):
             logits = self.model(x)
+        if self.profile.upsample == "area":
+            # The model zoo's postprocessing: softmax of the network's output as it is (fp16 under its
+            # CUDA AMP), both channels kept, so the argmax after the resize breaks ties as it does.
+            return torch.softmax(logits, dim=1).float()
         # softmax over two channels, spleen part: sigmoid of the logit difference (same value, one pass).
         logits = logits.float()
         return torch.sigmoid(logits[:, 1:2] - logits[:, 0:1])
@@ -348,10 +358,16 @@ class Predictor:
         """
         if self.click_radius <= 0:
             return self.network(prepared, net_clicks)
+        if self.profile.upsample == "area":  # click locality blends spleen probabilities
+            return self._local(prepared, net_clicks, exact, lambda *a: self.network(*a)[:, 1:2])
+        return self._local(prepared, net_clicks, exact, self.network)
+
+    def _local(self, prepared, net_clicks, exact, network) -> torch.Tensor:
+        """`forward` with click locality and the nudge; `network` gives (B, 1, S, S, S) probabilities."""
         cached = [p.auto_prob is not None and p.auto_owner is self._token for p in prepared]
         missing = [b for b, c in enumerate(net_clicks) if _has_clicks(c) and not cached[b]]
-        prob = self.network(list(prepared) + [prepared[b] for b in missing],
-                            list(net_clicks) + [empty_clicks() for _ in missing])
+        prob = network(list(prepared) + [prepared[b] for b in missing],
+                       list(net_clicks) + [empty_clicks() for _ in missing])
         for row, b in enumerate(missing, start=len(prepared)):
             self._cache_auto(prepared[b], prob[row])
         out = prob[: len(prepared)].clone()
@@ -403,7 +419,7 @@ class Predictor:
         prepared.auto_owner = self._token
 
     def postprocess(self, prob: torch.Tensor, prepared: Prepared) -> np.ndarray:
-        """(1, S, S, S) probability -> uint8 mask in the original array order (Fortran-ordered memory).
+        """(1, S, S, S) probability (or (2, S, S, S) softmax) -> uint8 mask in the original array order.
 
         Equal to `F.interpolate(prob, ras_shape, mode) > 0.5`, reoriented back (up to float rounding at
         values within ~1e-7 of 0.5), with mode `area` for `upsample: area` (the model zoo's `Invertd`
@@ -412,10 +428,11 @@ class Predictor:
         few % of the volume. With `upsample: logit` the logit is interpolated and thresholded at 0 (the
         same box: a trilinear value of logits <= 0 cannot exceed 0 either).
         """
-        p = prob.detach().float().reshape(prob.shape[-3:])
+        p = prob.detach().float().reshape(-1, *prob.shape[-3:])
         # Fortran order, as NIfTI stores voxels (x fastest): writing it skips a full-volume transpose.
         mask = np.zeros(prepared.orig_shape, np.uint8, order="F")
-        fg = p > 0.5
+        # Two channels (background, spleen): the argmax, ties to background, as the model zoo's AsDiscrete.
+        fg = p[1] > p[0] if len(p) == 2 else p[0] > 0.5
         if not bool(fg.any()):
             return mask
         mode = "area" if self.profile.upsample == "area" else "trilinear"
@@ -425,12 +442,13 @@ class Predictor:
         ]
         if any(w is None for w in windows):
             return mask
-        coarse, level = p[tuple(w[0] for w in windows)], 0.5
-        if self.profile.upsample == "logit":
+        coarse, level = p[(slice(None), *(w[0] for w in windows))], 0.5
+        if self.profile.upsample == "logit" and len(p) == 1:
             coarse, level = torch.logit(coarse.clamp(LOGIT_EPS, 1 - LOGIT_EPS)), 0.0
         size = tuple(w[1].stop - w[1].start for w in windows)
-        up = F.interpolate(coarse[None, None], size=size, mode=mode, **({} if mode == "area" else {"align_corners": False}))[0, 0]
-        crop = (up[tuple(w[2] for w in windows)] > level).cpu().numpy().view(np.uint8)
+        up = F.interpolate(coarse[None], size=size, mode=mode, **({} if mode == "area" else {"align_corners": False}))[0]
+        up = up[(slice(None), *(w[2] for w in windows))]
+        crop = (up[1] > up[0] if len(up) == 2 else up[0] > level).cpu().numpy().view(np.uint8)
         # Back to the original array order: reorient the crop and place it at the box's original indices.
         back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), prepared.to_ras)
         crop = nib.orientations.apply_orientation(crop, back)
@@ -481,6 +499,14 @@ class Predictor:
 def _ras_index(point, prepared: Prepared) -> np.ndarray:
     """An original voxel index -> its index in the RAS-ordered array (float; exact integers)."""
     return (prepared.index_to_ras @ np.array([*point, 1.0]))[:3]
+
+
+def _zoo_ras_index(point, prepared: Prepared) -> np.ndarray:
+    """The model zoo's RAS index of a click, as floats: `inv(A_ras) @ A_orig @ p`, with A_ras the affine
+    MONAI's Orientationd gives (A_orig @ the reorientation), in float64 as it computes it."""
+    xform = nib.orientations.inv_ornt_aff(prepared.to_ras, prepared.orig_shape)
+    to_ras = np.linalg.inv(prepared.orig_affine @ xform) @ prepared.orig_affine
+    return (to_ras @ np.array([*point, 1.0]))[:3]
 
 
 def _has_clicks(clicks: Clicks) -> bool:
