@@ -70,8 +70,9 @@ def declared_zeros_bomb(shape=(512, 512, 1024), datatype: int = 64, itemsize: in
 
 
 def sheared_sform_nifti(shape=(8, 8, 8)) -> bytes:
-    """A NIfTI whose sform has det != 0 but an axis so short that nibabel's orientation drops it."""
-    sform = np.diag([1e5, 1e5, 1e-11, 1.0])
+    """A NIfTI whose sheared sform has det 1e-7 (not singular) but two nearly parallel axes, so that
+    nibabel's `io_orientation` drops one (before issue 15: OrientationError in preprocessing, a 500)."""
+    sform = np.array([[1e3, 1e3, 0, 0], [0, 1e-13, 0, 0], [0, 0, 1e3, 0], [0, 0, 0, 1.0]])
     raw = _header(shape, 4, 16, 352, sform=sform)
     return gzip.compress(bytes(raw) + np.zeros(int(np.prod(shape)), "<i2").tobytes())
 

@@ -567,6 +567,33 @@ def test_malformed_requests_get_4xx_json_and_service_survives(service, client, c
     assert client.get("/healthz").status_code == 200
 
 
+def _replica_rss_bytes() -> int:
+    """Resident memory of this test's DeepEdit replica: a descendant of this process (not another
+    engineer's Ray) whose title is Ray's `ray::ServeReplica:deepedit:DeepEdit`."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    todo, rss = [os.getpid()], 0
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read().decode(errors="replace")
+            if title.startswith("ray::ServeReplica:deepedit:DeepEdit"):
+                with open(f"/proc/{pid}/status") as f:
+                    rss = max(rss, next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")))
+        except (OSError, StopIteration):
+            continue
+    return rss
+
+
 def _hostile_cases(case):
     """Issue 15's rows at sizes CI affords, and more: (request, allowed statuses)."""
     vol = _nifti(case.image, case.affine)
@@ -639,6 +666,7 @@ def test_hostile_corpus_each_4xx_within_2s_and_service_fine_after(service, clien
     assert first.status_code == 200, first.text
     cases = {**{f"malformed:{k}": (v[0], {v[1]}) for k, v in _malformed_cases(case).items()}, **_hostile_cases(case)}
     assert len(cases) >= 60
+    rss_before = _replica_rss_bytes()
     failures = []
     for name, (req, allowed) in cases.items():
         req = dict(req)
@@ -654,6 +682,9 @@ def test_hostile_corpus_each_4xx_within_2s_and_service_fine_after(service, clien
         if r.status_code not in allowed or not body_ok or seconds > 2.0 or "Traceback" in r.text or "/tmp" in r.text:
             failures.append(f"{name}: {r.status_code} (want {sorted(allowed)}) in {seconds:.2f}s {r.text[:160]}")
     assert not failures, "\n".join(failures)
+    rss_after = _replica_rss_bytes()
+    if rss_before:  # the replica's memory grew by less than its decode budget
+        assert rss_after - rss_before < LIMITS["memory_budget_bytes"], (rss_before, rss_after)
     assert client.get("/healthz").status_code == 200
     ok = client.post("/v1/segment", content=volume, params={"clicks": json.dumps(_clicks(case))})
     assert ok.status_code == 200 and _read_nifti(ok.content)[0].shape == SHAPE

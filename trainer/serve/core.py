@@ -186,6 +186,9 @@ class ServiceCore:
         self._forward_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         tokens = ingress.TokenSource(settings.auth_token(), settings.auth_token_file,
                                      read_token_file if settings.auth_token_file else None)
+        if tokens.get() is None:
+            log.warning("authentication is OFF: every client that reaches this replica can use it "
+                        "(set auth_token_file or auth_token_env; see docs/serving.md, Security)")
         ingress.configure(tokens=tokens, max_upload_bytes=settings.max_upload_bytes, cors_origins=settings.cors_origins,
                           metrics=self.metrics, max_json_bytes=settings.max_json_bytes,
                           auth_rate_per_min=settings.auth_token_rate_per_min)
