@@ -97,7 +97,7 @@ class DeepEditService(MonaiLabelRoutes, ServiceCore):
                        "request_timeout_s": s.request_timeout_s},
             "batching": {"max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s},
             "sessions": {**self.store.stats(), "ttl_s": s.session_ttl_s, "max_bytes": s.session_max_bytes},
-            "counters": dict(self.counters),
+            "counters": self.counters_view(),
             "auth": s.auth_token_env is not None or s.auth_token_file is not None,
             "last_reload_error": self.reload_error,
         }

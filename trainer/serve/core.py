@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -143,6 +144,39 @@ class MemoryBudget:
             self.in_flight -= nbytes
 
 
+class WorkGauge:
+    """Stage threads running in this replica now, and the most ever at once (`/v1/info` counters).
+
+    With `finish_work`, a request runs at most one stage thread at a time and ends only after it, so
+    the peak stays at most `max_ongoing_requests` even when requests time out (the tests check it).
+    """
+
+    def __init__(self):
+        self.now = 0
+        self.peak = 0
+        self._lock = threading.Lock()
+
+    def wrap(self, fn):
+        def counted(*args):
+            with self._lock:
+                self.now += 1
+                self.peak = max(self.peak, self.now)
+            try:
+                return fn(*args)
+            finally:
+                with self._lock:
+                    self.now -= 1
+        return counted
+
+
+WORK = WorkGauge()
+
+
+async def in_thread(fn, *args):
+    """`fn(*args)` in a worker thread, counted by `WORK`, waited for even if the request is cancelled."""
+    return await finish_work(asyncio.to_thread(WORK.wrap(fn), *args))
+
+
 class Stopwatch:
     """Collects stage durations for the `Server-Timing` header and the stage histogram."""
 
@@ -158,7 +192,7 @@ class Stopwatch:
     async def run(self, stage: str, fn, *args):
         t0 = time.perf_counter()
         try:
-            return await finish_work(asyncio.to_thread(fn, *args))
+            return await in_thread(fn, *args)
         finally:
             self.add(stage, time.perf_counter() - t0)
 
@@ -251,7 +285,7 @@ class ServiceCore:
         """
         plan: NiftiPlan = await watch.run("decode", read_header, data, self.limits)
         if clicks is not None:
-            await finish_work(asyncio.to_thread(self.check_clicks, clicks, plan.shape))
+            await in_thread(self.check_clicks, clicks, plan.shape)
         async with self.budget.reserve(plan.work_bytes):
             image, affine = await watch.run("decode", decode_volume, data, plan, self.limits)
             self.metrics.input_voxels.observe(float(image.size))
@@ -269,7 +303,7 @@ class ServiceCore:
 
     async def parse(self, text: str | bytes | None, what: str) -> Any:
         """Bounded JSON parsing (`inputs.parse_json`), in a worker thread."""
-        return await finish_work(asyncio.to_thread(ingress.parse_json, text, what))
+        return await in_thread(ingress.parse_json, text, what)
 
     def check_clicks(self, clicks: Any, shape: tuple[int, int, int]):
         return check_clicks(clicks, shape, self.settings.max_clicks_per_label)
@@ -280,7 +314,7 @@ class ServiceCore:
 
     async def segment(self, predictor, prepared, clicks: Any, watch: Stopwatch) -> np.ndarray:
         """Validated clicks -> uint8 mask in the original array order (validation off the event loop)."""
-        net_clicks, exact = await finish_work(asyncio.to_thread(self._map_clicks, predictor, prepared, clicks))
+        net_clicks, exact = await in_thread(self._map_clicks, predictor, prepared, clicks)
         t0 = time.perf_counter()
         prob = await finish_work(self._forward_batch(predictor, prepared, net_clicks, exact))
         watch.add("forward", time.perf_counter() - t0)
@@ -304,8 +338,8 @@ class ServiceCore:
             for start in range(0, len(group), limit):
                 idx = group[start:start + limit]
                 pred = predictors[idx[0]]
-                prob = await asyncio.to_thread(pred.forward, [prepared[i] for i in idx], [net_clicks[i] for i in idx],
-                                               [exact[i] for i in idx])
+                prob = await asyncio.to_thread(WORK.wrap(pred.forward), [prepared[i] for i in idx],
+                                               [net_clicks[i] for i in idx], [exact[i] for i in idx])
                 self.counters["max_forward_batch"] = max(self.counters["max_forward_batch"], len(idx))
                 for j, i in enumerate(idx):
                     out[i] = prob[j]
@@ -323,7 +357,7 @@ class ServiceCore:
         predictor = self.current()
         digest = None
         if image_id is not None:
-            digest = await finish_work(asyncio.to_thread(lambda: hashlib.blake2b(data, digest_size=16).hexdigest()))
+            digest = await in_thread(lambda: hashlib.blake2b(data, digest_size=16).hexdigest())
             self.store.check_image_free(image_id, owner, digest)
         prepared = await self.load(predictor, data, watch)
         info = {"shape": list(prepared.orig_shape), "profile": predictor.profile.name, "model_version": predictor.version}
@@ -343,6 +377,11 @@ class ServiceCore:
         if entry.info["profile"] != predictor.profile.name:
             raise ApiError(404, "unknown_session", "the session was prepared for another model profile: upload the volume again")
         return entry.value
+
+    def counters_view(self) -> dict[str, int]:
+        """Stage counters plus the peak of concurrently running stage threads (read here, in this
+        module: the deployment class is serialized by value, so its module globals are copies)."""
+        return {**self.counters, "stage_threads_peak": WORK.peak}
 
     def update_gauges(self) -> None:
         stats = self.store.stats()

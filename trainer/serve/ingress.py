@@ -25,6 +25,7 @@ from typing import Any, Callable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -101,7 +102,19 @@ class RateLimiter:
             self._log.popitem(last=False)
         return allowed
 
-api = FastAPI(title="spleen-deepedit", docs_url=None, redoc_url=None, openapi_url=None)
+class ErrorBody(BaseModel):
+    """The one error shape (see `errors.ApiError`), declared so the OpenAPI document tells the truth."""
+
+    error: str
+    detail: str
+
+
+_ERROR_RESPONSES: dict = {code: {"model": ErrorBody, "description": text} for code, text in (
+    ("4XX", "client error: the detail names the value and the fix"),
+    ("503", "overloaded, out of decode memory, timed out or not ready (with Retry-After)"))}
+
+# No OpenAPI route is served (`openapi_url=None`); `api.openapi()` still builds the document (tests fuzz it).
+api = FastAPI(title="spleen-deepedit", docs_url=None, redoc_url=None, openapi_url=None, responses=_ERROR_RESPONSES)
 
 
 class _Runtime:
