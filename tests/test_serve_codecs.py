@@ -202,7 +202,8 @@ def nifti_uploads(draw) -> bytes:
     return gzip.compress(raw, compresslevel=1) if draw(st.booleans()) else raw
 
 
-@settings(max_examples=200, deadline=2000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=200, deadline=2000, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(nifti_uploads())
 def test_fuzz_decoder_gives_a_volume_or_a_4xx(data):
     t0 = time.perf_counter()
@@ -216,7 +217,7 @@ def test_fuzz_decoder_gives_a_volume_or_a_4xx(data):
     assert time.perf_counter() - t0 < 1.0
 
 
-@settings(max_examples=200, deadline=1000)
+@settings(max_examples=200, deadline=1000, database=None)
 @given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
                     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
                     max_leaves=30))
