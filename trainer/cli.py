@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--click-radius", type=_radius, default=None, help=CLICK_RADIUS_HELP)
     p.add_argument("--device", default=None)
+    p.add_argument("--token-file", default=None, help="file holding the bearer token (32+ characters), re-read when it changes")
+    p.add_argument("--token-env", default=None, help="environment variable holding the bearer token (32+ characters)")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without a bearer token")
     p.set_defaults(func=_lazy("trainer.serve.cli", "cmd_serve"))
 
     from k8s.cli import add_parser as add_k8s_parser  # argparse only; the kubernetes client loads when a k8s command runs

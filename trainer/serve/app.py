@@ -28,7 +28,7 @@ from ray.serve.config import BackpressureConfig
 
 from .core import ServiceCore, Stopwatch, redact
 from .errors import ApiError
-from .ingress import api, form_file, is_multipart, parse_json, read_form, server_timing
+from .ingress import api, caller_id, form_file, is_multipart, read_form, server_timing
 from .monailabel import MonaiLabelRoutes
 from .settings import ServeArgs
 
@@ -90,11 +90,15 @@ class DeepEditService(MonaiLabelRoutes, ServiceCore):
                       "checkpoint": redact(self.checkpoint_uri),
                       "checkpoint_source": "s3" if (self.checkpoint_uri or "").startswith("s3://") else "local",
                       "torch_threads": torch.get_num_threads()},
-            "limits": {"max_upload_bytes": s.max_upload_bytes, "max_voxels": s.max_voxels, "max_dim": s.max_dim},
+            "limits": {"max_upload_bytes": s.max_upload_bytes, "max_voxels": s.max_voxels, "max_dim": s.max_dim,
+                       "max_volume_bytes": s.max_volume_bytes, "max_extension_bytes": s.max_extension_bytes,
+                       "max_gzip_members": s.max_gzip_members, "max_json_bytes": s.max_json_bytes,
+                       "max_clicks_per_label": s.max_clicks_per_label, "memory_budget_bytes": self.budget.capacity,
+                       "request_timeout_s": s.request_timeout_s},
             "batching": {"max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s},
             "sessions": {**self.store.stats(), "ttl_s": s.session_ttl_s, "max_bytes": s.session_max_bytes},
-            "counters": dict(self.counters),
-            "auth": s.auth_token_env is not None,
+            "counters": self.counters_view(),
+            "auth": s.auth_token_env is not None or s.auth_token_file is not None,
             "last_reload_error": self.reload_error,
         }
 
@@ -111,15 +115,14 @@ class DeepEditService(MonaiLabelRoutes, ServiceCore):
                 if data is None:
                     raise ApiError(400, "missing_file", "multipart body has no file field 'file'")
                 field = form.get("clicks")
-                clicks_obj = parse_json(field if isinstance(field, str) else clicks, "clicks")
+                clicks_obj = await self.parse(field if isinstance(field, str) else clicks, "clicks")
             else:
                 data = await request.body()
-                clicks_obj = parse_json(clicks, "clicks")
+                clicks_obj = await self.parse(clicks, "clicks")
             predictor = self.current()
             watch = Stopwatch(self.metrics)
-            image, affine = await self.decode(data, watch)
-            self.check_clicks(clicks_obj, tuple(image.shape))  # before preprocessing: fail fast
-            prepared = await self.prepare(predictor, image, affine, watch)
+            # Clicks are checked against the declared shape before any voxel is decoded: fail fast.
+            prepared = await self.load(predictor, data, watch, clicks_obj)
             mask = await self.segment(predictor, prepared, clicks_obj, watch)
             body = await self.encode(mask, prepared.orig_affine, extension, "uint8", watch)
         return _mask_response(body, extension, watch, predictor.version)
@@ -132,7 +135,7 @@ class DeepEditService(MonaiLabelRoutes, ServiceCore):
         async with self.deadline():
             data = await self._upload(request, "file")
             watch = Stopwatch(self.metrics)
-            session_id, info = await self.open_session(data, watch)
+            session_id, info = await self.open_session(data, watch, owner=caller_id(request))
         return JSONResponse({"session_id": session_id, **info, "expires_in_s": self.settings.session_ttl_s},
                             status_code=201, headers={"Server-Timing": server_timing(watch.timings)})
 
@@ -151,7 +154,7 @@ class DeepEditService(MonaiLabelRoutes, ServiceCore):
         """JSON clicks body (empty: automatic) -> mask, from the cached volume: no upload, no preprocess."""
         extension = _extension(format)
         async with self.deadline():
-            clicks_obj = parse_json(await request.body(), "request body (clicks)")
+            clicks_obj = await self.parse(await request.body(), "request body (clicks)")
             predictor = self.current()
             entry = self.store.get(session_id)
             prepared = self.cached(entry, predictor)

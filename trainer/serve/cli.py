@@ -97,9 +97,27 @@ def check_checkpoint_uri(uri: str) -> None:
         raise CheckpointError(f"checkpoint {uri!r} does not exist: pass the path of a .pt file written by training")
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def check_bind(host: str, args, insecure: bool) -> None:
+    """Refuse a non-loopback bind without a bearer token unless the operator passed `insecure`.
+
+    Also reads the token now (in the driver), so a missing or short token fails before Ray starts.
+
+    Raises:
+        ValueError: naming the host and the fix.
+    """
+    token = args.auth_token() if (args.auth_token_env or args.auth_token_file) else None
+    if token is None and host not in LOOPBACK_HOSTS and not insecure:
+        raise ValueError(f"refusing to serve on {host} without a bearer token: anyone who can reach it could use it. "
+                         "Pass --token-file FILE (or --token-env VAR) with a token of 32+ characters "
+                         "(`openssl rand -hex 32`), or --insecure to serve without one")
+
+
 def start_local(checkpoint: str, *, port: int = 8000, host: str = "127.0.0.1", metrics_export_port: int | None = None,
                 num_cpus: int | None = None, route_prefix: str = "/", app_name: str = APP_NAME,
-                ready_timeout_s: float = 180.0, **opts) -> str:
+                ready_timeout_s: float = 180.0, insecure: bool = False, **opts) -> str:
     """Serve `checkpoint` on a local Ray; returns the base URL once the model answers `/readyz`.
 
     The application is deployed from a config (`import_path` + typed `args`), exactly as a KubeRay
@@ -112,6 +130,7 @@ def start_local(checkpoint: str, *, port: int = 8000, host: str = "127.0.0.1", m
         num_cpus: logical CPUs of the local Ray (default: the machine's).
         route_prefix, app_name: where the application is mounted.
         ready_timeout_s: give up (and raise TimeoutError) after this long.
+        insecure: allow a non-loopback `host` without a bearer token (`check_bind`).
         **opts: further `ServeArgs` fields (device, max_batch_size, auth_token_env, ...).
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -121,6 +140,7 @@ def start_local(checkpoint: str, *, port: int = 8000, host: str = "127.0.0.1", m
     from .settings import ServeArgs
 
     args = ServeArgs(checkpoint=checkpoint, **opts)  # validate before starting anything
+    check_bind(host, args, insecure)
     if not ray.is_initialized():
         # address="local": always a fresh cluster, never one another process on this machine started.
         init: dict = {"address": "local", "include_dashboard": False, "num_cpus": num_cpus, "configure_logging": False,
@@ -182,7 +202,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     opts = {"device": args.device} if getattr(args, "device", None) else {}
     if getattr(args, "click_radius", None) is not None:
         opts["click_radius"] = args.click_radius
-    url = start_local(checkpoint, host=args.host, port=args.port, **opts)
+    if getattr(args, "token_file", None):
+        opts["auth_token_file"] = os.path.abspath(args.token_file)
+    if getattr(args, "token_env", None):
+        opts["auth_token_env"] = args.token_env
+    try:
+        from .settings import ServeArgs
+
+        check_bind(args.host, ServeArgs(checkpoint=checkpoint, **opts), getattr(args, "insecure", False))
+    except ValueError as exc:
+        import sys
+
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    url = start_local(checkpoint, host=args.host, port=args.port, insecure=getattr(args, "insecure", False), **opts)
     print(f"serving {checkpoint} at {url} (native API /v1/..., MONAI Label API /info/); Ctrl-C to stop", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -1,28 +1,40 @@
 """The service core shared by the native and MONAI Label routes: model holder and pipeline stages.
 
 Every request runs decode -> preprocess -> clicks -> forward -> postprocess -> encode, the same code as
-`spleen-deepedit infer` (the one `Predictor`). CPU-heavy stages run in worker threads so the event loop
-keeps accepting requests and filling batches; the forward pass of concurrent requests is batched with
-`@serve.batch`. A request takes the predictor reference once at its start, so a model swap in
-`reconfigure` never mixes two models inside one request.
+`spleen-deepedit infer` (the one `Predictor`). CPU-heavy stages (and click parsing and validation) run
+in worker threads so the event loop keeps accepting requests and filling batches; the forward pass of
+concurrent requests is batched with `@serve.batch`, never more than `max_batch_size` volumes at once.
+A request takes the predictor reference once at its start, so a model swap in `reconfigure` never
+mixes two models inside one request.
+
+Bounded cost: the upload's header is read first (`codecs.read_header`), which prices decode +
+preprocess (`NiftiPlan.work_bytes`); the request then reserves that many bytes of the replica's
+`MemoryBudget` (waiting up to `admission_wait_s`, else 503 + Retry-After) and holds them until its
+volume is preprocessed. A request past `request_timeout_s` stops at the next stage boundary: the
+stage running in a thread is waited for (`finish_work`), so the request's concurrency slot is not
+given to another request while its work still runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import os
+import threading
 import time
 from typing import Any
 
 import numpy as np
 from ray import serve
 
-from .codecs import VolumeLimits, decode_nifti, encode_mask
-from .errors import ApiError
+from .codecs import NiftiPlan, VolumeLimits, decode_volume, encode_mask, read_header
+from .errors import ApiError, scrub
+from .inputs import check_clicks
 from .metrics import create_metrics
 from .sessions import SessionStore
-from .settings import ServeArgs
+from .settings import ServeArgs, read_token_file
 from . import ingress
 
 log = logging.getLogger("trainer.serve")
@@ -63,6 +75,108 @@ def redact(uri: str | None) -> str | None:
     return None if uri is None else str(uri).rstrip("/").rsplit("/", 1)[-1]
 
 
+async def finish_work(awaitable):
+    """Await `awaitable`; if the caller is cancelled (deadline, disconnect), first let the work finish.
+
+    A thread cannot be stopped, so a timed-out request waits here for its running stage and only then
+    propagates the cancellation: the request (and its Serve concurrency slot) ends when its work has
+    stopped, and the next stage never starts.
+    """
+    task = asyncio.ensure_future(awaitable)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            try:
+                await asyncio.wait([task])
+            except asyncio.CancelledError:
+                continue
+        if not task.cancelled():
+            task.exception()  # retrieved: the request is answered with the timeout, not this
+        raise
+
+
+def memory_limit_bytes() -> int:
+    """The replica's memory limit: its cgroup's (a Kubernetes container limit), else the machine's RAM."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:
+            return int(text)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class MemoryBudget:
+    """Bytes of decode + preprocess in flight in one replica; a request reserves its estimate first.
+
+    Args:
+        capacity: bytes that may be in flight at once.
+        wait_s: how long a request waits for room before it gets 503 + Retry-After.
+        retry_after_s: the Retry-After value.
+    """
+
+    POLL_S = 0.02
+
+    def __init__(self, capacity: int, wait_s: float, retry_after_s: int):
+        self.capacity = capacity
+        self.wait_s = wait_s
+        self.retry_after_s = retry_after_s
+        self.in_flight = 0
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, nbytes: int):
+        if nbytes > self.capacity:
+            raise ApiError(413, "volume_too_large", f"decoding and preprocessing this volume needs about {nbytes} bytes, more "
+                           f"than the replica's budget of {self.capacity} (memory_budget_bytes): send a smaller volume")
+        deadline = time.monotonic() + self.wait_s
+        while self.in_flight + nbytes > self.capacity:
+            if time.monotonic() >= deadline:
+                raise ApiError(503, "memory_busy", f"the replica is decoding {self.in_flight} bytes of other volumes; retry "
+                               "later", {"Retry-After": str(self.retry_after_s)})
+            await asyncio.sleep(self.POLL_S)
+        self.in_flight += nbytes  # the event loop is one thread: check and add are atomic
+        try:
+            yield
+        finally:
+            self.in_flight -= nbytes
+
+
+class WorkGauge:
+    """Stage threads running in this replica now, and the most ever at once (`/v1/info` counters).
+
+    With `finish_work`, a request runs at most one stage thread at a time and ends only after it, so
+    the peak stays at most `max_ongoing_requests` even when requests time out (the tests check it).
+    """
+
+    def __init__(self):
+        self.now = 0
+        self.peak = 0
+        self._lock = threading.Lock()
+
+    def wrap(self, fn):
+        def counted(*args):
+            with self._lock:
+                self.now += 1
+                self.peak = max(self.peak, self.now)
+            try:
+                return fn(*args)
+            finally:
+                with self._lock:
+                    self.now -= 1
+        return counted
+
+
+WORK = WorkGauge()
+
+
+async def in_thread(fn, *args):
+    """`fn(*args)` in a worker thread, counted by `WORK`, waited for even if the request is cancelled."""
+    return await finish_work(asyncio.to_thread(WORK.wrap(fn), *args))
+
+
 class Stopwatch:
     """Collects stage durations for the `Server-Timing` header and the stage histogram."""
 
@@ -78,7 +192,7 @@ class Stopwatch:
     async def run(self, stage: str, fn, *args):
         t0 = time.perf_counter()
         try:
-            return await asyncio.to_thread(fn, *args)
+            return await in_thread(fn, *args)
         finally:
             self.add(stage, time.perf_counter() - t0)
 
@@ -88,18 +202,30 @@ class ServiceCore:
 
     def __init__(self, settings: ServeArgs):
         self.settings = settings
-        self.limits = VolumeLimits(max_voxels=settings.max_voxels, max_dim=settings.max_dim)
-        self.store = SessionStore(settings.session_ttl_s, settings.session_max_bytes)
+        self.limits = VolumeLimits(max_voxels=settings.max_voxels, max_dim=settings.max_dim,
+                                   max_volume_bytes=settings.max_volume_bytes, max_extension_bytes=settings.max_extension_bytes,
+                                   max_gzip_members=settings.max_gzip_members)
+        self.store = SessionStore(settings.session_ttl_s, settings.session_max_bytes,
+                                  caller_max_entries=settings.caller_max_sessions,
+                                  caller_max_bytes=int(settings.session_max_bytes * settings.caller_max_share))
+        budget = settings.memory_budget_bytes or memory_limit_bytes() // 2
+        self.budget = MemoryBudget(budget, settings.admission_wait_s, settings.retry_after_s)
         self.metrics = create_metrics()
         self.predictor = None
         self.checkpoint_uri: str | None = None
         self.reload_error: dict[str, str] | None = None
-        self.counters = {"preprocess": 0, "forward": 0, "forward_batches": 0}
+        self.counters = {"preprocess": 0, "forward": 0, "forward_batches": 0, "max_forward_batch": 0}
         self._swap_lock = asyncio.Lock()
         self._forward_batch.set_max_batch_size(settings.max_batch_size)
         self._forward_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
-        ingress.configure(token=settings.auth_token(), max_upload_bytes=settings.max_upload_bytes,
-                       cors_origins=settings.cors_origins, metrics=self.metrics)
+        tokens = ingress.TokenSource(settings.auth_token(), settings.auth_token_file,
+                                     read_token_file if settings.auth_token_file else None)
+        if tokens.get() is None:
+            log.warning("authentication is OFF: every client that reaches this replica can use it "
+                        "(set auth_token_file or auth_token_env; see docs/serving.md, Security)")
+        ingress.configure(tokens=tokens, max_upload_bytes=settings.max_upload_bytes, cors_origins=settings.cors_origins,
+                          metrics=self.metrics, max_json_bytes=settings.max_json_bytes,
+                          auth_rate_per_min=settings.auth_token_rate_per_min)
 
     # ------------------------------------------------------------------ model lifecycle
 
@@ -124,7 +250,8 @@ class ServiceCore:
                 if self.predictor is None:
                     raise
                 log.error("keeping %s: loading %s failed: %s", self.predictor.version, uri, exc)
-                self.reload_error = {"checkpoint": redact(uri), "error": f"{type(exc).__name__}: {exc}"}
+                # Clients see no paths, URIs or endpoints (the log above keeps them).
+                self.reload_error = {"checkpoint": redact(uri), "error": scrub(f"{type(exc).__name__}: {exc}")[:300]}
                 return
             self.predictor, self.checkpoint_uri, self.reload_error = predictor, uri, None
             self.metrics.set_model(predictor.version, predictor.profile.name)
@@ -151,36 +278,45 @@ class ServiceCore:
 
     # ------------------------------------------------------------------ stages
 
-    async def decode(self, data: bytes, watch: Stopwatch) -> tuple[np.ndarray, np.ndarray]:
-        image, affine = await watch.run("decode", decode_nifti, data, self.limits)
-        self.metrics.input_voxels.observe(float(image.size))
-        return image, affine
+    async def load(self, predictor, data: bytes, watch: Stopwatch, clicks: Any = None):
+        """Upload -> Prepared: header checked and priced, memory reserved, decoded, preprocessed.
+
+        `clicks`, if given, are checked against the declared shape before any voxel is decoded.
+        """
+        plan: NiftiPlan = await watch.run("decode", read_header, data, self.limits)
+        if clicks is not None:
+            await in_thread(self.check_clicks, clicks, plan.shape)
+        async with self.budget.reserve(plan.work_bytes):
+            image, affine = await watch.run("decode", decode_volume, data, plan, self.limits)
+            self.metrics.input_voxels.observe(float(image.size))
+            return await self.prepare(predictor, image, affine, watch)
 
     async def prepare(self, predictor, image: np.ndarray, affine: np.ndarray, watch: Stopwatch):
         from trainer.data import DataError
 
         try:
             prepared = await watch.run("preprocess", predictor.preprocess, image, affine)
-        except DataError as exc:
-            raise ApiError(422, "bad_volume", str(exc)) from None
+        except (DataError, ValueError) as exc:  # nibabel's OrientationError is a ValueError
+            raise ApiError(422, "bad_volume", scrub(str(exc))[:300]) from None
         self.counters["preprocess"] += 1
         return prepared
 
-    def check_clicks(self, clicks: Any, shape: tuple[int, int, int]):
-        from trainer.predictor import ClickError, validate_clicks
+    async def parse(self, text: str | bytes | None, what: str) -> Any:
+        """Bounded JSON parsing (`inputs.parse_json`), in a worker thread."""
+        return await in_thread(ingress.parse_json, text, what)
 
-        try:
-            return validate_clicks(clicks, shape)
-        except ClickError as exc:
-            raise ApiError(400, "bad_clicks", str(exc)) from None
+    def check_clicks(self, clicks: Any, shape: tuple[int, int, int]):
+        return check_clicks(clicks, shape, self.settings.max_clicks_per_label)
+
+    def _map_clicks(self, predictor, prepared, clicks: Any):
+        checked = self.check_clicks(clicks, prepared.orig_shape)
+        return predictor.map_clicks(checked, prepared), predictor.grid_points(checked, prepared)
 
     async def segment(self, predictor, prepared, clicks: Any, watch: Stopwatch) -> np.ndarray:
-        """Validated clicks -> uint8 mask in the original array order."""
-        checked = self.check_clicks(clicks, prepared.orig_shape)
-        net_clicks = predictor.map_clicks(checked, prepared)
-        exact = predictor.grid_points(checked, prepared)
+        """Validated clicks -> uint8 mask in the original array order (validation off the event loop)."""
+        net_clicks, exact = await in_thread(self._map_clicks, predictor, prepared, clicks)
         t0 = time.perf_counter()
-        prob = await self._forward_batch(predictor, prepared, net_clicks, exact)
+        prob = await finish_work(self._forward_batch(predictor, prepared, net_clicks, exact))
         watch.add("forward", time.perf_counter() - t0)
         return await watch.run("postprocess", predictor.postprocess, prob, prepared)
 
@@ -197,26 +333,41 @@ class ServiceCore:
         groups: dict[int, list[int]] = {}
         for i, p in enumerate(predictors):
             groups.setdefault(id(p), []).append(i)
-        for idx in groups.values():
-            pred = predictors[idx[0]]
-            prob = await asyncio.to_thread(pred.forward, [prepared[i] for i in idx], [net_clicks[i] for i in idx],
-                                           [exact[i] for i in idx])
-            for j, i in enumerate(idx):
-                out[i] = prob[j]
+        limit = self.settings.max_batch_size  # one forward never holds more volumes than this
+        for group in groups.values():
+            for start in range(0, len(group), limit):
+                idx = group[start:start + limit]
+                pred = predictors[idx[0]]
+                prob = await asyncio.to_thread(WORK.wrap(pred.forward), [prepared[i] for i in idx],
+                                               [net_clicks[i] for i in idx], [exact[i] for i in idx])
+                self.counters["max_forward_batch"] = max(self.counters["max_forward_batch"], len(idx))
+                for j, i in enumerate(idx):
+                    out[i] = prob[j]
         return out
 
     # ------------------------------------------------------------------ sessions
 
-    async def open_session(self, data: bytes, watch: Stopwatch, image_id: str | None = None) -> tuple[str, dict]:
-        """Upload -> cached Prepared; returns (session id or image id, info)."""
+    async def open_session(self, data: bytes, watch: Stopwatch, image_id: str | None = None,
+                           owner: str = "anon") -> tuple[str, dict]:
+        """Upload -> cached Prepared; returns (session id or image id, info).
+
+        Datastore images are scoped to `owner`; an id that holds another volume is refused (409)
+        before the upload is decoded.
+        """
         predictor = self.current()
-        image, affine = await self.decode(data, watch)
-        prepared = await self.prepare(predictor, image, affine, watch)
+        digest = None
+        if image_id is not None:
+            digest = await in_thread(lambda: hashlib.blake2b(data, digest_size=16).hexdigest())
+            self.store.check_image_free(image_id, owner, digest)
+        prepared = await self.load(predictor, data, watch)
         info = {"shape": list(prepared.orig_shape), "profile": predictor.profile.name, "model_version": predictor.version}
+        # Charge what the entry will hold: the automatic pass a session caches (as big as the
+        # network-grid image) is added after its first segmentation.
+        nbytes = prepared.nbytes + (prepared.image.element_size() * prepared.image.nelement() if prepared.auto_prob is None else 0)
         if image_id is None:
-            key = self.store.create(prepared, prepared.nbytes, info)
+            key = self.store.create(prepared, nbytes, info, owner)
         else:
-            self.store.put_image(image_id, prepared, prepared.nbytes, info)
+            self.store.put_image(image_id, prepared, nbytes, info, owner, digest)
             key = image_id
         self.update_gauges()
         return key, info
@@ -226,6 +377,11 @@ class ServiceCore:
         if entry.info["profile"] != predictor.profile.name:
             raise ApiError(404, "unknown_session", "the session was prepared for another model profile: upload the volume again")
         return entry.value
+
+    def counters_view(self) -> dict[str, int]:
+        """Stage counters plus the peak of concurrently running stage threads (read here, in this
+        module: the deployment class is serialized by value, so its module globals are copies)."""
+        return {**self.counters, "stage_threads_peak": WORK.peak}
 
     def update_gauges(self) -> None:
         stats = self.store.stats()

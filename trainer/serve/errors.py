@@ -3,6 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
+
+#: What must not reach a client: URIs (s3://, https://...), host:port endpoints and absolute paths.
+_PRIVATE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+|\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b|\b[\w.-]+\.[a-z]{2,}:\d+\b"
+                      r"|(?<![\w.])(?:~|[A-Za-z]:)?[/\\](?:[\w.@+-]+[/\\])+[\w.@+-]*")
+
+
+def scrub(text: str) -> str:
+    """`text` with URIs, endpoints and absolute paths replaced by `<redacted>` (logs keep the original).
+
+    For exception messages shown to clients: a failed checkpoint load names its bucket, key and S3
+    endpoint, a failed read its local path.
+    """
+    return _PRIVATE.sub("<redacted>", text)
 
 
 class ApiError(Exception):

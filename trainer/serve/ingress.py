@@ -1,59 +1,166 @@
 """The FastAPI app shared by the native and MONAI Label routes, and its guard middleware.
 
 The guard is the one place that sees every request: bearer-token check (every route but health),
-upload size limit (413, from `Content-Length` and while streaming), the request metrics, CORS, and a
-last-resort handler that turns an unexpected exception into a JSON 500 without a stack trace. Its
-settings come from the replica (`configure`), which runs before the first request; each replica is
-its own process, so the module-level state is per replica.
+upload size limit (413, from `Content-Length` and while streaming; 4 KiB on `/auth/token`), a rate
+limit on `/auth/token` (429), the request metrics, CORS, and a last-resort handler that turns an
+unexpected exception into a JSON 500 without a stack trace. It drops Ray Serve's per-request client
+headers (`x-request-timeout-seconds`, `x-request-disconnect-disabled`) before the app sees them: the
+replica's own deadline governs (Ray's HTTP proxy reads them before us, so an Ingress in front should
+strip them too; see docs/serving.md). Its settings come from the replica (`configure`), which runs
+before the first request; each replica is its own process, so the module-level state is per replica.
 """
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import hmac
 import json
 import logging
+import os
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import ApiError
+from .inputs import parse_json as _parse_json_bounded
 
 log = logging.getLogger("trainer.serve")
 
 #: Routes answered without a token: liveness and readiness probes, and MONAI Label's auth discovery.
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/auth/", "/auth/token"})
+#: Body limit of the public token route (an OAuth2 password form is a few hundred bytes).
+AUTH_BODY_BYTES = 4096
+#: Ray Serve reads these client headers to change its proxy timeout and disconnect handling.
+RAY_CLIENT_HEADERS = frozenset({b"x-request-timeout-seconds", b"x-request-disconnect-disabled"})
+#: A token file is checked for changes at most this often.
+TOKEN_RECHECK_S = 1.0
 
-api = FastAPI(title="spleen-deepedit", docs_url=None, redoc_url=None, openapi_url=None)
+
+class TokenSource:
+    """The bearer token: fixed, or read from a file and re-read when the file changes (rotation).
+
+    A file that becomes unreadable or holds a short token keeps the previous token (and logs why),
+    so a half-written Secret update never opens or locks the service.
+    """
+
+    def __init__(self, token: str | None = None, path: str | None = None, reader: Callable[[str], str] | None = None):
+        self._token = token
+        self._path = path
+        self._reader = reader
+        self._stamp: tuple | None = None
+        self._checked = 0.0
+        if path is not None:
+            self._stamp = self._stat()
+
+    def _stat(self) -> tuple | None:
+        try:
+            st = os.stat(self._path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def get(self) -> str | None:
+        if self._path is not None and time.monotonic() - self._checked >= TOKEN_RECHECK_S:
+            self._checked = time.monotonic()
+            stamp = self._stat()
+            if stamp != self._stamp:
+                try:
+                    self._token = self._reader(self._path)
+                    self._stamp = stamp
+                    log.info("bearer token re-read from its file")
+                except ValueError as exc:
+                    log.error("keeping the previous bearer token: %s", exc)
+        return self._token
+
+
+class RateLimiter:
+    """At most `per_min` events per key in any 60 s window (sliding log, bounded keys)."""
+
+    def __init__(self, per_min: int, max_keys: int = 10_000):
+        self.per_min = per_min
+        self.max_keys = max_keys
+        self._log: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()
+
+    def allow(self, key: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        events = self._log.pop(key, None) or collections.deque()
+        while events and now - events[0] >= 60.0:
+            events.popleft()
+        allowed = len(events) < self.per_min
+        if allowed:
+            events.append(now)
+        self._log[key] = events
+        while len(self._log) > self.max_keys:
+            self._log.popitem(last=False)
+        return allowed
+
+class ErrorBody(BaseModel):
+    """The one error shape (see `errors.ApiError`), declared so the OpenAPI document tells the truth."""
+
+    error: str
+    detail: str
+
+
+_ERROR_RESPONSES: dict = {code: {"model": ErrorBody, "description": text} for code, text in (
+    ("4XX", "client error: the detail names the value and the fix"),
+    ("503", "overloaded, out of decode memory, timed out or not ready (with Retry-After)"))}
+
+# No OpenAPI route is served (`openapi_url=None`); `api.openapi()` still builds the document (tests fuzz it).
+api = FastAPI(title="spleen-deepedit", docs_url=None, redoc_url=None, openapi_url=None, responses=_ERROR_RESPONSES)
 
 
 class _Runtime:
     """What the guard needs from the replica; set by `configure` in the deployment's `__init__`."""
 
-    token: str | None = None
+    tokens: TokenSource = TokenSource()
     max_upload_bytes: int = 512 * 1024 * 1024
+    max_json_bytes: int = 64 * 1024
     cors_origins: tuple[str, ...] = ()
     metrics: Any = None
+    auth_limiter: RateLimiter = RateLimiter(10)
+
+    @property
+    def token(self) -> str | None:
+        return self.tokens.get()
 
 
 RUNTIME = _Runtime()
 
 
-def configure(*, token: str | None, max_upload_bytes: int, cors_origins: list[str], metrics: Any) -> None:
-    RUNTIME.token = token
+def configure(*, tokens: TokenSource, max_upload_bytes: int, cors_origins: list[str], metrics: Any,
+              max_json_bytes: int = 64 * 1024, auth_rate_per_min: int = 10) -> None:
+    RUNTIME.tokens = tokens
     RUNTIME.max_upload_bytes = max_upload_bytes
+    RUNTIME.max_json_bytes = max_json_bytes
     RUNTIME.cors_origins = tuple(cors_origins)
     RUNTIME.metrics = metrics
+    RUNTIME.auth_limiter = RateLimiter(auth_rate_per_min)
 
 
 def token_matches(given: str | None) -> bool:
     """Constant-time comparison with the configured token."""
-    return RUNTIME.token is not None and given is not None and hmac.compare_digest(given.encode(), RUNTIME.token.encode())
+    token = RUNTIME.token
+    return token is not None and given is not None and hmac.compare_digest(given.encode(), token.encode())
+
+
+def caller_id(request: Request) -> str:
+    """Who is calling, for scoping datastore ids and session quotas: a digest of the bearer token.
+
+    Anonymous callers (auth off) share the scope `anon`; they never see an authenticated caller's
+    ids, and a token's digest reveals nothing about the token.
+    """
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        return "anon"
+    return "t" + hashlib.sha256(given.strip().encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- error handlers
@@ -118,8 +225,10 @@ class Guard:
         root = scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root):] or "/"
+        if any(k.lower() in RAY_CLIENT_HEADERS for k, _ in scope.get("headers", [])):
+            scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() not in RAY_CLIENT_HEADERS])
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        limit = RUNTIME.max_upload_bytes
+        limit = AUTH_BODY_BYTES if path == "/auth/token" else RUNTIME.max_upload_bytes
 
         async def send_w(message):
             if message["type"] == "http.response.start":
@@ -162,7 +271,12 @@ class Guard:
 
     @staticmethod
     def _check(scope, path: str, headers: dict[str, str], limit: int):
-        """An early response (auth, size) or None."""
+        """An early response (auth, size, rate) or None."""
+        if path == "/auth/token" and scope.get("method") == "POST":
+            client = (scope.get("client") or ("?", 0))[0]
+            if not RUNTIME.auth_limiter.allow(str(client)):
+                return _json_error(429, "too_many_requests", f"more than {RUNTIME.auth_limiter.per_min} token requests a minute "
+                                   "from this address: wait a minute", {"Retry-After": "60"})
         if RUNTIME.token is not None and path not in PUBLIC_PATHS and scope.get("method") != "OPTIONS":
             auth = headers.get("authorization", "")
             scheme, _, given = auth.partition(" ")
@@ -207,20 +321,8 @@ api.add_middleware(Guard)
 
 
 def parse_json(text: str | bytes | None, what: str) -> Any:
-    """JSON from a field or body, 400 naming the field and the position on error."""
-    if text is None:
-        return None
-    if isinstance(text, bytes):
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ApiError(400, "bad_json", f"{what} is not UTF-8 text") from None
-    if not text.strip():
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ApiError(400, "bad_json", f"{what} is not valid JSON ({exc.msg} at char {exc.pos})") from None
+    """JSON from a field or body within the replica's `max_json_bytes` (see `inputs.parse_json`)."""
+    return _parse_json_bounded(text, what, RUNTIME.max_json_bytes)
 
 
 async def read_form(request: Request):

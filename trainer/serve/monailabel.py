@@ -23,7 +23,7 @@ from trainer.config import LABELS
 from .codecs import MASK_DTYPES, MASK_EXTENSIONS
 from .core import Stopwatch
 from .errors import ApiError
-from .ingress import RUNTIME, api, form_file, parse_json, read_form, token_matches
+from .ingress import RUNTIME, api, caller_id, form_file, read_form, token_matches
 
 #: DeepGrow-style clients send `foreground` for the label being edited.
 FOREGROUND_SYNONYM = "foreground"
@@ -93,13 +93,14 @@ class MonaiLabelRoutes:
     @api.post("/auth/token")
     async def ml_auth_token(self, request: Request) -> JSONResponse:
         """OAuth2 password form as Slicer sends it: the password is the service token (username ignored)."""
-        if RUNTIME.token is None:
+        token = RUNTIME.token
+        if token is None:
             raise ApiError(404, "auth_disabled", "authentication is not enabled on this server")
-        form = await read_form(request)
+        form = await read_form(request)  # the guard caps this body at ingress.AUTH_BODY_BYTES
         password = form.get("password")
         if not isinstance(password, str) or not token_matches(password):
             raise ApiError(401, "unauthorized", "invalid credentials: use the service token as the password")
-        return JSONResponse({"access_token": RUNTIME.token, "token_type": "bearer"})
+        return JSONResponse({"access_token": token, "token_type": "bearer"})
 
     @api.put("/session/")
     async def ml_create_session(self, request: Request) -> dict:
@@ -108,7 +109,7 @@ class MonaiLabelRoutes:
             data = await form_file(form, "files", "file")
             if data is None:
                 raise ApiError(400, "missing_file", "multipart body has no file field 'files'")
-            session_id, _ = await self.open_session(data, Stopwatch(self.metrics))
+            session_id, _ = await self.open_session(data, Stopwatch(self.metrics), owner=caller_id(request))
         entry = self.store.get(session_id)
         return {"session_id": session_id, "session_info": _session_info(session_id, entry, self.settings.session_ttl_s)}
 
@@ -134,7 +135,7 @@ class MonaiLabelRoutes:
                 upload = form.get("file")
                 image = re.sub(r"(\.nii\.gz|\.nii)$", "", getattr(upload, "filename", "") or "")
             self.store.check_image_id(image)
-            await self.open_session(data, Stopwatch(self.metrics), image_id=image)
+            await self.open_session(data, Stopwatch(self.metrics), image_id=image, owner=caller_id(request))
         return {"image": image}
 
     @api.post("/infer/{model}")
@@ -148,7 +149,7 @@ class MonaiLabelRoutes:
         async with self.deadline():
             form = await read_form(request) if request.headers.get("content-type") else {}
             field = form.get("params") if form else None
-            params = parse_json(field if isinstance(field, str) else None, "params") or {}
+            params = await self.parse(field if isinstance(field, str) else None, "params") or {}
             if not isinstance(params, dict):
                 raise ApiError(400, "bad_params", f"params must be a JSON object, got {type(params).__name__}")
             extension = params.get("result_extension", ".nii.gz")
@@ -168,11 +169,9 @@ class MonaiLabelRoutes:
                 entry = self.store.get(session_id)
                 prepared = self.cached(entry, predictor)
             elif data is not None:
-                img, affine = await self.decode(data, watch)
-                self.check_clicks(clicks, tuple(img.shape))
-                prepared = await self.prepare(predictor, img, affine, watch)
+                prepared = await self.load(predictor, data, watch, clicks)
             elif image is not None:
-                prepared = self.cached(self.store.get_image(image), predictor)
+                prepared = self.cached(self.store.get_image(image, caller_id(request)), predictor)
             else:
                 raise ApiError(400, "missing_image", "give session_id, image (uploaded with PUT /datastore/) or a 'file' field")
             t0 = time.perf_counter()

@@ -7,6 +7,13 @@ Session ids are 128 random bits (hex); ids from clients are checked against that
 lookup, and are never used as paths. Datastore images (MONAI Label `PUT /datastore/?image=`) have
 client-chosen ids, checked against a conservative pattern, in a separate namespace of the same cache.
 
+Every entry belongs to a caller (`ingress.caller_id`: a digest of its token, or `anon`). Datastore ids
+are scoped to the caller, and within a caller an id that holds another volume is not overwritten
+(409: the first client would otherwise get masks of the second's volume). A caller holds at most
+`caller_max_entries` entries and `caller_max_bytes` bytes: past either, its own least recently used
+entries go first, so one caller cannot evict everyone else's sessions. An entry's size is what it
+will hold at most, including the automatic pass a session caches after its first segmentation.
+
 The cache lives in one replica. With several replicas a client may reach one that does not hold its
 session: it gets 404 and uploads again (what 3D Slicer does after `GET /session/{id}` answers 404).
 """
@@ -36,6 +43,8 @@ class Entry:
     last_used: float
     uses: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    owner: str = "anon"
+    digest: str | None = None  # datastore images: what was uploaded, to refuse silent overwrites
 
 
 class SessionStore:
@@ -47,11 +56,14 @@ class SessionStore:
         clock: monotonic seconds (injectable for tests).
     """
 
-    def __init__(self, ttl_s: float, max_bytes: int, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, ttl_s: float, max_bytes: int, clock: Callable[[], float] = time.monotonic, *,
+                 caller_max_entries: int | None = None, caller_max_bytes: int | None = None):
         if ttl_s <= 0 or max_bytes <= 0:
             raise ValueError("session ttl_s and max_bytes must be positive")
         self.ttl_s = ttl_s
         self.max_bytes = max_bytes
+        self.caller_max_entries = caller_max_entries
+        self.caller_max_bytes = max_bytes if caller_max_bytes is None else min(caller_max_bytes, max_bytes)
         self._clock = clock
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self._bytes = 0
@@ -73,19 +85,36 @@ class SessionStore:
 
     # -------------------------------------------------------------- cache
 
-    def create(self, value: Any, nbytes: int, info: dict[str, Any]) -> str:
+    def create(self, value: Any, nbytes: int, info: dict[str, Any], owner: str = "anon") -> str:
         session_id = secrets.token_hex(16)
-        self._put("s:" + session_id, value, nbytes, info)
+        self._put("s:" + session_id, value, nbytes, info, owner)
         return session_id
 
-    def put_image(self, image_id: str, value: Any, nbytes: int, info: dict[str, Any]) -> None:
-        self._put("d:" + self.check_image_id(image_id), value, nbytes, info)
+    @staticmethod
+    def _image_key(image_id: str, owner: str) -> str:
+        return f"d:{owner}:{SessionStore.check_image_id(image_id)}"
+
+    def check_image_free(self, image_id: str, owner: str, digest: str) -> None:
+        """409 if the caller's `image_id` holds another volume (checked before decoding the upload)."""
+        with self._lock:
+            self._expire()
+            old = self._entries.get(self._image_key(image_id, owner))
+        if old is not None and old.digest != digest:
+            raise ApiError(409, "image_exists", f"image {image_id!r} already holds another volume: upload it under a new id "
+                           f"(ids expire {self.ttl_s:.0f}s after their last use)")
+
+    def put_image(self, image_id: str, value: Any, nbytes: int, info: dict[str, Any], owner: str = "anon",
+                  digest: str | None = None) -> None:
+        key = self._image_key(image_id, owner)
+        if digest is not None:
+            self.check_image_free(image_id, owner, digest)
+        self._put(key, value, nbytes, info, owner, digest)
 
     def get(self, session_id: str) -> Entry:
         return self._get("s:" + self.check_session_id(session_id), f"session {session_id} is unknown or expired: upload the volume again")
 
-    def get_image(self, image_id: str) -> Entry:
-        return self._get("d:" + self.check_image_id(image_id), f"image {image_id!r} is not in the datastore (or expired): PUT /datastore/?image={image_id} first")
+    def get_image(self, image_id: str, owner: str = "anon") -> Entry:
+        return self._get(self._image_key(image_id, owner), f"image {image_id!r} is not in the datastore (or expired): PUT /datastore/?image={image_id} first")
 
     def delete(self, session_id: str) -> None:
         key = "s:" + self.check_session_id(session_id)
@@ -106,20 +135,36 @@ class SessionStore:
 
     # -------------------------------------------------------------- internals
 
-    def _put(self, key: str, value: Any, nbytes: int, info: dict[str, Any]) -> None:
-        if nbytes > self.max_bytes:
-            raise ApiError(413, "volume_too_large", f"the preprocessed volume ({nbytes} bytes) exceeds the session cache ({self.max_bytes} bytes)")
+    def _put(self, key: str, value: Any, nbytes: int, info: dict[str, Any], owner: str = "anon",
+             digest: str | None = None) -> None:
+        if nbytes > self.caller_max_bytes:
+            raise ApiError(413, "volume_too_large", f"the preprocessed volume ({nbytes} bytes) exceeds one caller's share of the "
+                           f"session cache ({self.caller_max_bytes} bytes: session_max_bytes x caller_max_share)")
         now = self._clock()
         with self._lock:
             self._expire()
             old = self._entries.pop(key, None)
             if old is not None:
                 self._bytes -= old.nbytes
-            self._entries[key] = Entry(value=value, nbytes=nbytes, info=info, created=now, last_used=now)
+            self._entries[key] = Entry(value=value, nbytes=nbytes, info=info, created=now, last_used=now, owner=owner, digest=digest)
             self._bytes += nbytes
+            self._evict_over_quota(owner)
             while self._bytes > self.max_bytes:
                 _, evicted = self._entries.popitem(last=False)
                 self._bytes -= evicted.nbytes
+
+    def _evict_over_quota(self, owner: str) -> None:
+        """The caller's own least recently used entries go while it is over its entry or byte quota."""
+        mine = [k for k, e in self._entries.items() if e.owner == owner]  # oldest first
+        held = sum(self._entries[k].nbytes for k in mine)
+        limit = self.caller_max_entries or len(mine)
+        for k in mine[:-1]:  # never the entry just added (last)
+            if len(mine) <= limit and held <= self.caller_max_bytes:
+                break
+            evicted = self._entries.pop(k)
+            self._bytes -= evicted.nbytes
+            held -= evicted.nbytes
+            mine = mine[1:]
 
     def _get(self, key: str, missing: str) -> Entry:
         with self._lock:
