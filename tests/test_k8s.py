@@ -587,8 +587,38 @@ def test_dockerfile_should_run_as_a_non_root_user_and_install_the_project_pins()
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert commands[-1].cmd == "USER" or final_stage[-1].cmd in ("WORKDIR", "USER")
     installs = " ".join(c.value[0] for c in final_stage if c.cmd == "RUN")
-    assert "[all]" in installs and "ray[train,serve,default]==2.60.0" in installs
+    assert "ray[train,serve,default]==2.60.0" in installs
     assert "torch.__version__.startswith('2.13.0')" in installs  # the build fails on a different torch
+    assert "assert torch.version.cuda" in installs  # ... or on a CPU build of it
+
+
+def test_dockerfile_should_install_dependencies_before_the_code_without_tooling_or_sudo():
+    import tomllib
+
+    commands = _dockerfile()
+    final_stage = commands[max(i for i, c in enumerate(commands) if c.cmd == "FROM"):]
+    runs = [(i, c) for i, c in enumerate(final_stage) if c.cmd == "RUN"]
+    deps = next(i for i, c in runs if "-c /tmp/deps/constraints.txt" in c.value[0])
+    code = next(i for i, c in runs if "--no-deps" in c.value[0] and "spleen_deepedit-" in c.value[0])
+    assert deps < code  # a code change does not rebuild the dependency layer
+    # The dependency layer sees only pyproject.toml, never the code.
+    copies = [c for c in final_stage[:deps] if c.cmd == "COPY"]
+    assert [c.value[:-1] for c in copies] == [("pyproject.toml",)]
+    # The requirements come from the `runtime` extra, constrained by Ray's compiled versions.
+    script = next(h.content for _, c in runs for h in c.heredocs)
+    assert 'expand(["runtime"])' in script and "/home/ray/requirements_compiled.txt" in script
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    runtime = " ".join(extras["runtime"])
+    for tooling in ("k8s", "plots"):  # helm-python-sdk, kubernetes, matplotlib stay out of the image
+        assert tooling not in runtime
+    assert "[all]" not in " ".join(c.value[0] for _, c in runs)
+    # sudo removed (as root), then back to the non-root user for everything after.
+    sudo = next(i for i, c in runs if "purge -y --auto-remove sudo" in c.value[0])
+    assert final_stage[sudo - 1].cmd == "USER" and final_stage[sudo - 1].value[0] == "0"
+    assert all(c.value[0].split(":")[0] not in ("0", "root") for c in final_stage[sudo + 1:] if c.cmd == "USER")
+    # The build stage copies the charts too: the wheel carries them (k8s/charts -> ../charts).
+    build_copies = [c.value[0] for c in commands[:commands.index(final_stage[0])] if c.cmd == "COPY"]
+    assert "charts" in build_copies
 
 
 def test_dockerfile_should_hold_no_secrets_and_copy_no_data():
