@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -591,3 +592,43 @@ def test_checkov_kubernetes_checks_should_pass_on_every_pod_outside_the_skip_lis
     assert failed == [], "\n".join(failed)
     passed = sum(r["summary"]["passed"] for r in reports)
     assert passed > 100, passed  # it really checked the pods
+
+
+# ----------------------------------------------------------------------------- walkthrough and metadata
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "kubernetes.md"
+
+
+def walkthrough_values(name: str) -> dict:
+    """The `# my-train.yaml` / `# my-serve.yaml` block of docs/kubernetes.md."""
+    text = DOCS.read_text()
+    for block in text.split("```yaml\n")[1:]:
+        body = block.split("```", 1)[0]
+        if body.startswith(f"# {name}\n"):
+            return yaml.safe_load(body)
+    raise AssertionError(f"no {name} block in {DOCS}")
+
+
+@pytest.mark.parametrize("chart,name", [(TRAIN, "my-train.yaml"), (SERVE, "my-serve.yaml")], ids=["train", "serve"])
+def test_walkthrough_values_files_should_render_valid_restricted_objects(chart, name):
+    rendered = render(chart, walkthrough_values(name))
+    validate_all(rendered["objects"])
+    pods = operator_pods(ray_object(rendered["objects"]))
+    assert [v for role, pod in pods.items() for v in restricted_violations(pod, role)] == []
+
+
+def test_walkthrough_should_install_the_operator_without_a_servicemonitor_before_its_crd_exists():
+    """Step 2 runs on an empty cluster: a ServiceMonitor there fails with "no matches for kind"."""
+    values = yaml.safe_load((Path(__file__).resolve().parents[1] / "k8s/manifests/kuberay-operator-values.yaml").read_text())
+    assert values["metrics"]["serviceMonitor"]["enabled"] is False
+    text = DOCS.read_text()
+    step2, step3 = text.index("## 2. Install the KubeRay operator"), text.index("## 3. Monitoring")
+    assert text.index("kube-prometheus-stack", step3) < text.index("metrics.serviceMonitor.enabled=true", step3)
+    assert "serviceMonitor.enabled=true" not in text[step2:step3]
+
+
+@pytest.mark.parametrize("chart", [TRAIN, SERVE], ids=["train", "serve"])
+def test_chart_metadata_should_name_sources_maintainers_and_kube_version(chart):
+    meta = yaml.safe_load((chart / "Chart.yaml").read_text())
+    assert meta["sources"] and meta["maintainers"] and meta["kubeVersion"].startswith(">=1.25")
