@@ -23,21 +23,6 @@ import yaml
 RAY_GROUP, RAY_VERSION = "ray.io", "v1"
 #: `jobDeploymentStatus` values after which nothing more happens to a RayJob.
 TERMINAL_PHASES = frozenset({"Complete", "Failed", "ValidationFailed", "Suspended"})
-#: Custom kinds we create: apiVersion, kind -> (group, version, plural).
-CUSTOM_KINDS = {
-    ("ray.io/v1", "RayJob"): (RAY_GROUP, RAY_VERSION, "rayjobs"),
-    ("ray.io/v1", "RayService"): (RAY_GROUP, RAY_VERSION, "rayservices"),
-    ("monitoring.coreos.com/v1", "PodMonitor"): ("monitoring.coreos.com", "v1", "podmonitors"),
-}
-#: Built-in kinds the charts render: kind -> (API class name, create method).
-BUILTIN_KINDS = {
-    "ConfigMap": ("CoreV1Api", "create_namespaced_config_map"),
-    "ServiceAccount": ("CoreV1Api", "create_namespaced_service_account"),
-    "Service": ("CoreV1Api", "create_namespaced_service"),
-    "Ingress": ("NetworkingV1Api", "create_namespaced_ingress"),
-}
-#: Creation order: what the RayJob's pods reference first.
-_ORDER = ["ServiceAccount", "ConfigMap", "Service", "RayJob", "RayService", "Ingress", "PodMonitor"]
 #: The per-epoch line of rank 0 (trainer/train.py), possibly behind Ray's "(RayTrainWorker pid=...)" prefix.
 EPOCH_LINE = re.compile(
     r"epoch (?P<epoch>\d+)/(?P<epochs>\d+)\s+loss (?P<loss>[-0-9.naif]+).*?val spleen dice (?P<val>[0-9.]+|-)"
@@ -45,7 +30,14 @@ EPOCH_LINE = re.compile(
 
 
 class K8sError(RuntimeError):
-    """A Kubernetes operation failed for a reason the user can fix; the message says how."""
+    """A Kubernetes operation failed for a reason the user can fix; the message says how.
+
+    `status`: the API server's HTTP status when there was one (a 5xx one may pass: `follow` waits it out).
+    """
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 # ----------------------------------------------------------------------------- connection
@@ -90,7 +82,7 @@ def api_error(exc: Exception, what: str) -> K8sError:
     hint = {404: " (not found: check the name and --namespace)",
             409: " (already exists: pick another release name or delete the old one)",
             403: " (forbidden: your account lacks RBAC permission)"}.get(status, "")
-    return K8sError(f"{what}: HTTP {status} {message or getattr(exc, 'reason', '')}{hint}".rstrip())
+    return K8sError(f"{what}: HTTP {status} {message or getattr(exc, 'reason', '')}{hint}".rstrip(), status)
 
 
 def custom_objects(api):
@@ -102,8 +94,11 @@ def custom_objects(api):
 def get_rayjob(api, name: str, namespace: str) -> dict:
     from kubernetes.client.exceptions import ApiException
 
+    from .retry import retrying
+
     try:
-        return custom_objects(api).get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayjobs", name)
+        return retrying(lambda: custom_objects(api).get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace,
+                                                                                 "rayjobs", name))
     except ApiException as exc:
         raise api_error(exc, f"RayJob {namespace}/{name}") from None
 
@@ -139,35 +134,6 @@ def _deep_merge(base: dict, override: dict) -> dict:
     for key, value in override.items():
         out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
-
-
-def create_objects(api, objects: list[dict], namespace: str, *, dry_run: bool = False) -> list[str]:
-    """Create the objects in dependency order; returns `Kind/name` of each. `dry_run`: server-side only."""
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
-
-    unknown = [o.get("kind") for o in objects if (o.get("apiVersion"), o.get("kind")) not in CUSTOM_KINDS
-               and o.get("kind") not in BUILTIN_KINDS]
-    if unknown:
-        raise K8sError(f"cannot create kind(s) {sorted(set(map(str, unknown)))}: apply them with kubectl")
-    if not any(o["kind"] in ("RayJob", "RayService") for o in objects):
-        raise K8sError("the manifests hold no RayJob or RayService")
-    extra = {"dry_run": "All"} if dry_run else {}
-    created = []
-    for obj in sorted(objects, key=lambda o: _ORDER.index(o["kind"]) if o["kind"] in _ORDER else len(_ORDER)):
-        obj = {**obj, "metadata": {**obj["metadata"], "namespace": namespace}}
-        what = f"{obj['kind']}/{obj['metadata']['name']}"
-        try:
-            if obj["kind"] in BUILTIN_KINDS:
-                api_class, method = BUILTIN_KINDS[obj["kind"]]
-                getattr(getattr(client, api_class)(api), method)(namespace, obj, **extra)
-            else:
-                group, version, plural = CUSTOM_KINDS[(obj["apiVersion"], obj["kind"])]
-                custom_objects(api).create_namespaced_custom_object(group, version, namespace, plural, obj, **extra)
-        except ApiException as exc:
-            raise api_error(exc, f"creating {what}" + (f" (created so far: {', '.join(created)})" if created else "")) from None
-        created.append(what)
-    return created
 
 
 # ----------------------------------------------------------------------------- status and progress
@@ -251,9 +217,38 @@ def _float(text: str) -> float | None:
         return None
 
 
+def ray_token(api, obj: dict) -> str | None:
+    """Ray's auth token of the job's cluster (`authOptions.mode: token`): from `authOptions.secretName`,
+    else the Secret KubeRay creates per cluster (named after the RayCluster, key `auth_token`).
+    None when auth is off or the Secret cannot be read (then the dashboard answers 401 and the
+    submitter pod's log is used)."""
+    import base64
+
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    spec = obj.get("spec") or {}
+    auth = (spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or {}).get("authOptions") or {}
+    if auth.get("mode") != "token":
+        return None
+    name = auth.get("secretName") or (obj.get("status") or {}).get("rayClusterName")
+    if not name:
+        return None
+    try:
+        secret = client.CoreV1Api(api).read_namespaced_secret(name, obj["metadata"]["namespace"], _request_timeout=15)
+    except ApiException:
+        return None
+    value = (secret.data or {}).get("auth_token")
+    return base64.b64decode(value).decode() if value else None
+
+
 def read_logs(api, obj: dict) -> str:
     """The job's driver log: from the Ray dashboard (through the API server's service proxy) while the
-    cluster lives, else from KubeRay's submitter pod (K8sJobMode). Empty if neither is there yet."""
+    cluster lives, else from KubeRay's submitter pod (K8sJobMode). Empty if neither is there yet.
+
+    With Ray token auth the dashboard wants the token; `Authorization` belongs to the API server on
+    this path, so it goes in Ray's fallback header `x-ray-authorization` (ray/_private/authentication).
+    """
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
@@ -262,8 +257,10 @@ def read_logs(api, obj: dict) -> str:
     cluster, job_id = status.get("rayClusterName"), status.get("jobId")
     if cluster and job_id:
         path = f"/api/v1/namespaces/{namespace}/services/{cluster}-head-svc:dashboard/proxy/api/jobs/{job_id}/logs"
+        token = ray_token(api, obj)
+        headers = {"x-ray-authorization": f"Bearer {token}"} if token else {}
         try:
-            response = api.call_api(path, "GET", auth_settings=["BearerToken"], _preload_content=False,
+            response = api.call_api(path, "GET", header_params=headers, auth_settings=["BearerToken"], _preload_content=False,
                                     _return_http_data_only=True, _request_timeout=15)
             return json.loads(response.data).get("logs", "")
         except (ApiException, ValueError, OSError):
@@ -298,10 +295,21 @@ def get_status(api, name: str, namespace: str, *, progress: bool = True) -> JobS
 def follow(api, name: str, namespace: str, *, interval_s: float = 10.0, timeout_s: float | None = None,
            out: Callable[[str], None] = print) -> JobStatus:
     """Print a line each time the job's phase, attempt, epoch or Dice changes; return at a terminal phase."""
+    from .retry import TRANSIENT_STATUSES
+
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     last = None
     while True:
-        status = get_status(api, name, namespace)
+        try:
+            status = get_status(api, name, namespace)
+        except K8sError as exc:  # still failing after get_rayjob's retries: say so, keep following
+            if exc.status not in TRANSIENT_STATUSES:
+                raise
+            out(f"{name}: API server unavailable ({exc}); still following")
+            if deadline is not None and time.monotonic() > deadline:
+                raise
+            time.sleep(interval_s)
+            continue
         if status.line() != last:
             last = status.line()
             out(last)
@@ -317,16 +325,23 @@ def follow(api, name: str, namespace: str, *, interval_s: float = 10.0, timeout_
 
 def cancel(api, name: str, namespace: str, *, delete: bool = False) -> str:
     """Stop a RayJob: suspend it (the operator deletes its Ray cluster; the object and its run stay, and
-    un-suspending resumes from the last checkpoint), or delete it altogether."""
+    un-suspending resumes from the last checkpoint), or delete it with every object of its release
+    (ConfigMap, ServiceAccount, NetworkPolicy, PodMonitors...: found by the release label)."""
     from kubernetes.client.exceptions import ApiException
 
     custom = custom_objects(api)
     if delete:
-        try:
-            custom.delete_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayjobs", name)
-        except ApiException as exc:
-            raise api_error(exc, f"deleting RayJob {namespace}/{name}") from None
-        return f"deleted RayJob {namespace}/{name}"
+        from .objects import delete_release
+
+        release = (get_rayjob(api, name, namespace)["metadata"].get("labels") or {}).get("app.kubernetes.io/instance")
+        deleted = delete_release(api, release, namespace) if release else []
+        if f"rayjobs/{name}" not in deleted:  # not labelled as a release (plain manifests): the job alone
+            try:
+                custom.delete_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayjobs", name)
+            except ApiException as exc:
+                raise api_error(exc, f"deleting RayJob {namespace}/{name}") from None
+            deleted.insert(0, f"rayjobs/{name}")
+        return f"deleted from {namespace}" + (f" (release {release})" if release else "") + ": " + ", ".join(deleted)
     obj = get_rayjob(api, name, namespace)
     if job_status(obj).terminal:
         return f"RayJob {namespace}/{name} already {job_status(obj).phase}: nothing to cancel"
@@ -339,3 +354,27 @@ def cancel(api, name: str, namespace: str, *, delete: bool = False) -> str:
     except ApiException as exc:
         raise api_error(exc, f"suspending RayJob {namespace}/{name}") from None
     return f"suspended RayJob {namespace}/{name}: its Ray cluster is being deleted; checkpoints stay in storage"
+
+
+# ----------------------------------------------------------------------------- list
+
+
+def list_jobs_and_services(api, namespace: str) -> list[dict[str, str]]:
+    """Every RayJob and RayService in the namespace: kind, name, phase, release (for `k8s list`)."""
+    from kubernetes.client.exceptions import ApiException
+
+    from .retry import retrying
+
+    rows = []
+    for plural, kind in (("rayjobs", "RayJob"), ("rayservices", "RayService")):
+        try:
+            listing = retrying(lambda: custom_objects(api).list_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, plural))
+        except ApiException as exc:
+            raise api_error(exc, f"listing {plural} in {namespace}") from None
+        for obj in listing.get("items", []):
+            status = obj.get("status") or {}
+            phase = status.get("jobDeploymentStatus") if kind == "RayJob" else status.get("serviceStatus")
+            detail = status.get("jobStatus") or ""
+            rows.append({"kind": kind, "name": obj["metadata"]["name"], "phase": phase or "New", "detail": detail,
+                         "release": (obj["metadata"].get("labels") or {}).get("app.kubernetes.io/instance", "")})
+    return rows
