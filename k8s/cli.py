@@ -2,7 +2,7 @@
 
     spleen-deepedit k8s submit  --values my-train.yaml --release spleen-r1 -n ml [--follow]
     spleen-deepedit k8s submit  --manifest rendered.yaml -n ml          # e.g. `helm template` output
-    spleen-deepedit k8s status  spleen-r1 -n ml                         # phase, attempt, epoch, val Dice
+    spleen-deepedit k8s status  spleen-r1 -n ml                         # phase, attempt, epoch, val Dice, Pending pods + why
     spleen-deepedit k8s follow  spleen-r1 -n ml
     spleen-deepedit k8s logs    spleen-r1 -n ml
     spleen-deepedit k8s cancel  spleen-r1 -n ml [--delete]           # --delete: every object of the release
@@ -143,8 +143,10 @@ def _status(api, namespace: str, args: argparse.Namespace) -> int:
     else:
         from .rayjobs import get_status
 
-        status = get_status(api, args.name, namespace)
+        status = get_status(api, args.name, namespace, pods=True)
     print(json.dumps(status.as_dict()) if args.json else status.line())
+    if not args.json and getattr(status, "pending", None):
+        print("pending pods:\n" + "\n".join(f"  {line}" for line in status.pending))
     return 0
 
 

@@ -156,6 +156,7 @@ class JobStatus:
     epochs: int | None = None
     loss: float | None = None
     val_dice: float | None = None
+    pending: list[str] | None = None  # `pod: reason` of Pending pods (status only, not follow)
 
     @property
     def terminal(self) -> bool:
@@ -282,10 +283,20 @@ def read_logs(api, obj: dict) -> str:
     return ""
 
 
-def get_status(api, name: str, namespace: str, *, progress: bool = True) -> JobStatus:
-    """RayJob phase and attempts, plus the latest epoch and validation Dice from its log."""
+def get_status(api, name: str, namespace: str, *, progress: bool = True, pods: bool = False) -> JobStatus:
+    """RayJob phase and attempts, plus the latest epoch and validation Dice from its log, and (`pods`)
+    its Pending pods with the reason (no GPU free, an image that cannot be pulled, ...)."""
     obj = get_rayjob(api, name, namespace)
     status = job_status(obj)
+    if pods and not status.terminal:
+        from kubernetes.client.exceptions import ApiException
+
+        from .pods import pending_pods
+
+        try:
+            status.pending = pending_pods(api, namespace, cluster=status.cluster, job=name)
+        except ApiException as exc:
+            status.pending = [f"(cannot list pods: {api_error(exc, 'pods').args[0]})"]
     if progress and status.phase != "New":
         for key, value in latest_progress(read_logs(api, obj)).items():
             setattr(status, key, value)

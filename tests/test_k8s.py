@@ -82,6 +82,7 @@ class FakeKubeAPI(ThreadingHTTPServer):
         self.job_step = 0
         self.dashboard_up = True
         self.pods: dict[str, str] = {}  # submitter pod name -> log
+        self.pod_objects: list[dict] = []  # full pods (status, labels) for `status`'s Pending view
         self.ray_token: str | None = None  # when set, the dashboard proxy wants `x-ray-authorization: Bearer <it>`
         self.failures: list[tuple[str, int]] = []  # (path part, status): answered once each, in order
         self.lock = threading.Lock()
@@ -145,6 +146,10 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._reply(200, {"logs": srv.job_script[min(srv.job_step, len(srv.job_script)) - 1][1]})
             if m := _POD_LOG_PATH.match(path):
                 return self._reply(200, srv.pods[m["pod"]])
+            if path == f"/api/v1/namespaces/{NS}/pods" and srv.pod_objects:
+                wanted = dict(s.split("=", 1) for s in query.get("labelSelector", [""])[0].split(",") if s)
+                items = [p for p in srv.pod_objects if all(p["metadata"]["labels"].get(k) == v for k, v in wanted.items())]
+                return self._reply(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
             if path == f"/api/v1/namespaces/{NS}/pods":
                 items = [{"metadata": {"name": n, "namespace": NS, "labels": {"job-name": "x"}}} for n in srv.pods]
                 return self._reply(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
@@ -533,6 +538,32 @@ def test_list_should_show_jobs_and_services_with_phase_and_release(fake_api, kub
     assert [r["kind"] for r in rows] == ["RayJob", "RayService"]
     assert k8s(kubeconfig, "list") == 0
     assert "RayJob      spleen-r1" in capsys.readouterr().out
+
+
+def test_status_should_show_pending_pods_with_the_scheduler_s_reason(fake_api, kubeconfig, capsys):
+    _submitted(fake_api)
+    fake_api.job_step = 1  # Initializing, cluster spleen-r1-abcde
+
+    def pod(name, labels, phase, waiting=None):
+        statuses = [{"name": "ray-worker", "ready": False, "restartCount": 0, "image": "i", "imageID": "",
+                     "state": {"waiting": waiting}}] if waiting else []
+        return {"metadata": {"name": name, "namespace": NS, "labels": labels}, "status": {"phase": phase, "containerStatuses": statuses}}
+
+    cluster = {"ray.io/cluster": "spleen-r1-abcde"}
+    fake_api.pod_objects = [
+        pod("spleen-r1-abcde-head", cluster, "Running"),
+        pod("spleen-r1-abcde-gpu-worker-1", cluster, "Pending"),
+        pod("spleen-r1-abcde-gpu-worker-2", cluster, "Pending", {"reason": "ImagePullBackOff", "message": "pull access denied"}),
+    ]
+    fake_api.objects[("events", NS, "e1")] = {
+        "apiVersion": "v1", "kind": "Event", "metadata": {"name": "e1", "namespace": NS}, "type": "Warning",
+        "reason": "FailedScheduling", "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+        "involvedObject": {"kind": "Pod", "name": "spleen-r1-abcde-gpu-worker-1", "namespace": NS}}
+    assert k8s(kubeconfig, "status", "spleen-r1") == 0
+    out = capsys.readouterr().out
+    assert "spleen-r1-abcde-gpu-worker-1: FailedScheduling 0/3 nodes are available: 3 Insufficient nvidia.com/gpu." in out
+    assert "spleen-r1-abcde-gpu-worker-2: ImagePullBackOff pull access denied" in out
+    assert "abcde-head" not in out
 
 
 def test_status_should_say_how_to_fix_a_missing_job(fake_api, kubeconfig, capsys):
