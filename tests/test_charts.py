@@ -629,6 +629,9 @@ def test_rendered_rayjob_entrypoint_should_train_and_write_a_checkpoint_to_s3(lo
     runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     head = containers(cluster_groups(job)[0])[0]
     env = {**os.environ, **loopback_s3, **runtime_env["env_vars"], **{e["name"]: e["value"] for e in head["env"]}}
+    # The pod's scratch emptyDirs (/var/cache/spleen-deepedit, /tmp/.cache) are local folders here.
+    assert env["SPLEEN_DEEPEDIT_CACHE"] == "/var/cache/spleen-deepedit"
+    env.update(SPLEEN_DEEPEDIT_CACHE=str(tmp_path / "cache"), XDG_CACHE_HOME=str(tmp_path / "xdg"))
     # A private local Ray (never another test's cluster), no token auth, loopback only.
     env.update(RAY_ADDRESS="local", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1",
                RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", GLOO_SOCKET_IFNAME="lo")
