@@ -7,6 +7,7 @@
     spleen-deepedit k8s logs    spleen-r1 -n ml
     spleen-deepedit k8s cancel  spleen-r1 -n ml [--delete]           # --delete: every object of the release
     spleen-deepedit k8s list    -n ml                               # RayJobs and RayServices, phase, release
+    spleen-deepedit k8s dashboard spleen-r1 -n ml [--show-token]    # port-forward the Ray dashboard, with its token
     spleen-deepedit k8s promote deepedit -n ml --checkpoint s3://bucket/run/checkpoint_epoch_0042/checkpoint.pt --wait
 
 Registered in `trainer/cli.py` with `add_parser(sub)`; only argparse is imported here, the
@@ -72,6 +73,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser("list", parents=[common], help="RayJobs and RayServices in the namespace: phase and release")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(k8s_func=_list)
+
+    p = sub.add_parser("dashboard", parents=[common], help="port-forward the Ray dashboard of a RayJob/RayService (kubectl) and show its Ray token")
+    p.add_argument("name")
+    p.add_argument("--kind", choices=("rayjob", "rayservice"), default="rayjob")
+    p.add_argument("--port", type=int, default=8265, help="local port (default 8265)")
+    p.add_argument("--show-token", action="store_true", help="print the Ray token (it is a cluster credential)")
+    p.add_argument("--print-only", action="store_true", help="print the port-forward command instead of running it")
+    p.set_defaults(k8s_func=_dashboard)
 
     p = sub.add_parser("promote", parents=[common], help="serve another checkpoint on a RayService without downtime")
     p.add_argument("name", help="RayService name")
@@ -191,6 +200,13 @@ def _list(api, namespace: str, args: argparse.Namespace) -> int:
         for r in rows:
             print(f"{r['kind']:<10}  {r['name']:<{width}}  {r['phase']:<14}  {r['detail']:<9}  release {r['release'] or '-'}")
     return 0
+
+
+def _dashboard(api, namespace: str, args: argparse.Namespace) -> int:
+    from .dashboard import open_dashboard
+
+    return open_dashboard(api, args.kind, args.name, namespace, local_port=args.port, kubeconfig=args.kubeconfig,
+                          context=args.context, show_token=args.show_token, run=not args.print_only)
 
 
 def _promote(api, namespace: str, args: argparse.Namespace) -> int:

@@ -566,6 +566,30 @@ def test_status_should_show_pending_pods_with_the_scheduler_s_reason(fake_api, k
     assert "abcde-head" not in out
 
 
+def test_dashboard_should_forward_the_head_service_and_show_the_ray_token(fake_api, kubeconfig, tmp_path, capsys, monkeypatch):
+    import base64
+
+    _submitted(fake_api)
+    fake_api.job_step = 2
+    fake_api.objects[("rayjobs", NS, "spleen-r1")]["spec"]["rayClusterSpec"]["authOptions"] = {"mode": "token", "secretName": "ray-token"}
+    fake_api.objects[("secrets", NS, "ray-token")] = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ray-token"},
+                                                      "data": {"auth_token": base64.b64encode(b"t0k3n").decode()}}
+    # A fake `kubectl` on PATH records its arguments (no cluster here).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "kubectl").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'kubectl-args'}\n")
+    (bin_dir / "kubectl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    assert k8s(kubeconfig, "dashboard", "spleen-r1", "--port", "18265", "--show-token") == 0
+    out = capsys.readouterr().out
+    assert "http://127.0.0.1:18265/" in out and "Ray token (the dashboard asks for it): t0k3n" in out
+    args = (tmp_path / "kubectl-args").read_text().split()
+    assert args[:5] == ["port-forward", "-n", NS, "svc/spleen-r1-abcde-head-svc", "18265:8265"] and "--kubeconfig" in args
+    assert k8s(kubeconfig, "dashboard", "spleen-r1", "--print-only") == 0
+    out = capsys.readouterr().out
+    assert "<hidden: pass --show-token>" in out and "run: kubectl port-forward -n ml svc/spleen-r1-abcde-head-svc 8265:8265" in out
+
+
 def test_status_should_say_how_to_fix_a_missing_job(fake_api, kubeconfig, capsys):
     assert k8s(kubeconfig, "status", "nope") == 2
     assert "RayJob ml/nope: HTTP 404" in capsys.readouterr().err
