@@ -157,6 +157,7 @@ class JobStatus:
     loss: float | None = None
     val_dice: float | None = None
     pending: list[str] | None = None  # `pod: reason` of Pending pods (status only, not follow)
+    resource_version: str | None = None  # of the RayJob object read (follow watches from it)
 
     @property
     def terminal(self) -> bool:
@@ -198,6 +199,7 @@ def job_status(obj: dict) -> JobStatus:
         name=obj["metadata"]["name"], phase=phase, job_status=status.get("jobStatus"), reason=status.get("reason"),
         message=status.get("message"), cluster=status.get("rayClusterName"), job_id=status.get("jobId"),
         attempt=max(attempt, 0), max_attempts=int(spec.get("backoffLimit") or 0) + 1,
+        resource_version=obj["metadata"].get("resourceVersion"),
     )
 
 
@@ -305,8 +307,13 @@ def get_status(api, name: str, namespace: str, *, progress: bool = True, pods: b
 
 def follow(api, name: str, namespace: str, *, interval_s: float = 10.0, timeout_s: float | None = None,
            out: Callable[[str], None] = print) -> JobStatus:
-    """Print a line each time the job's phase, attempt, epoch or Dice changes; return at a terminal phase."""
+    """Print a line each time the job's phase, attempt, epoch or Dice changes; return at a terminal phase.
+
+    Between reads it watches the RayJob (k8s/watch.py): an operator update wakes it at once, the log
+    (epoch, Dice) is read again at least every `interval_s`.
+    """
     from .retry import TRANSIENT_STATUSES
+    from .watch import wait_for_change
 
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     last = None
@@ -328,7 +335,7 @@ def follow(api, name: str, namespace: str, *, interval_s: float = 10.0, timeout_
             return status
         if deadline is not None and time.monotonic() > deadline:
             raise K8sError(f"RayJob {namespace}/{name} still {status.phase} after {timeout_s:.0f}s (it keeps running)")
-        time.sleep(interval_s)
+        wait_for_change(api, name, namespace, status.resource_version, interval_s)
 
 
 # ----------------------------------------------------------------------------- cancel

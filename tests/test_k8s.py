@@ -85,6 +85,7 @@ class FakeKubeAPI(ThreadingHTTPServer):
         self.pod_objects: list[dict] = []  # full pods (status, labels) for `status`'s Pending view
         self.ray_token: str | None = None  # when set, the dashboard proxy wants `x-ray-authorization: Bearer <it>`
         self.failures: list[tuple[str, int]] = []  # (path part, status): answered once each, in order
+        self.watch_drops = 0  # watch streams to drop (closed with no event) before answering normally
         self.lock = threading.Lock()
         self._rv = 0
 
@@ -158,9 +159,26 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._reply(404, _status(404, "NotFound", f"fake API has no route {path}"))
             return self._object(method, m["ns"], m["plural"], m["name"], body, query)
 
+    def _watch(self, plural, ns, query):
+        """One watch stream: the RayJob's next update as a MODIFIED event, then the stream ends (as at
+        timeoutSeconds). `watch_drops` streams are dropped first, with no event at all."""
+        srv = self.server
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()  # no Content-Length: the stream ends when the connection closes
+        if srv.watch_drops:
+            srv.watch_drops -= 1
+            return
+        wanted = query.get("fieldSelector", [""])[0].removeprefix("metadata.name=")
+        obj = srv.objects.get((plural, ns, wanted))
+        if obj is not None:
+            self.wfile.write((json.dumps({"type": "MODIFIED", "object": obj}) + "\n").encode())
+
     def _object(self, method, ns, plural, name, body, query):
         srv = self.server
         key = (plural, ns, name)
+        if method == "GET" and name is None and query.get("watch", [""])[0].lower() == "true":
+            return self._watch(plural, ns, query)
         if method == "GET" and name is None:  # list, with an equality labelSelector
             wanted = dict(s.split("=", 1) for s in query.get("labelSelector", [""])[0].split(",") if s)
             items = [copy.deepcopy(o) for (p, n, _), o in srv.objects.items() if p == plural and n == ns
@@ -457,6 +475,18 @@ def test_follow_should_print_each_status_transition_until_the_job_completes(fake
     assert fake_api.requests_of("GET", "/services/spleen-r1-abcde-head-svc:dashboard/proxy/api/jobs/spleen-r1-x1/logs")
 
 
+def test_follow_should_watch_the_rayjob_and_reconnect_after_a_dropped_stream(fake_api, kubeconfig, capsys):
+    _submitted(fake_api)
+    fake_api.objects[("rayjobs", NS, "spleen-r1")]["metadata"]["resourceVersion"] = "41"
+    fake_api.watch_drops = 2  # the first two watch connections close with no event
+    assert k8s(kubeconfig, "follow", "spleen-r1", "--interval", "0.01", "--timeout", "60") == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("spleen-r1: Complete  job SUCCEEDED")
+    watches = [r for r in fake_api.requests_of("GET", "/rayjobs") if r["query"].get("watch", [""])[0].lower() == "true"]
+    assert len(watches) >= 4 and fake_api.watch_drops == 0  # dropped twice, watched again each time
+    assert all(w["query"]["fieldSelector"] == ["metadata.name=spleen-r1"] for w in watches)
+    assert all(w["query"]["resourceVersion"] == ["41"] for w in watches)  # from the version last read
+
+
 def test_follow_should_exit_1_and_show_the_reason_when_the_job_fails(fake_api, kubeconfig, capsys):
     _submitted(fake_api, final="Failed")
     assert k8s(kubeconfig, "follow", "spleen-r1", "--interval", "0.01", "--timeout", "30") == 1
@@ -741,9 +771,13 @@ def test_k8s_cli_should_explain_a_missing_kubeconfig(tmp_path, capsys, monkeypat
     assert "no kubeconfig at" in capsys.readouterr().err
 
 
-def test_k8s_cli_should_explain_an_unreachable_api_server(tmp_path, capsys):
+def test_k8s_cli_should_explain_an_unreachable_api_server(tmp_path, capsys, monkeypatch):
     pytest.importorskip("kubernetes")
     import socket
+
+    from k8s import retry
+
+    monkeypatch.setattr(retry, "FIRST_PAUSE_S", 0.01)  # connection refused is retried (an API server restart)
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
