@@ -4,7 +4,7 @@
     spleen-deepedit k8s submit  --manifest rendered.yaml -n ml          # e.g. `helm template` output
     spleen-deepedit k8s status  spleen-r1 -n ml                         # phase, attempt, epoch, val Dice, Pending pods + why
     spleen-deepedit k8s follow  spleen-r1 -n ml
-    spleen-deepedit k8s logs    spleen-r1 -n ml
+    spleen-deepedit k8s logs    spleen-r1 -n ml [-f]
     spleen-deepedit k8s cancel  spleen-r1 -n ml [--delete]           # --delete: every object of the release
     spleen-deepedit k8s list    -n ml                               # RayJobs and RayServices, phase, release
     spleen-deepedit k8s dashboard spleen-r1 -n ml [--show-token]    # port-forward the Ray dashboard, with its token
@@ -63,6 +63,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser("logs", parents=[common], help="the training driver's log (rank 0's epoch lines included)")
     p.add_argument("name")
     p.add_argument("--tail", type=int, default=None, help="only the last N lines")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the job finishes")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between log reads with --follow")
     p.set_defaults(k8s_func=_logs)
 
     p = sub.add_parser("cancel", parents=[common], help="stop a RayJob (suspend: cluster deleted, run kept in storage)")
@@ -171,8 +173,12 @@ def _follow(api, namespace: str, args: argparse.Namespace) -> int:
 
 
 def _logs(api, namespace: str, args: argparse.Namespace) -> int:
-    from .rayjobs import get_rayjob, read_logs
+    from .rayjobs import follow_logs, get_rayjob, read_logs
 
+    if args.follow:
+        final = follow_logs(api, args.name, namespace, interval_s=args.interval, tail=args.tail,
+                            out=lambda text: print(text, end="", flush=True))
+        return 0 if final.succeeded else 1
     text = read_logs(api, get_rayjob(api, args.name, namespace))
     if args.tail is not None:
         text = "\n".join(text.splitlines()[-args.tail:])

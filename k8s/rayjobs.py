@@ -338,6 +338,33 @@ def follow(api, name: str, namespace: str, *, interval_s: float = 10.0, timeout_
         wait_for_change(api, name, namespace, status.resource_version, interval_s)
 
 
+def follow_logs(api, name: str, namespace: str, *, interval_s: float = 10.0, tail: int | None = None,
+                out: Callable[[str], None] = print) -> JobStatus:
+    """`logs -f`: print the driver log, then what is new at each read, until the job is terminal.
+
+    A log that got shorter is a new attempt (a RayJob retry on a new cluster): it is printed from its
+    start under a marker line.
+    """
+    from .watch import wait_for_change
+
+    printed = None
+    while True:
+        obj = get_rayjob(api, name, namespace)
+        status = job_status(obj)
+        text = read_logs(api, obj)
+        if printed is None:
+            lines = text.splitlines(keepends=True)
+            out("".join(lines[-tail:] if tail is not None else lines))
+        elif len(text) < printed:
+            out(f"--- {name}: new attempt {status.attempt}/{status.max_attempts} ---\n" + text)
+        else:
+            out(text[printed:])
+        printed = len(text)
+        if status.terminal:
+            return status
+        wait_for_change(api, name, namespace, status.resource_version, interval_s)
+
+
 # ----------------------------------------------------------------------------- cancel
 
 

@@ -620,6 +620,14 @@ def test_dashboard_should_forward_the_head_service_and_show_the_ray_token(fake_a
     assert "<hidden: pass --show-token>" in out and "run: kubectl port-forward -n ml svc/spleen-r1-abcde-head-svc 8265:8265" in out
 
 
+def test_logs_follow_should_print_each_new_line_once_until_the_job_ends(fake_api, kubeconfig, capsys):
+    _submitted(fake_api)
+    assert k8s(kubeconfig, "logs", "spleen-r1", "-f", "--interval", "0.01") == 0
+    out = capsys.readouterr().out
+    for epoch, val in ((1, "-"), (2, "0.7012"), (3, "0.8123")):
+        assert out.count(_epoch(epoch, 3, val)) == 1, out  # the log grows; every line is printed once
+
+
 def test_status_should_say_how_to_fix_a_missing_job(fake_api, kubeconfig, capsys):
     assert k8s(kubeconfig, "status", "nope") == 2
     assert "RayJob ml/nope: HTTP 404" in capsys.readouterr().err
