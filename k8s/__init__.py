@@ -1,6 +1,6 @@
 """Kubernetes delivery of spleen-deepedit: KubeRay RayJob / RayService operations (`spleen-deepedit k8s`).
 
-`rayjobs` follows training RayJobs (status, progress, logs, cancel, list), `objects` applies and
+`rayjobs` follows training RayJobs (status, progress, cancel, list), `logs` reads their driver log, `objects` applies and
 deletes a release's objects (server-side apply, release labels), `retry` rides out transient API
 errors, `pods` explains Pending pods, `dashboard` forwards a cluster's Ray dashboard, `rayservices`
 promotes checkpoints on a RayService, `chart_readme` generates the chart READMEs' parameter tables,

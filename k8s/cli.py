@@ -173,7 +173,8 @@ def _follow(api, namespace: str, args: argparse.Namespace) -> int:
 
 
 def _logs(api, namespace: str, args: argparse.Namespace) -> int:
-    from .rayjobs import follow_logs, get_rayjob, read_logs
+    from .logs import follow_logs, read_logs
+    from .rayjobs import get_rayjob
 
     if args.follow:
         final = follow_logs(api, args.name, namespace, interval_s=args.interval, tail=args.tail,

@@ -10,7 +10,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-from .rayjobs import RAY_GROUP, RAY_VERSION, K8sError, api_error, custom_objects, ray_token
+from .logs import ray_token
+from .rayjobs import RAY_GROUP, RAY_VERSION, K8sError, api_error, custom_objects
 from .retry import retrying
 
 DASHBOARD_PORT = 8265
