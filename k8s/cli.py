@@ -2,10 +2,12 @@
 
     spleen-deepedit k8s submit  --values my-train.yaml --release spleen-r1 -n ml [--follow]
     spleen-deepedit k8s submit  --manifest rendered.yaml -n ml          # e.g. `helm template` output
-    spleen-deepedit k8s status  spleen-r1 -n ml                         # phase, attempt, epoch, val Dice
+    spleen-deepedit k8s status  spleen-r1 -n ml                         # phase, attempt, epoch, val Dice, Pending pods + why
     spleen-deepedit k8s follow  spleen-r1 -n ml
-    spleen-deepedit k8s logs    spleen-r1 -n ml
-    spleen-deepedit k8s cancel  spleen-r1 -n ml [--delete]
+    spleen-deepedit k8s logs    spleen-r1 -n ml [-f]
+    spleen-deepedit k8s cancel  spleen-r1 -n ml [--delete]           # --delete: every object of the release
+    spleen-deepedit k8s list    -n ml                               # RayJobs and RayServices, phase, release
+    spleen-deepedit k8s dashboard spleen-r1 -n ml [--show-token]    # port-forward the Ray dashboard, with its token
     spleen-deepedit k8s promote deepedit -n ml --checkpoint s3://bucket/run/checkpoint_epoch_0042/checkpoint.pt --wait
 
 Registered in `trainer/cli.py` with `add_parser(sub)`; only argparse is imported here, the
@@ -17,9 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 EXIT_USER_ERROR = 2
-DEFAULT_TRAIN_CHART = "charts/spleen-deepedit-train"
+#: The training chart shipped in the package (k8s/charts -> ../charts in a checkout, package data in the
+#: wheel), so `submit -f values.yaml` works from any directory.
+DEFAULT_TRAIN_CHART = str(Path(__file__).resolve().parent / "charts" / "spleen-deepedit-train")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -32,11 +37,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("k8s", help="train and serve on Kubernetes (KubeRay): submit, status, follow, logs, cancel, promote")
     sub = parser.add_subparsers(dest="k8s_command", required=True, metavar="K8S_COMMAND")
 
-    p = sub.add_parser("submit", parents=[common], help="create a training RayJob from the chart (values files) or rendered manifests")
+    p = sub.add_parser("submit", parents=[common], help="apply a training RayJob (server-side apply) from the chart (values files) or rendered manifests")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("-f", "--values", action="append", metavar="FILE", help="values file for the training chart (repeatable)")
     source.add_argument("--manifest", metavar="FILE", help="rendered manifests (`helm template` output; - for stdin)")
-    p.add_argument("--chart", default=DEFAULT_TRAIN_CHART, help=f"chart directory for --values (default {DEFAULT_TRAIN_CHART})")
+    p.add_argument("--chart", default=DEFAULT_TRAIN_CHART, help="chart directory for --values (default: the training chart shipped with this package)")
     p.add_argument("--release", default="spleen-deepedit", help="release name = RayJob name = Ray run name (a resubmission with the same name resumes)")
     p.add_argument("--dry-run", action="store_true", help="server-side dry run: the API server validates, nothing is created")
     p.add_argument("--follow", action="store_true", help="follow the job after creating it")
@@ -58,12 +63,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser("logs", parents=[common], help="the training driver's log (rank 0's epoch lines included)")
     p.add_argument("name")
     p.add_argument("--tail", type=int, default=None, help="only the last N lines")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the job finishes")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between log reads with --follow")
     p.set_defaults(k8s_func=_logs)
 
     p = sub.add_parser("cancel", parents=[common], help="stop a RayJob (suspend: cluster deleted, run kept in storage)")
     p.add_argument("name")
-    p.add_argument("--delete", action="store_true", help="delete the RayJob object instead of suspending it")
+    p.add_argument("--delete", action="store_true", help="delete the RayJob and every object of its release instead of suspending it")
     p.set_defaults(k8s_func=_cancel)
+
+    p = sub.add_parser("list", parents=[common], help="RayJobs and RayServices in the namespace: phase and release")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(k8s_func=_list)
+
+    p = sub.add_parser("dashboard", parents=[common], help="port-forward the Ray dashboard of a RayJob/RayService (kubectl) and show its Ray token")
+    p.add_argument("name")
+    p.add_argument("--kind", choices=("rayjob", "rayservice"), default="rayjob")
+    p.add_argument("--port", type=int, default=8265, help="local port (default 8265)")
+    p.add_argument("--show-token", action="store_true", help="print the Ray token (it is a cluster credential)")
+    p.add_argument("--print-only", action="store_true", help="print the port-forward command instead of running it")
+    p.set_defaults(k8s_func=_dashboard)
 
     p = sub.add_parser("promote", parents=[common], help="serve another checkpoint on a RayService without downtime")
     p.add_argument("name", help="RayService name")
@@ -102,14 +121,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _submit(api, namespace: str, args: argparse.Namespace) -> int:
+    from . import objects as release_objects
     from . import rayjobs
 
     if args.manifest:
         objects = rayjobs.load_manifests(args.manifest)
     else:
+        if not Path(args.chart, "Chart.yaml").is_file():
+            raise rayjobs.K8sError(f"--chart {args.chart}: no Chart.yaml there; pass the chart directory")
         objects = rayjobs.render_chart(args.chart, args.values, release=args.release, namespace=namespace)
-    created = rayjobs.create_objects(api, objects, namespace, dry_run=args.dry_run)
-    print(("validated (dry run): " if args.dry_run else "created: ") + ", ".join(created))
+    release_objects.check_kinds(objects)
+    if not args.dry_run:
+        for job in (o for o in objects if o["kind"] == "RayJob"):
+            replaced = release_objects.replace_finished_rayjob(api, job, namespace)
+            if replaced:
+                print(f"deleted the {replaced} RayJob {job['metadata']['name']} (its run stays in storage: the new one resumes it)")
+    applied = release_objects.apply_objects(api, objects, namespace, dry_run=args.dry_run)
+    print(("validated (dry run): " if args.dry_run else "applied: ") + ", ".join(applied))
     jobs = [o["metadata"]["name"] for o in objects if o["kind"] == "RayJob"]
     if args.follow and jobs and not args.dry_run:
         return _follow_job(api, namespace, jobs[0], args.interval, None)
@@ -126,8 +154,10 @@ def _status(api, namespace: str, args: argparse.Namespace) -> int:
     else:
         from .rayjobs import get_status
 
-        status = get_status(api, args.name, namespace)
+        status = get_status(api, args.name, namespace, pods=True)
     print(json.dumps(status.as_dict()) if args.json else status.line())
+    if not args.json and getattr(status, "pending", None):
+        print("pending pods:\n" + "\n".join(f"  {line}" for line in status.pending))
     return 0
 
 
@@ -143,8 +173,13 @@ def _follow(api, namespace: str, args: argparse.Namespace) -> int:
 
 
 def _logs(api, namespace: str, args: argparse.Namespace) -> int:
-    from .rayjobs import get_rayjob, read_logs
+    from .logs import follow_logs, read_logs
+    from .rayjobs import get_rayjob
 
+    if args.follow:
+        final = follow_logs(api, args.name, namespace, interval_s=args.interval, tail=args.tail,
+                            out=lambda text: print(text, end="", flush=True))
+        return 0 if final.succeeded else 1
     text = read_logs(api, get_rayjob(api, args.name, namespace))
     if args.tail is not None:
         text = "\n".join(text.splitlines()[-args.tail:])
@@ -157,6 +192,28 @@ def _cancel(api, namespace: str, args: argparse.Namespace) -> int:
 
     print(cancel(api, args.name, namespace, delete=args.delete))
     return 0
+
+
+def _list(api, namespace: str, args: argparse.Namespace) -> int:
+    from .rayjobs import list_jobs_and_services
+
+    rows = list_jobs_and_services(api, namespace)
+    if args.json:
+        print(json.dumps(rows))
+    elif not rows:
+        print(f"no RayJob or RayService in namespace {namespace}")
+    else:
+        width = max(len(r["name"]) for r in rows)
+        for r in rows:
+            print(f"{r['kind']:<10}  {r['name']:<{width}}  {r['phase']:<14}  {r['detail']:<9}  release {r['release'] or '-'}")
+    return 0
+
+
+def _dashboard(api, namespace: str, args: argparse.Namespace) -> int:
+    from .dashboard import open_dashboard
+
+    return open_dashboard(api, args.kind, args.name, namespace, local_port=args.port, kubeconfig=args.kubeconfig,
+                          context=args.context, show_token=args.show_token, run=not args.print_only)
 
 
 def _promote(api, namespace: str, args: argparse.Namespace) -> int:

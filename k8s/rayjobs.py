@@ -23,21 +23,6 @@ import yaml
 RAY_GROUP, RAY_VERSION = "ray.io", "v1"
 #: `jobDeploymentStatus` values after which nothing more happens to a RayJob.
 TERMINAL_PHASES = frozenset({"Complete", "Failed", "ValidationFailed", "Suspended"})
-#: Custom kinds we create: apiVersion, kind -> (group, version, plural).
-CUSTOM_KINDS = {
-    ("ray.io/v1", "RayJob"): (RAY_GROUP, RAY_VERSION, "rayjobs"),
-    ("ray.io/v1", "RayService"): (RAY_GROUP, RAY_VERSION, "rayservices"),
-    ("monitoring.coreos.com/v1", "PodMonitor"): ("monitoring.coreos.com", "v1", "podmonitors"),
-}
-#: Built-in kinds the charts render: kind -> (API class name, create method).
-BUILTIN_KINDS = {
-    "ConfigMap": ("CoreV1Api", "create_namespaced_config_map"),
-    "ServiceAccount": ("CoreV1Api", "create_namespaced_service_account"),
-    "Service": ("CoreV1Api", "create_namespaced_service"),
-    "Ingress": ("NetworkingV1Api", "create_namespaced_ingress"),
-}
-#: Creation order: what the RayJob's pods reference first.
-_ORDER = ["ServiceAccount", "ConfigMap", "Service", "RayJob", "RayService", "Ingress", "PodMonitor"]
 #: The per-epoch line of rank 0 (trainer/train.py), possibly behind Ray's "(RayTrainWorker pid=...)" prefix.
 EPOCH_LINE = re.compile(
     r"epoch (?P<epoch>\d+)/(?P<epochs>\d+)\s+loss (?P<loss>[-0-9.naif]+).*?val spleen dice (?P<val>[0-9.]+|-)"
@@ -45,7 +30,14 @@ EPOCH_LINE = re.compile(
 
 
 class K8sError(RuntimeError):
-    """A Kubernetes operation failed for a reason the user can fix; the message says how."""
+    """A Kubernetes operation failed for a reason the user can fix; the message says how.
+
+    `status`: the API server's HTTP status when there was one (a 5xx one may pass: `follow` waits it out).
+    """
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 # ----------------------------------------------------------------------------- connection
@@ -90,7 +82,7 @@ def api_error(exc: Exception, what: str) -> K8sError:
     hint = {404: " (not found: check the name and --namespace)",
             409: " (already exists: pick another release name or delete the old one)",
             403: " (forbidden: your account lacks RBAC permission)"}.get(status, "")
-    return K8sError(f"{what}: HTTP {status} {message or getattr(exc, 'reason', '')}{hint}".rstrip())
+    return K8sError(f"{what}: HTTP {status} {message or getattr(exc, 'reason', '')}{hint}".rstrip(), status)
 
 
 def custom_objects(api):
@@ -102,8 +94,11 @@ def custom_objects(api):
 def get_rayjob(api, name: str, namespace: str) -> dict:
     from kubernetes.client.exceptions import ApiException
 
+    from .retry import retrying
+
     try:
-        return custom_objects(api).get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayjobs", name)
+        return retrying(lambda: custom_objects(api).get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace,
+                                                                                 "rayjobs", name))
     except ApiException as exc:
         raise api_error(exc, f"RayJob {namespace}/{name}") from None
 
@@ -141,35 +136,6 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def create_objects(api, objects: list[dict], namespace: str, *, dry_run: bool = False) -> list[str]:
-    """Create the objects in dependency order; returns `Kind/name` of each. `dry_run`: server-side only."""
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
-
-    unknown = [o.get("kind") for o in objects if (o.get("apiVersion"), o.get("kind")) not in CUSTOM_KINDS
-               and o.get("kind") not in BUILTIN_KINDS]
-    if unknown:
-        raise K8sError(f"cannot create kind(s) {sorted(set(map(str, unknown)))}: apply them with kubectl")
-    if not any(o["kind"] in ("RayJob", "RayService") for o in objects):
-        raise K8sError("the manifests hold no RayJob or RayService")
-    extra = {"dry_run": "All"} if dry_run else {}
-    created = []
-    for obj in sorted(objects, key=lambda o: _ORDER.index(o["kind"]) if o["kind"] in _ORDER else len(_ORDER)):
-        obj = {**obj, "metadata": {**obj["metadata"], "namespace": namespace}}
-        what = f"{obj['kind']}/{obj['metadata']['name']}"
-        try:
-            if obj["kind"] in BUILTIN_KINDS:
-                api_class, method = BUILTIN_KINDS[obj["kind"]]
-                getattr(getattr(client, api_class)(api), method)(namespace, obj, **extra)
-            else:
-                group, version, plural = CUSTOM_KINDS[(obj["apiVersion"], obj["kind"])]
-                custom_objects(api).create_namespaced_custom_object(group, version, namespace, plural, obj, **extra)
-        except ApiException as exc:
-            raise api_error(exc, f"creating {what}" + (f" (created so far: {', '.join(created)})" if created else "")) from None
-        created.append(what)
-    return created
-
-
 # ----------------------------------------------------------------------------- status and progress
 
 
@@ -190,6 +156,8 @@ class JobStatus:
     epochs: int | None = None
     loss: float | None = None
     val_dice: float | None = None
+    pending: list[str] | None = None  # `pod: reason` of Pending pods (status only, not follow)
+    resource_version: str | None = None  # of the RayJob object read (follow watches from it)
 
     @property
     def terminal(self) -> bool:
@@ -231,6 +199,7 @@ def job_status(obj: dict) -> JobStatus:
         name=obj["metadata"]["name"], phase=phase, job_status=status.get("jobStatus"), reason=status.get("reason"),
         message=status.get("message"), cluster=status.get("rayClusterName"), job_id=status.get("jobId"),
         attempt=max(attempt, 0), max_attempts=int(spec.get("backoffLimit") or 0) + 1,
+        resource_version=obj["metadata"].get("resourceVersion"),
     )
 
 
@@ -251,45 +220,23 @@ def _float(text: str) -> float | None:
         return None
 
 
-def read_logs(api, obj: dict) -> str:
-    """The job's driver log: from the Ray dashboard (through the API server's service proxy) while the
-    cluster lives, else from KubeRay's submitter pod (K8sJobMode). Empty if neither is there yet."""
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
-
-    namespace, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
-    status = obj.get("status") or {}
-    cluster, job_id = status.get("rayClusterName"), status.get("jobId")
-    if cluster and job_id:
-        path = f"/api/v1/namespaces/{namespace}/services/{cluster}-head-svc:dashboard/proxy/api/jobs/{job_id}/logs"
-        try:
-            response = api.call_api(path, "GET", auth_settings=["BearerToken"], _preload_content=False,
-                                    _return_http_data_only=True, _request_timeout=15)
-            return json.loads(response.data).get("logs", "")
-        except (ApiException, ValueError, OSError):
-            pass  # cluster gone or dashboard not up yet: try the submitter pod
-    core = client.CoreV1Api(api)
-    try:
-        pods = core.list_namespaced_pod(namespace, label_selector=f"job-name={name}").items
-    except ApiException as exc:
-        raise api_error(exc, f"listing the submitter pods of RayJob {namespace}/{name}") from None
-    pods.sort(key=lambda p: p.metadata.creation_timestamp or 0)
-    for pod in reversed(pods):
-        try:
-            # Raw bytes: the client's str deserialisation of a log returns the bytes' repr.
-            response = core.read_namespaced_pod_log(pod.metadata.name, namespace, _preload_content=False,
-                                                    _request_timeout=15)
-            return response.data.decode("utf-8", errors="replace")
-        except ApiException:
-            continue
-    return ""
-
-
-def get_status(api, name: str, namespace: str, *, progress: bool = True) -> JobStatus:
-    """RayJob phase and attempts, plus the latest epoch and validation Dice from its log."""
+def get_status(api, name: str, namespace: str, *, progress: bool = True, pods: bool = False) -> JobStatus:
+    """RayJob phase and attempts, plus the latest epoch and validation Dice from its log, and (`pods`)
+    its Pending pods with the reason (no GPU free, an image that cannot be pulled, ...)."""
     obj = get_rayjob(api, name, namespace)
     status = job_status(obj)
+    if pods and not status.terminal:
+        from kubernetes.client.exceptions import ApiException
+
+        from .pods import pending_pods
+
+        try:
+            status.pending = pending_pods(api, namespace, cluster=status.cluster, job=name)
+        except ApiException as exc:
+            status.pending = [f"(cannot list pods: {api_error(exc, 'pods').args[0]})"]
     if progress and status.phase != "New":
+        from .logs import read_logs
+
         for key, value in latest_progress(read_logs(api, obj)).items():
             setattr(status, key, value)
     return status
@@ -297,11 +244,27 @@ def get_status(api, name: str, namespace: str, *, progress: bool = True) -> JobS
 
 def follow(api, name: str, namespace: str, *, interval_s: float = 10.0, timeout_s: float | None = None,
            out: Callable[[str], None] = print) -> JobStatus:
-    """Print a line each time the job's phase, attempt, epoch or Dice changes; return at a terminal phase."""
+    """Print a line each time the job's phase, attempt, epoch or Dice changes; return at a terminal phase.
+
+    Between reads it watches the RayJob (k8s/watch.py): an operator update wakes it at once, the log
+    (epoch, Dice) is read again at least every `interval_s`.
+    """
+    from .retry import TRANSIENT_STATUSES
+    from .watch import wait_for_change
+
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     last = None
     while True:
-        status = get_status(api, name, namespace)
+        try:
+            status = get_status(api, name, namespace)
+        except K8sError as exc:  # still failing after get_rayjob's retries: say so, keep following
+            if exc.status not in TRANSIENT_STATUSES:
+                raise
+            out(f"{name}: API server unavailable ({exc}); still following")
+            if deadline is not None and time.monotonic() > deadline:
+                raise
+            time.sleep(interval_s)
+            continue
         if status.line() != last:
             last = status.line()
             out(last)
@@ -309,7 +272,7 @@ def follow(api, name: str, namespace: str, *, interval_s: float = 10.0, timeout_
             return status
         if deadline is not None and time.monotonic() > deadline:
             raise K8sError(f"RayJob {namespace}/{name} still {status.phase} after {timeout_s:.0f}s (it keeps running)")
-        time.sleep(interval_s)
+        wait_for_change(api, name, namespace, status.resource_version, interval_s)
 
 
 # ----------------------------------------------------------------------------- cancel
@@ -317,16 +280,23 @@ def follow(api, name: str, namespace: str, *, interval_s: float = 10.0, timeout_
 
 def cancel(api, name: str, namespace: str, *, delete: bool = False) -> str:
     """Stop a RayJob: suspend it (the operator deletes its Ray cluster; the object and its run stay, and
-    un-suspending resumes from the last checkpoint), or delete it altogether."""
+    un-suspending resumes from the last checkpoint), or delete it with every object of its release
+    (ConfigMap, ServiceAccount, NetworkPolicy, PodMonitors...: found by the release label)."""
     from kubernetes.client.exceptions import ApiException
 
     custom = custom_objects(api)
     if delete:
-        try:
-            custom.delete_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayjobs", name)
-        except ApiException as exc:
-            raise api_error(exc, f"deleting RayJob {namespace}/{name}") from None
-        return f"deleted RayJob {namespace}/{name}"
+        from .objects import delete_release
+
+        release = (get_rayjob(api, name, namespace)["metadata"].get("labels") or {}).get("app.kubernetes.io/instance")
+        deleted = delete_release(api, release, namespace) if release else []
+        if f"rayjobs/{name}" not in deleted:  # not labelled as a release (plain manifests): the job alone
+            try:
+                custom.delete_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayjobs", name)
+            except ApiException as exc:
+                raise api_error(exc, f"deleting RayJob {namespace}/{name}") from None
+            deleted.insert(0, f"rayjobs/{name}")
+        return f"deleted from {namespace}" + (f" (release {release})" if release else "") + ": " + ", ".join(deleted)
     obj = get_rayjob(api, name, namespace)
     if job_status(obj).terminal:
         return f"RayJob {namespace}/{name} already {job_status(obj).phase}: nothing to cancel"
@@ -339,3 +309,27 @@ def cancel(api, name: str, namespace: str, *, delete: bool = False) -> str:
     except ApiException as exc:
         raise api_error(exc, f"suspending RayJob {namespace}/{name}") from None
     return f"suspended RayJob {namespace}/{name}: its Ray cluster is being deleted; checkpoints stay in storage"
+
+
+# ----------------------------------------------------------------------------- list
+
+
+def list_jobs_and_services(api, namespace: str) -> list[dict[str, str]]:
+    """Every RayJob and RayService in the namespace: kind, name, phase, release (for `k8s list`)."""
+    from kubernetes.client.exceptions import ApiException
+
+    from .retry import retrying
+
+    rows = []
+    for plural, kind in (("rayjobs", "RayJob"), ("rayservices", "RayService")):
+        try:
+            listing = retrying(lambda: custom_objects(api).list_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, plural))
+        except ApiException as exc:
+            raise api_error(exc, f"listing {plural} in {namespace}") from None
+        for obj in listing.get("items", []):
+            status = obj.get("status") or {}
+            phase = status.get("jobDeploymentStatus") if kind == "RayJob" else status.get("serviceStatus")
+            detail = status.get("jobStatus") or ""
+            rows.append({"kind": kind, "name": obj["metadata"]["name"], "phase": phase or "New", "detail": detail,
+                         "release": (obj["metadata"].get("labels") or {}).get("app.kubernetes.io/instance", "")})
+    return rows

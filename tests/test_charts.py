@@ -34,8 +34,9 @@ KUBE_VERSION = "1.33.0"
 RELEASE, NAMESPACE = "spleen", "ml"
 
 #: The least a user must set for each chart (the schema requires them).
-TRAIN_REQUIRED = {"storage": {"uri": "s3://deepedit/runs"}, "dataset": {"uri": "s3://deepedit/datasets/Task09_Spleen"}}
-SERVE_REQUIRED = {"serve": {"checkpoint": "s3://deepedit/runs/spleen/checkpoint_epoch_0001/checkpoint.pt"}}
+IMAGE = {"image": {"repository": "registry.example.com/ml/spleen-deepedit"}}
+TRAIN_REQUIRED = {**IMAGE, "storage": {"uri": "s3://deepedit/runs"}, "dataset": {"uri": "s3://deepedit/datasets/Task09_Spleen"}}
+SERVE_REQUIRED = {**IMAGE, "serve": {"checkpoint": "s3://deepedit/runs/spleen/checkpoint_epoch_0001/checkpoint.pt"}}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -58,15 +59,19 @@ def ci_values(chart: Path) -> dict:
 
 
 def render(chart: Path, values: dict, *, name: str = RELEASE) -> dict[str, Any]:
-    """Render; returns {"notes": str, "objects": [manifest dicts]}."""
+    """Render; returns {"notes": str, "objects": [manifest dicts], "tests": [helm test hook objects]}."""
     out = helm_python.Chart.load(str(chart)).render(values, name=name, namespace=NAMESPACE, is_install=True)
-    objects, notes = [], ""
+    objects, notes, tests = [], "", []
     for path, text in out.items():
         if path.endswith("NOTES.txt"):
             notes = text
             continue
-        objects += [doc for doc in yaml.safe_load_all(text) if doc]
-    return {"notes": notes, "objects": objects}
+        docs = [doc for doc in yaml.safe_load_all(text) if doc]
+        if "/templates/tests/" in path:  # `helm test` hooks: not installed with the release
+            tests += docs
+        else:
+            objects += docs
+    return {"notes": notes, "objects": objects, "tests": tests}
 
 
 def by_kind(objects: list[dict], kind: str) -> list[dict]:
@@ -215,7 +220,7 @@ def test_chart_should_run_ray_pods_as_non_root_without_privilege_escalation(char
             for c in containers(group):
                 assert c["securityContext"]["allowPrivilegeEscalation"] is False
                 assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
-                assert c["image"].startswith("ghcr.io/example/spleen-deepedit:")
+                assert c["image"].startswith("registry.example.com/ml/spleen-deepedit:")
 
 
 @pytest.mark.parametrize("chart,required", [(TRAIN, TRAIN_REQUIRED), (SERVE, SERVE_REQUIRED)], ids=["train", "serve"])
@@ -257,11 +262,11 @@ def test_chart_should_create_a_service_account_only_when_asked(chart, required, 
     validate_all(objects)
     accounts = by_kind(objects, "ServiceAccount")
     ray = next(o for o in objects if o["apiVersion"] == "ray.io/v1")
-    sa_name = cluster_groups(ray)[0]["template"]["spec"]["serviceAccountName"]
+    sa_name = cluster_groups(ray)[0]["template"]["spec"].get("serviceAccountName")
     if create:
         assert [a["metadata"]["name"] for a in accounts] == [sa_name]
-    else:
-        assert accounts == [] and sa_name == "default"
+    else:  # never `default`: none named (KubeRay makes a per-cluster account where it needs one)
+        assert accounts == [] and sa_name is None
 
 
 # ----------------------------------------------------------------------------- training chart
@@ -550,12 +555,11 @@ def test_serve_chart_should_set_the_upgrade_strategy(strategy):
         ({"serve": {"checkpoint": "gs://bucket/x.pt"}}, "/serve/checkpoint"),
         ({"serve": {"maxBatchSize": 0}}, "minimum"),
         ({"workers": {"replicas": 0}}, "minimum"),
-        ({"auth": {"enabled": True}}, "existingSecret"),
         ({"autoscaling": {"enabled": "yes"}}, "boolean"),
         ({"upgradeStrategy": "Rolling"}, "upgradeStrategy"),
         ({"serve": {"clickRadius": -1}}, "/serve/clickRadius"),
     ],
-    ids=["missing-checkpoint", "unsupported-scheme", "batch-0", "workers-0", "auth-without-secret",
+    ids=["missing-checkpoint", "unsupported-scheme", "batch-0", "workers-0",
          "autoscaling-not-bool", "unknown-upgrade-strategy", "negative-click-radius"],
 )
 def test_serve_chart_should_reject_wrong_values(bad, message):
@@ -625,6 +629,9 @@ def test_rendered_rayjob_entrypoint_should_train_and_write_a_checkpoint_to_s3(lo
     runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     head = containers(cluster_groups(job)[0])[0]
     env = {**os.environ, **loopback_s3, **runtime_env["env_vars"], **{e["name"]: e["value"] for e in head["env"]}}
+    # The pod's scratch emptyDirs (/var/cache/spleen-deepedit, /tmp/.cache) are local folders here.
+    assert env["SPLEEN_DEEPEDIT_CACHE"] == "/var/cache/spleen-deepedit"
+    env.update(SPLEEN_DEEPEDIT_CACHE=str(tmp_path / "cache"), XDG_CACHE_HOME=str(tmp_path / "xdg"))
     # A private local Ray (never another test's cluster), no token auth, loopback only.
     env.update(RAY_ADDRESS="local", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1",
                RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", GLOO_SOCKET_IFNAME="lo")

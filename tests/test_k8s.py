@@ -1,10 +1,11 @@
 """`spleen-deepedit k8s ...` against a FAKE Kubernetes API server on loopback, plus the image and manifests.
 
 No cluster exists here, so `FakeKubeAPI` (a small threaded http.server) implements the few endpoints
-the commands call: RayJob/RayService custom objects (create with dryRun, get, JSON Patch / merge
-patch, delete), pods and pod logs, and the service proxy to the Ray dashboard's job logs. It plays
-scripted RayJob status transitions and a RayService that applies a new generation, and records every
-request so the tests can check the exact bodies the client sends.
+the commands call: objects (server-side apply with dryRun, create, get, list by label, JSON Patch /
+merge patch, delete), Secrets, pods and pod logs, and the service proxy to the Ray dashboard's job
+logs (which wants Ray's token when one is set). It plays scripted RayJob status transitions and a
+RayService that applies a new generation, can answer scripted 5xx errors, and records every request
+so the tests can check the exact bodies the client sends.
 """
 
 from __future__ import annotations
@@ -81,6 +82,10 @@ class FakeKubeAPI(ThreadingHTTPServer):
         self.job_step = 0
         self.dashboard_up = True
         self.pods: dict[str, str] = {}  # submitter pod name -> log
+        self.pod_objects: list[dict] = []  # full pods (status, labels) for `status`'s Pending view
+        self.ray_token: str | None = None  # when set, the dashboard proxy wants `x-ray-authorization: Bearer <it>`
+        self.failures: list[tuple[str, int]] = []  # (path part, status): answered once each, in order
+        self.watch_drops = 0  # watch streams to drop (closed with no event) before answering normally
         self.lock = threading.Lock()
         self._rv = 0
 
@@ -126,15 +131,26 @@ class _Handler(BaseHTTPRequestHandler):
         with srv.lock:
             srv.requests.append({"method": method, "path": path, "query": query, "body": body,
                                  "content_type": self.headers.get("Content-Type"),
-                                 "auth": self.headers.get("Authorization")})
+                                 "auth": self.headers.get("Authorization"),
+                                 "ray_auth": self.headers.get("x-ray-authorization")})
             if self.headers.get("Authorization") != f"Bearer {TOKEN}":
                 return self._reply(401, _status(401, "Unauthorized", "no or wrong bearer token"))
+            for i, (part, code) in enumerate(srv.failures):
+                if part in path:
+                    del srv.failures[i]
+                    return self._reply(code, _status(code, "InternalError", "scripted failure"))
             if m := _PROXY_PATH.match(path):
                 if not srv.dashboard_up:
                     return self._reply(503, _status(503, "ServiceUnavailable", "no endpoints available"))
+                if srv.ray_token and self.headers.get("x-ray-authorization") != f"Bearer {srv.ray_token}":
+                    return self._reply(401, "Unauthorized: Ray token required")
                 return self._reply(200, {"logs": srv.job_script[min(srv.job_step, len(srv.job_script)) - 1][1]})
             if m := _POD_LOG_PATH.match(path):
                 return self._reply(200, srv.pods[m["pod"]])
+            if path == f"/api/v1/namespaces/{NS}/pods" and srv.pod_objects:
+                wanted = dict(s.split("=", 1) for s in query.get("labelSelector", [""])[0].split(",") if s)
+                items = [p for p in srv.pod_objects if all(p["metadata"]["labels"].get(k) == v for k, v in wanted.items())]
+                return self._reply(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
             if path == f"/api/v1/namespaces/{NS}/pods":
                 items = [{"metadata": {"name": n, "namespace": NS, "labels": {"job-name": "x"}}} for n in srv.pods]
                 return self._reply(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
@@ -143,9 +159,43 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._reply(404, _status(404, "NotFound", f"fake API has no route {path}"))
             return self._object(method, m["ns"], m["plural"], m["name"], body, query)
 
+    def _watch(self, plural, ns, query):
+        """One watch stream: the RayJob's next update as a MODIFIED event, then the stream ends (as at
+        timeoutSeconds). `watch_drops` streams are dropped first, with no event at all."""
+        srv = self.server
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()  # no Content-Length: the stream ends when the connection closes
+        if srv.watch_drops:
+            srv.watch_drops -= 1
+            return
+        wanted = query.get("fieldSelector", [""])[0].removeprefix("metadata.name=")
+        obj = srv.objects.get((plural, ns, wanted))
+        if obj is not None:
+            self.wfile.write((json.dumps({"type": "MODIFIED", "object": obj}) + "\n").encode())
+
     def _object(self, method, ns, plural, name, body, query):
         srv = self.server
         key = (plural, ns, name)
+        if method == "GET" and name is None and query.get("watch", [""])[0].lower() == "true":
+            return self._watch(plural, ns, query)
+        if method == "GET" and name is None:  # list, with an equality labelSelector
+            wanted = dict(s.split("=", 1) for s in query.get("labelSelector", [""])[0].split(",") if s)
+            items = [copy.deepcopy(o) for (p, n, _), o in srv.objects.items() if p == plural and n == ns
+                     and all((o["metadata"].get("labels") or {}).get(k) == v for k, v in wanted.items())]
+            return self._reply(200, {"kind": "List", "apiVersion": "v1", "metadata": {}, "items": items})
+        if method == "PATCH" and self.headers.get("Content-Type") == "application/apply-patch+yaml":
+            if body["metadata"].get("name") != name or body["metadata"].get("namespace") != ns:
+                return self._reply(400, _status(400, "BadRequest", "name/namespace mismatch"))
+            if query.get("fieldManager") != ["spleen-deepedit"]:
+                return self._reply(422, _status(422, "Invalid", "fieldManager is required for apply patch"))
+            old = srv.objects.get(key)
+            obj = _merge_patch(old, body) if old else copy.deepcopy(body)  # SSA, approximated as a merge
+            obj["metadata"].update(uid=f"uid-{name}", resourceVersion=srv.next_rv(),
+                                   generation=(old or {}).get("metadata", {}).get("generation", 0) + 1)
+            if query.get("dryRun") != ["All"]:
+                srv.objects[key] = obj
+            return self._reply(201 if old is None else 200, obj)
         if method == "POST":
             name = body["metadata"]["name"]
             key = (plural, ns, name)
@@ -302,16 +352,22 @@ def _add_rayservice(fake_api: FakeKubeAPI, checkpoint: str) -> None:
 # ----------------------------------------------------------------------------- submit
 
 
-def test_submit_should_create_configmap_then_rayjob_from_manifests(fake_api, kubeconfig, tmp_path, capsys):
+def _applied(fake_api: FakeKubeAPI) -> list[dict]:
+    return [r for r in fake_api.requests_of("PATCH") if r["content_type"] == "application/apply-patch+yaml"]
+
+
+def test_submit_should_apply_configmap_then_rayjob_from_manifests(fake_api, kubeconfig, tmp_path, capsys):
     manifest = tmp_path / "rendered.yaml"
     manifest.write_text(yaml.safe_dump_all([RAYJOB, CONFIG_MAP]))
     assert k8s(kubeconfig, "submit", "--manifest", str(manifest)) == 0
-    posts = fake_api.requests_of("POST")
-    assert [p["path"] for p in posts] == [f"/api/v1/namespaces/{NS}/configmaps", f"/apis/ray.io/v1/namespaces/{NS}/rayjobs"]
+    applies = _applied(fake_api)
+    assert [p["path"] for p in applies] == [f"/api/v1/namespaces/{NS}/configmaps/spleen-r1-config",
+                                            f"/apis/ray.io/v1/namespaces/{NS}/rayjobs/spleen-r1"]
+    assert all(p["query"]["fieldManager"] == ["spleen-deepedit"] and p["query"]["force"] == ["true"] for p in applies)
     assert all(p["auth"] == f"Bearer {TOKEN}" for p in fake_api.requests)
     stored = fake_api.objects[("rayjobs", NS, "spleen-r1")]
-    assert stored["spec"] == RAYJOB["spec"] and stored["metadata"]["namespace"] == NS
-    assert "created: ConfigMap/spleen-r1-config, RayJob/spleen-r1" in capsys.readouterr().out
+    assert stored["spec"] == {**RAYJOB["spec"], "suspend": False} and stored["metadata"]["namespace"] == NS
+    assert "applied: ConfigMap/spleen-r1-config, RayJob/spleen-r1" in capsys.readouterr().out
 
 
 def test_submit_should_render_the_training_chart_from_a_values_file(fake_api, kubeconfig, tmp_path):
@@ -320,30 +376,60 @@ def test_submit_should_render_the_training_chart_from_a_values_file(fake_api, ku
     values.write_text((ROOT / "charts/spleen-deepedit-train/ci/ci-values.yaml").read_text())
     chart = str(ROOT / "charts/spleen-deepedit-train")
     assert k8s(kubeconfig, "submit", "-f", str(values), "--chart", chart, "--release", "spleen-r2") == 0
-    kinds = [p["body"]["kind"] for p in fake_api.requests_of("POST")]
-    assert kinds == ["ServiceAccount", "ConfigMap", "RayJob", "PodMonitor", "PodMonitor"]
+    kinds = [p["body"]["kind"] for p in _applied(fake_api)]
+    assert kinds == ["ServiceAccount", "ConfigMap", "NetworkPolicy", "RayJob", "PodMonitor", "PodMonitor"]
     job = fake_api.objects[("rayjobs", NS, "spleen-r2-spleen-deepedit-train")]
     assert "--run-name spleen-r2 " in job["spec"]["entrypoint"]
-    assert [p["path"] for p in fake_api.requests_of("POST", "podmonitors")] == [
+    assert [p["path"].rsplit("/", 1)[0] for p in _applied(fake_api) if "podmonitors" in p["path"]] == [
         f"/apis/monitoring.coreos.com/v1/namespaces/{NS}/podmonitors"] * 2
+
+
+def test_submit_should_find_the_packaged_chart_from_any_directory(fake_api, kubeconfig, tmp_path, monkeypatch):
+    pytest.importorskip("helm_python", reason="pip install helm-python-sdk")
+    values = tmp_path / "values.yaml"
+    values.write_text((ROOT / "charts/spleen-deepedit-train/ci/ci-values.yaml").read_text())
+    monkeypatch.chdir(tmp_path)  # not the repository root
+    assert k8s(kubeconfig, "submit", "-f", str(values), "--release", "spleen-r3") == 0
+    assert ("rayjobs", NS, "spleen-r3-spleen-deepedit-train") in fake_api.objects
+    assert Path(k8s_cli.DEFAULT_TRAIN_CHART).resolve() == (ROOT / "charts/spleen-deepedit-train").resolve()
 
 
 def test_submit_dry_run_should_ask_the_server_to_validate_and_store_nothing(fake_api, kubeconfig, tmp_path, capsys):
     manifest = tmp_path / "rendered.yaml"
     manifest.write_text(yaml.safe_dump(RAYJOB))
     assert k8s(kubeconfig, "submit", "--manifest", str(manifest), "--dry-run") == 0
-    assert fake_api.requests_of("POST")[0]["query"]["dryRun"] == ["All"]
+    assert _applied(fake_api)[0]["query"]["dryRun"] == ["All"]
     assert fake_api.objects == {}
     assert "validated (dry run): RayJob/spleen-r1" in capsys.readouterr().out
 
 
-def test_submit_should_fail_with_a_clear_message_when_the_job_exists(fake_api, kubeconfig, tmp_path, capsys):
+def test_submit_twice_should_update_leftovers_and_resume_a_suspended_job(fake_api, kubeconfig, tmp_path, capsys):
+    """A resubmission with the same release name is how a run resumes: it must not fail on 409."""
+    manifest = tmp_path / "rendered.yaml"
+    manifest.write_text(yaml.safe_dump_all([RAYJOB, CONFIG_MAP]))
+    assert k8s(kubeconfig, "submit", "--manifest", str(manifest)) == 0
+    fake_api.objects[("rayjobs", NS, "spleen-r1")]["spec"]["suspend"] = True  # what `cancel` does
+    fake_api.objects[("rayjobs", NS, "spleen-r1")]["status"] = {"jobDeploymentStatus": "Suspended"}
+    changed = {**CONFIG_MAP, "data": {"train.yaml": "amp: true\n"}}
+    manifest.write_text(yaml.safe_dump_all([RAYJOB, changed]))
+    assert k8s(kubeconfig, "submit", "--manifest", str(manifest)) == 0
+    assert fake_api.objects[("configmaps", NS, "spleen-r1-config")]["data"] == changed["data"]
+    assert fake_api.objects[("rayjobs", NS, "spleen-r1")]["spec"]["suspend"] is False  # resumed
+    assert fake_api.requests_of("POST") == [] and fake_api.requests_of("DELETE") == []
+
+
+def test_submit_should_replace_a_finished_job_and_refuse_a_running_one(fake_api, kubeconfig, tmp_path, capsys):
     manifest = tmp_path / "rendered.yaml"
     manifest.write_text(yaml.safe_dump(RAYJOB))
     assert k8s(kubeconfig, "submit", "--manifest", str(manifest)) == 0
+    fake_api.objects[("rayjobs", NS, "spleen-r1")]["status"] = {"jobDeploymentStatus": "Running"}
     assert k8s(kubeconfig, "submit", "--manifest", str(manifest)) == 2
-    err = capsys.readouterr().err
-    assert "creating RayJob/spleen-r1: HTTP 409" in err and "already exists" in err
+    assert "is Running: cancel it first" in capsys.readouterr().err
+    fake_api.objects[("rayjobs", NS, "spleen-r1")]["status"] = {"jobDeploymentStatus": "Failed"}
+    assert k8s(kubeconfig, "submit", "--manifest", str(manifest)) == 0
+    assert "deleted the Failed RayJob spleen-r1" in capsys.readouterr().out
+    assert [r["path"] for r in fake_api.requests_of("DELETE")] == [f"/apis/ray.io/v1/namespaces/{NS}/rayjobs/spleen-r1"]
+    assert "status" not in fake_api.objects[("rayjobs", NS, "spleen-r1")]  # a fresh RayJob
 
 
 def test_submit_should_refuse_kinds_it_does_not_manage(fake_api, kubeconfig, tmp_path, capsys):
@@ -351,7 +437,18 @@ def test_submit_should_refuse_kinds_it_does_not_manage(fake_api, kubeconfig, tmp
     manifest.write_text(yaml.safe_dump_all([RAYJOB, {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}}]))
     assert k8s(kubeconfig, "submit", "--manifest", str(manifest)) == 2
     assert "cannot create kind(s) ['Deployment']" in capsys.readouterr().err
-    assert fake_api.requests_of("POST") == []
+    assert fake_api.requests_of("PATCH") == [] and fake_api.requests_of("POST") == []
+
+
+def test_submit_should_retry_a_transient_api_error(fake_api, kubeconfig, tmp_path, monkeypatch):
+    from k8s import retry
+
+    monkeypatch.setattr(retry, "FIRST_PAUSE_S", 0.01)
+    manifest = tmp_path / "rendered.yaml"
+    manifest.write_text(yaml.safe_dump(RAYJOB))
+    fake_api.failures = [("rayjobs/spleen-r1", 503), ("rayjobs/spleen-r1", 500)]
+    assert k8s(kubeconfig, "submit", "--manifest", str(manifest)) == 0
+    assert ("rayjobs", NS, "spleen-r1") in fake_api.objects
 
 
 # ----------------------------------------------------------------------------- status, follow, logs
@@ -376,6 +473,18 @@ def test_follow_should_print_each_status_transition_until_the_job_completes(fake
     ]
     # Progress comes from the Ray dashboard's job log, through the API server's service proxy.
     assert fake_api.requests_of("GET", "/services/spleen-r1-abcde-head-svc:dashboard/proxy/api/jobs/spleen-r1-x1/logs")
+
+
+def test_follow_should_watch_the_rayjob_and_reconnect_after_a_dropped_stream(fake_api, kubeconfig, capsys):
+    _submitted(fake_api)
+    fake_api.objects[("rayjobs", NS, "spleen-r1")]["metadata"]["resourceVersion"] = "41"
+    fake_api.watch_drops = 2  # the first two watch connections close with no event
+    assert k8s(kubeconfig, "follow", "spleen-r1", "--interval", "0.01", "--timeout", "60") == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("spleen-r1: Complete  job SUCCEEDED")
+    watches = [r for r in fake_api.requests_of("GET", "/rayjobs") if r["query"].get("watch", [""])[0].lower() == "true"]
+    assert len(watches) >= 4 and fake_api.watch_drops == 0  # dropped twice, watched again each time
+    assert all(w["query"]["fieldSelector"] == ["metadata.name=spleen-r1"] for w in watches)
+    assert all(w["query"]["resourceVersion"] == ["41"] for w in watches)  # from the version last read
 
 
 def test_follow_should_exit_1_and_show_the_reason_when_the_job_fails(fake_api, kubeconfig, capsys):
@@ -407,6 +516,118 @@ def test_logs_should_fall_back_to_the_submitter_pod_when_the_dashboard_is_gone(f
     assert pod_list["query"]["labelSelector"] == ["job-name=spleen-r1"]
 
 
+def test_follow_should_ride_out_a_500_from_the_api_server_mid_follow(fake_api, kubeconfig, capsys, monkeypatch):
+    from k8s import retry
+
+    monkeypatch.setattr(retry, "FIRST_PAUSE_S", 0.01)
+    _submitted(fake_api)
+    # Three steps in, the API server answers 500 more times than one call's retries: follow says so
+    # and goes on; the job still ends Complete with exit 0.
+    fake_api.job_step = 2
+    fake_api.failures = [("rayjobs/spleen-r1", 500)] * (retry.ATTEMPTS + 1)
+    assert k8s(kubeconfig, "follow", "spleen-r1", "--interval", "0.01", "--timeout", "30") == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any("API server unavailable" in line and "HTTP 500" in line for line in lines)
+    assert lines[-1].startswith("spleen-r1: Complete  job SUCCEEDED")
+
+
+def test_follow_should_stop_on_an_error_that_is_not_transient(fake_api, kubeconfig, capsys):
+    _submitted(fake_api)
+    fake_api.failures = [("rayjobs/spleen-r1", 403)]
+    assert k8s(kubeconfig, "follow", "spleen-r1", "--interval", "0.01", "--timeout", "30") == 2
+    assert "HTTP 403" in capsys.readouterr().err
+
+
+def test_logs_should_send_the_ray_token_from_the_cluster_secret(fake_api, kubeconfig, capsys):
+    import base64
+
+    _submitted(fake_api)
+    fake_api.objects[("rayjobs", NS, "spleen-r1")]["spec"]["rayClusterSpec"]["authOptions"] = {"mode": "token"}
+    fake_api.ray_token = "ray-secret-token"
+    # KubeRay's per-cluster Secret, named after the RayCluster (raycluster_controller.go reconcileAuthSecret).
+    fake_api.objects[("secrets", NS, "spleen-r1-abcde")] = {
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "spleen-r1-abcde", "namespace": NS},
+        "data": {"auth_token": base64.b64encode(b"ray-secret-token").decode()}}
+    fake_api.job_step = 4
+    assert k8s(kubeconfig, "logs", "spleen-r1", "--tail", "1") == 0
+    assert "epoch" in capsys.readouterr().out
+    proxied = fake_api.requests_of("GET", ":dashboard/proxy/")
+    assert proxied and proxied[-1]["ray_auth"] == "Bearer ray-secret-token"
+    assert proxied[-1]["auth"] == f"Bearer {TOKEN}"  # Authorization stays the API server's
+
+
+def test_list_should_show_jobs_and_services_with_phase_and_release(fake_api, kubeconfig, capsys):
+    _submitted(fake_api)
+    fake_api.objects[("rayjobs", NS, "spleen-r1")]["status"] = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}
+    fake_api.objects[("rayjobs", NS, "spleen-r1")]["metadata"]["labels"] = {"app.kubernetes.io/instance": "spleen-r1"}
+    fake_api.job_script = []
+    _add_rayservice(fake_api, "s3://b/run/checkpoint_epoch_0001/checkpoint.pt")
+    assert k8s(kubeconfig, "list", "--json") == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {"kind": "RayJob", "name": "spleen-r1", "phase": "Running", "detail": "RUNNING", "release": "spleen-r1"} in rows
+    assert [r["kind"] for r in rows] == ["RayJob", "RayService"]
+    assert k8s(kubeconfig, "list") == 0
+    assert "RayJob      spleen-r1" in capsys.readouterr().out
+
+
+def test_status_should_show_pending_pods_with_the_scheduler_s_reason(fake_api, kubeconfig, capsys):
+    _submitted(fake_api)
+    fake_api.job_step = 1  # Initializing, cluster spleen-r1-abcde
+
+    def pod(name, labels, phase, waiting=None):
+        statuses = [{"name": "ray-worker", "ready": False, "restartCount": 0, "image": "i", "imageID": "",
+                     "state": {"waiting": waiting}}] if waiting else []
+        return {"metadata": {"name": name, "namespace": NS, "labels": labels}, "status": {"phase": phase, "containerStatuses": statuses}}
+
+    cluster = {"ray.io/cluster": "spleen-r1-abcde"}
+    fake_api.pod_objects = [
+        pod("spleen-r1-abcde-head", cluster, "Running"),
+        pod("spleen-r1-abcde-gpu-worker-1", cluster, "Pending"),
+        pod("spleen-r1-abcde-gpu-worker-2", cluster, "Pending", {"reason": "ImagePullBackOff", "message": "pull access denied"}),
+    ]
+    fake_api.objects[("events", NS, "e1")] = {
+        "apiVersion": "v1", "kind": "Event", "metadata": {"name": "e1", "namespace": NS}, "type": "Warning",
+        "reason": "FailedScheduling", "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+        "involvedObject": {"kind": "Pod", "name": "spleen-r1-abcde-gpu-worker-1", "namespace": NS}}
+    assert k8s(kubeconfig, "status", "spleen-r1") == 0
+    out = capsys.readouterr().out
+    assert "spleen-r1-abcde-gpu-worker-1: FailedScheduling 0/3 nodes are available: 3 Insufficient nvidia.com/gpu." in out
+    assert "spleen-r1-abcde-gpu-worker-2: ImagePullBackOff pull access denied" in out
+    assert "abcde-head" not in out
+
+
+def test_dashboard_should_forward_the_head_service_and_show_the_ray_token(fake_api, kubeconfig, tmp_path, capsys, monkeypatch):
+    import base64
+
+    _submitted(fake_api)
+    fake_api.job_step = 2
+    fake_api.objects[("rayjobs", NS, "spleen-r1")]["spec"]["rayClusterSpec"]["authOptions"] = {"mode": "token", "secretName": "ray-token"}
+    fake_api.objects[("secrets", NS, "ray-token")] = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ray-token"},
+                                                      "data": {"auth_token": base64.b64encode(b"t0k3n").decode()}}
+    # A fake `kubectl` on PATH records its arguments (no cluster here).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "kubectl").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'kubectl-args'}\n")
+    (bin_dir / "kubectl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    assert k8s(kubeconfig, "dashboard", "spleen-r1", "--port", "18265", "--show-token") == 0
+    out = capsys.readouterr().out
+    assert "http://127.0.0.1:18265/" in out and "Ray token (the dashboard asks for it): t0k3n" in out
+    args = (tmp_path / "kubectl-args").read_text().split()
+    assert args[:5] == ["port-forward", "-n", NS, "svc/spleen-r1-abcde-head-svc", "18265:8265"] and "--kubeconfig" in args
+    assert k8s(kubeconfig, "dashboard", "spleen-r1", "--print-only") == 0
+    out = capsys.readouterr().out
+    assert "<hidden: pass --show-token>" in out and "run: kubectl port-forward -n ml svc/spleen-r1-abcde-head-svc 8265:8265" in out
+
+
+def test_logs_follow_should_print_each_new_line_once_until_the_job_ends(fake_api, kubeconfig, capsys):
+    _submitted(fake_api)
+    assert k8s(kubeconfig, "logs", "spleen-r1", "-f", "--interval", "0.01") == 0
+    out = capsys.readouterr().out
+    for epoch, val in ((1, "-"), (2, "0.7012"), (3, "0.8123")):
+        assert out.count(_epoch(epoch, 3, val)) == 1, out  # the log grows; every line is printed once
+
+
 def test_status_should_say_how_to_fix_a_missing_job(fake_api, kubeconfig, capsys):
     assert k8s(kubeconfig, "status", "nope") == 2
     assert "RayJob ml/nope: HTTP 404" in capsys.readouterr().err
@@ -432,10 +653,29 @@ def test_cancel_should_suspend_the_job_with_a_merge_patch(fake_api, kubeconfig, 
     assert "suspended RayJob ml/spleen-r1" in capsys.readouterr().out
 
 
-def test_cancel_delete_should_delete_the_rayjob(fake_api, kubeconfig):
-    _submitted(fake_api)
+def test_cancel_delete_should_delete_every_object_of_the_release(fake_api, kubeconfig, tmp_path, capsys):
+    labels = {"app.kubernetes.io/instance": "spleen-r1"}
+    manifest = tmp_path / "rendered.yaml"
+    others = [{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "spleen-r1", "labels": labels}},
+              {**CONFIG_MAP, "metadata": {**CONFIG_MAP["metadata"], "labels": labels}},
+              {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "spleen-r1", "labels": labels}, "spec": {}},
+              {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor", "metadata": {"name": "spleen-r1-head", "labels": labels}, "spec": {}}]
+    unrelated = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "other", "labels": {"app.kubernetes.io/instance": "other"}}}
+    manifest.write_text(yaml.safe_dump_all([RAYJOB, *others, unrelated]))
+    assert k8s(kubeconfig, "submit", "--manifest", str(manifest)) == 0
     assert k8s(kubeconfig, "cancel", "spleen-r1", "--delete") == 0
-    assert fake_api.requests_of("DELETE")[0]["path"] == f"/apis/ray.io/v1/namespaces/{NS}/rayjobs/spleen-r1"
+    assert set(fake_api.objects) == {("configmaps", NS, "other")}  # everything of the release, nothing else
+    deletes = [r["path"] for r in fake_api.requests_of("DELETE")]
+    assert deletes[0] == f"/apis/monitoring.coreos.com/v1/namespaces/{NS}/podmonitors/spleen-r1-head"
+    assert f"/apis/ray.io/v1/namespaces/{NS}/rayjobs/spleen-r1" in deletes
+    assert "(release spleen-r1)" in capsys.readouterr().out
+
+
+def test_cancel_delete_should_delete_an_unlabelled_rayjob_alone(fake_api, kubeconfig):
+    _submitted(fake_api)
+    fake_api.objects[("rayjobs", NS, "spleen-r1")]["metadata"].pop("labels", None)
+    assert k8s(kubeconfig, "cancel", "spleen-r1", "--delete") == 0
+    assert fake_api.requests_of("DELETE")[-1]["path"] == f"/apis/ray.io/v1/namespaces/{NS}/rayjobs/spleen-r1"
     assert ("rayjobs", NS, "spleen-r1") not in fake_api.objects
 
 
@@ -539,9 +779,13 @@ def test_k8s_cli_should_explain_a_missing_kubeconfig(tmp_path, capsys, monkeypat
     assert "no kubeconfig at" in capsys.readouterr().err
 
 
-def test_k8s_cli_should_explain_an_unreachable_api_server(tmp_path, capsys):
+def test_k8s_cli_should_explain_an_unreachable_api_server(tmp_path, capsys, monkeypatch):
     pytest.importorskip("kubernetes")
     import socket
+
+    from k8s import retry
+
+    monkeypatch.setattr(retry, "FIRST_PAUSE_S", 0.01)  # connection refused is retried (an API server restart)
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -587,8 +831,38 @@ def test_dockerfile_should_run_as_a_non_root_user_and_install_the_project_pins()
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert commands[-1].cmd == "USER" or final_stage[-1].cmd in ("WORKDIR", "USER")
     installs = " ".join(c.value[0] for c in final_stage if c.cmd == "RUN")
-    assert "[all]" in installs and "ray[train,serve,default]==2.60.0" in installs
+    assert "ray[train,serve,default]==2.60.0" in installs
     assert "torch.__version__.startswith('2.13.0')" in installs  # the build fails on a different torch
+    assert "assert torch.version.cuda" in installs  # ... or on a CPU build of it
+
+
+def test_dockerfile_should_install_dependencies_before_the_code_without_tooling_or_sudo():
+    import tomllib
+
+    commands = _dockerfile()
+    final_stage = commands[max(i for i, c in enumerate(commands) if c.cmd == "FROM"):]
+    runs = [(i, c) for i, c in enumerate(final_stage) if c.cmd == "RUN"]
+    deps = next(i for i, c in runs if "-c /tmp/deps/constraints.txt" in c.value[0])
+    code = next(i for i, c in runs if "--no-deps" in c.value[0] and "spleen_deepedit-" in c.value[0])
+    assert deps < code  # a code change does not rebuild the dependency layer
+    # The dependency layer sees only pyproject.toml, never the code.
+    copies = [c for c in final_stage[:deps] if c.cmd == "COPY"]
+    assert [c.value[:-1] for c in copies] == [("pyproject.toml",)]
+    # The requirements come from the `runtime` extra, constrained by Ray's compiled versions.
+    script = next(h.content for _, c in runs for h in c.heredocs)
+    assert 'expand(["runtime"])' in script and "/home/ray/requirements_compiled.txt" in script
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    runtime = " ".join(extras["runtime"])
+    for tooling in ("k8s", "plots"):  # helm-python-sdk, kubernetes, matplotlib stay out of the image
+        assert tooling not in runtime
+    assert "[all]" not in " ".join(c.value[0] for _, c in runs)
+    # sudo removed (as root), then back to the non-root user for everything after.
+    sudo = next(i for i, c in runs if "purge -y --auto-remove sudo" in c.value[0])
+    assert final_stage[sudo - 1].cmd == "USER" and final_stage[sudo - 1].value[0] == "0"
+    assert all(c.value[0].split(":")[0] not in ("0", "root") for c in final_stage[sudo + 1:] if c.cmd == "USER")
+    # The build stage copies the charts too: the wheel carries them (k8s/charts -> ../charts).
+    build_copies = [c.value[0] for c in commands[:commands.index(final_stage[0])] if c.cmd == "COPY"]
+    assert "charts" in build_copies
 
 
 def test_dockerfile_should_hold_no_secrets_and_copy_no_data():

@@ -52,18 +52,30 @@ app.kubernetes.io/name: {{ include "spleen-deepedit-serve.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
-{{/* ServiceAccount of the Ray pods. */}}
+{{/*
+ServiceAccount of the Ray pods: the created one, else the named one, else none (empty). Never
+`default`: with none named and autoscaling on, KubeRay creates a per-cluster account for the head and
+binds its autoscaler Role to it (raycluster_controller.go reconcileAutoscalerServiceAccount).
+*/}}
 {{- define "spleen-deepedit-serve.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "spleen-deepedit-serve.fullname" .) .Values.serviceAccount.name }}
 {{- else }}
-{{- default "default" .Values.serviceAccount.name }}
+{{- .Values.serviceAccount.name }}
 {{- end }}
 {{- end }}
 
-{{/* The container image. */}}
+{{/* The container image; the repository has no usable default (the image is built from our Dockerfile). */}}
 {{- define "spleen-deepedit-serve.image" -}}
+{{- if not .Values.image.repository }}
+{{- fail "image.repository is required: the image built from this repository's Dockerfile and pushed to your registry (e.g. --set image.repository=registry.example.com/ml/spleen-deepedit)" }}
+{{- end }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* Secret holding the API token: the user's, else the one this chart creates. */}}
+{{- define "spleen-deepedit-serve.authSecretName" -}}
+{{- default (printf "%s-api-token" (include "spleen-deepedit-serve.fullname" . | trunc 53 | trimSuffix "-")) .Values.auth.existingSecret }}
 {{- end }}
 
 {{/* Labels of every Ray pod: selector labels (PodMonitors select on them) and user labels. */}}
@@ -84,40 +96,149 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 DEEPEDIT_AUTH_TOKEN
 {{- end }}
 
-{{/* Settings of every Ray container: S3 credentials (envFrom), endpoint, region, API token. */}}
+{{/*
+Environment of a Ray container (`.root`, `.group`): S3 endpoint and region, the API token (from its
+Secret), the scratch locations (nothing is written to the read-only root filesystem), then the user's
+env (all pods, then the group's). Credentials only through envFrom / secretKeyRef.
+*/}}
 {{- define "spleen-deepedit-serve.env" -}}
-{{- with .Values.storage.credentialsSecret -}}
+{{- $ := .root -}}
+{{- $from := list -}}
+{{- with $.Values.storage.credentialsSecret }}{{ $from = append $from (dict "secretRef" (dict "name" .)) }}{{ end -}}
+{{- $from = concat $from (default list $.Values.envFrom) (default list .group.envFrom) -}}
+{{- with $from }}
 envFrom:
-  - secretRef:
-      name: {{ . }}
+  {{- toYaml . | nindent 2 }}
 {{- end }}
 env:
-  {{- with .Values.storage.endpoint }}
+  {{- with $.Values.storage.endpoint }}
   - name: AWS_ENDPOINT_URL
     value: {{ . | quote }}
   {{- end }}
   - name: AWS_DEFAULT_REGION
-    value: {{ .Values.storage.region | quote }}
-  {{- if .Values.auth.enabled }}
-  - name: {{ include "spleen-deepedit-serve.authTokenEnv" . }}
+    value: {{ $.Values.storage.region | quote }}
+  {{- if $.Values.auth.enabled }}
+  - name: {{ include "spleen-deepedit-serve.authTokenEnv" $ }}
     valueFrom:
       secretKeyRef:
-        name: {{ .Values.auth.existingSecret }}
-        key: {{ .Values.auth.secretKey }}
+        name: {{ include "spleen-deepedit-serve.authSecretName" $ }}
+        key: {{ $.Values.auth.secretKey }}
+  {{- end }}
+  - name: SPLEEN_DEEPEDIT_CACHE
+    value: /var/cache/spleen-deepedit
+  - name: XDG_CACHE_HOME
+    value: /tmp/.cache
+  {{- with $.Values.env }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+  {{- with .group.env }}
+  {{- toYaml . | nindent 2 }}
   {{- end }}
 {{- end }}
 
-{{/* Pod-level settings shared by head and workers. */}}
-{{- define "spleen-deepedit-serve.podSpecCommon" -}}
-serviceAccountName: {{ include "spleen-deepedit-serve.serviceAccountName" . }}
-{{- with .Values.image.pullSecrets }}
+{{/*
+Scratch volumes of a Ray pod (`.root`, `.group`): emptyDirs with a size limit, so the root filesystem
+stays read-only and a runaway log or cache evicts only its own pod. `ray-logs` is KubeRay's own name
+for /tmp/ray (pod.go RayLogVolumeName): the autoscaler sidecar shares it.
+*/}}
+{{- define "spleen-deepedit-serve.volumes" -}}
+{{- $ := .root -}}
+{{- $s := $.Values.scratch -}}
+- name: tmp
+  emptyDir: {sizeLimit: {{ $s.tmp }}}
+- name: ray-logs
+  emptyDir: {sizeLimit: {{ $s.rayTmp }}}
+- name: model-cache
+  emptyDir: {sizeLimit: {{ $s.modelCache }}}
+{{- with $.Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
+{{- with .group.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Mounts of the scratch volumes (and the user's) in a Ray container (`.root`, `.group`). */}}
+{{- define "spleen-deepedit-serve.volumeMounts" -}}
+{{- $ := .root -}}
+- {name: tmp, mountPath: /tmp}
+- {name: ray-logs, mountPath: /tmp/ray}
+- {name: model-cache, mountPath: /var/cache/spleen-deepedit}
+{{- with $.Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- with .group.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Pod-level settings of every pod the operator builds from our objects (`.root`, `.group`,
+`.automount`). Only the head with autoscaling mounts the service-account token: Ray's KubeRay
+autoscaler sidecar reads it unconditionally to call the API server.
+*/}}
+{{- define "spleen-deepedit-serve.podSpec" -}}
+{{- $ := .root -}}
+{{- with include "spleen-deepedit-serve.serviceAccountName" $ }}
+serviceAccountName: {{ . }}
+{{- end }}
+automountServiceAccountToken: {{ .automount }}
+{{- with $.Values.image.pullSecrets }}
 imagePullSecrets:
   {{- range . }}
   - name: {{ . }}
   {{- end }}
 {{- end }}
 securityContext:
-  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+  {{- toYaml $.Values.podSecurityContext | nindent 2 }}
+{{- with $.Values.runtimeClassName }}
+runtimeClassName: {{ . }}
+{{- end }}
+{{- with (default $.Values.priorityClassName .group.priorityClassName) }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .group.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .group.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .group.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .group.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Pod template metadata (`.root`, `.component`). */}}
+{{- define "spleen-deepedit-serve.podMetadata" -}}
+{{- $ := .root -}}
+labels:
+  {{- include "spleen-deepedit-serve.podLabels" $ | nindent 2 }}
+  spleen-deepedit/pod-role: {{ .component }}
+{{- with $.Values.podAnnotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Ray's authentication (`authOptions`): token mode, the token from a Secret (KubeRay makes one per cluster when none is named). */}}
+{{- define "spleen-deepedit-serve.authOptions" -}}
+{{- if .Values.rayAuth.enabled }}
+authOptions:
+  mode: token
+  {{- with .Values.rayAuth.secretName }}
+  secretName: {{ . }}
+  {{- end }}
+{{- else }}
+authOptions:
+  mode: disabled
+{{- end }}
 {{- end }}
 
 {{/*
@@ -128,10 +249,13 @@ is also in the deployment's user_config: changing only that reloads the model in
 */}}
 {{- define "spleen-deepedit-serve.serveConfig" -}}
 {{- $s := .Values.serve }}
+{{- if lt (int $s.maxOngoingRequests) (int $s.maxBatchSize) }}
+{{- fail (printf "serve.maxOngoingRequests %d is below serve.maxBatchSize %d: a batch could never fill; raise maxOngoingRequests to at least maxBatchSize" (int $s.maxOngoingRequests) (int $s.maxBatchSize)) }}
+{{- end }}
 {{- $args := dict
   "checkpoint" $s.checkpoint
   "model_name" $s.modelName
-  "num_replicas" (int (ternary .Values.autoscaling.minReplicas $s.replicas .Values.autoscaling.enabled))
+  "num_replicas" (max 1 (int (ternary .Values.autoscaling.minReplicas $s.replicas .Values.autoscaling.enabled)))
   "num_cpus" $s.cpusPerReplica
   "num_gpus" $s.gpusPerReplica
   "max_batch_size" (int $s.maxBatchSize)

@@ -52,17 +52,24 @@ app.kubernetes.io/name: {{ include "spleen-deepedit-train.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
-{{/* ServiceAccount of the Ray pods. */}}
+{{/*
+ServiceAccount of the Ray pods: the created one, else the named one, else none (empty). Never
+`default`: without a name the pods get the namespace's default account without us binding anything
+to it (KubeRay binds its autoscaler Role to the head's account, or creates one per cluster).
+*/}}
 {{- define "spleen-deepedit-train.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "spleen-deepedit-train.fullname" .) .Values.serviceAccount.name }}
 {{- else }}
-{{- default "default" .Values.serviceAccount.name }}
+{{- .Values.serviceAccount.name }}
 {{- end }}
 {{- end }}
 
-{{/* The container image. */}}
+{{/* The container image; the repository has no usable default (the image is built from our Dockerfile). */}}
 {{- define "spleen-deepedit-train.image" -}}
+{{- if not .Values.image.repository }}
+{{- fail "image.repository is required: the image built from this repository's Dockerfile and pushed to your registry (e.g. --set image.repository=registry.example.com/ml/spleen-deepedit)" }}
+{{- end }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
@@ -73,6 +80,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/* DDP ranks: explicit, else one per GPU of the worker group, else one per worker pod. */}}
 {{- define "spleen-deepedit-train.numWorkers" -}}
+{{- $slots := mul (int .Values.workers.replicas) (max 1 (int .Values.workers.gpusPerWorker)) }}
+{{- if gt (int .Values.training.numWorkers) (int $slots) }}
+{{- fail (printf "training.numWorkers %d is more than the worker group holds (workers.replicas %d x %d GPU(s) = %d ranks): Ray Train would wait forever for the missing workers; lower numWorkers or raise workers.replicas / workers.gpusPerWorker" (int .Values.training.numWorkers) (int .Values.workers.replicas) (int .Values.workers.gpusPerWorker) (int $slots)) }}
+{{- end }}
 {{- if gt (int .Values.training.numWorkers) 0 }}
 {{- .Values.training.numWorkers | int }}
 {{- else }}
@@ -93,35 +104,159 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
-{{/* S3 settings of every Ray container: credentials from the Secret (envFrom), endpoint and region as env. */}}
-{{- define "spleen-deepedit-train.s3Env" -}}
-{{- with .Values.storage.credentialsSecret -}}
+{{/*
+Environment of a Ray container (`.root`, `.group`): S3 endpoint and region, the run name, the scratch
+locations (so nothing is written to the read-only root filesystem), then the user's env (all pods,
+then the group's). Credentials only through envFrom (the Secret), never as literal values.
+*/}}
+{{- define "spleen-deepedit-train.env" -}}
+{{- $ := .root -}}
+{{- $from := list -}}
+{{- with $.Values.storage.credentialsSecret }}{{ $from = append $from (dict "secretRef" (dict "name" .)) }}{{ end -}}
+{{- $from = concat $from (default list $.Values.envFrom) (default list .group.envFrom) -}}
+{{- with $from }}
 envFrom:
-  - secretRef:
-      name: {{ . }}
+  {{- toYaml . | nindent 2 }}
 {{- end }}
 env:
-  {{- with .Values.storage.endpoint }}
+  {{- with $.Values.storage.endpoint }}
   - name: AWS_ENDPOINT_URL
     value: {{ . | quote }}
   {{- end }}
   - name: AWS_DEFAULT_REGION
-    value: {{ .Values.storage.region | quote }}
+    value: {{ $.Values.storage.region | quote }}
   - name: SPLEEN_DEEPEDIT_RUN_NAME
-    value: {{ include "spleen-deepedit-train.runName" . | quote }}
+    value: {{ include "spleen-deepedit-train.runName" $ | quote }}
+  - name: SPLEEN_DEEPEDIT_CACHE
+    value: /var/cache/spleen-deepedit
+  - name: XDG_CACHE_HOME
+    value: /tmp/.cache
+  {{- with $.Values.env }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+  {{- with .group.env }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
 {{- end }}
 
-{{/* Pod-level settings shared by head and workers. */}}
-{{- define "spleen-deepedit-train.podSpecCommon" -}}
-serviceAccountName: {{ include "spleen-deepedit-train.serviceAccountName" . }}
-{{- with .Values.image.pullSecrets }}
+{{/*
+Scratch volumes of a Ray pod (`.root`, `.head`): emptyDirs with a size limit, so the root filesystem
+stays read-only and a runaway log or cache evicts only its own pod. `ray-logs` is KubeRay's own name
+for /tmp/ray (pod.go RayLogVolumeName): the autoscaler sidecar, when there is one, shares it.
+*/}}
+{{- define "spleen-deepedit-train.volumes" -}}
+{{- $ := .root -}}
+{{- $s := $.Values.scratch -}}
+- name: ray-logs
+  emptyDir: {sizeLimit: {{ $s.rayTmp }}}
+- name: tmp
+  emptyDir: {sizeLimit: {{ $s.tmp }}}
+- name: dataset-cache
+  emptyDir: {sizeLimit: {{ $s.datasetCache }}}
+{{- if .head }}
+- name: outputs
+  emptyDir: {sizeLimit: {{ $s.outputs }}}
+{{- if $.Values.training.config }}
+- name: train-config
+  configMap:
+    name: {{ include "spleen-deepedit-train.configMapName" $ }}
+{{- end }}
+{{- end }}
+{{- with $.Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
+{{- with .group.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Mounts of the scratch volumes (and the user's) in a Ray container (`.root`, `.head`, `.group`). */}}
+{{- define "spleen-deepedit-train.volumeMounts" -}}
+{{- $ := .root -}}
+- {name: tmp, mountPath: /tmp}
+- {name: ray-logs, mountPath: /tmp/ray}
+- {name: dataset-cache, mountPath: /var/cache/spleen-deepedit}
+{{- if .head }}
+- {name: outputs, mountPath: {{ $.Values.training.outputDir }}}
+{{- if $.Values.training.config }}
+- {name: train-config, mountPath: /etc/spleen-deepedit, readOnly: true}
+{{- end }}
+{{- end }}
+{{- with $.Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- with .group.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Pod-level settings of every pod the operator builds from our objects (`.root`, `.group`): head,
+workers and the submitter. The service-account token is not mounted: nothing in these pods calls the
+Kubernetes API (no autoscaler in a RayJob).
+*/}}
+{{- define "spleen-deepedit-train.podSpec" -}}
+{{- $ := .root -}}
+{{- with include "spleen-deepedit-train.serviceAccountName" $ }}
+serviceAccountName: {{ . }}
+{{- end }}
+automountServiceAccountToken: false
+{{- with $.Values.image.pullSecrets }}
 imagePullSecrets:
   {{- range . }}
   - name: {{ . }}
   {{- end }}
 {{- end }}
 securityContext:
-  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+  {{- toYaml $.Values.podSecurityContext | nindent 2 }}
+{{- with $.Values.runtimeClassName }}
+runtimeClassName: {{ . }}
+{{- end }}
+{{- with (default $.Values.priorityClassName .group.priorityClassName) }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .group.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .group.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .group.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .group.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Pod template metadata of every pod (`.root`, `.component`). */}}
+{{- define "spleen-deepedit-train.podMetadata" -}}
+{{- $ := .root -}}
+labels:
+  {{- include "spleen-deepedit-train.podLabels" $ | nindent 2 }}
+  spleen-deepedit/pod-role: {{ .component }}
+{{- with $.Values.podAnnotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Ray's authentication (`authOptions`): token mode, the token from a Secret (KubeRay makes one per cluster when none is named). */}}
+{{- define "spleen-deepedit-train.authOptions" -}}
+{{- if .Values.rayAuth.enabled }}
+authOptions:
+  mode: token
+  {{- with .Values.rayAuth.secretName }}
+  secretName: {{ . }}
+  {{- end }}
+{{- else }}
+authOptions:
+  mode: disabled
+{{- end }}
 {{- end }}
 
 {{/* The entrypoint the KubeRay submitter runs on the head: our trainer's Ray Train launcher. */}}
