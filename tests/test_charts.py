@@ -675,7 +675,7 @@ def test_rendered_serve_config_should_deploy_on_local_serve_answer_readyz_and_ta
     check_serve_config(config)
     port = _free_port()
     config["http_options"] = {"host": "127.0.0.1", "port": port}  # loopback here; 0.0.0.0 in the pod
-    token = "chart-test-token"
+    token = "chart-test-token-0123456789abcdef"
     for key, value in {"DEEPEDIT_AUTH_TOKEN": token, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}.items():
         monkeypatch.setenv(key, value)  # the Secret's env var, as the pod has it
