@@ -6,6 +6,8 @@
    the `bundle` profile with AMP (fp16 autocast + `torch.amp.GradScaler`), after warm-up steps, and
    reports the median step time, peak GPU memory and samples/s. `--no-ray` runs the same in-process.
 2. With two or more GPUs: a 2-process NCCL all-reduce (correctness and bus bandwidth).
+3. Inference parity on CUDA (`--parity`): tests/test_model_zoo_parity.py at 128^3 with our predictor
+   on the GPU, fp16 autocast as the model zoo's evaluator (which also runs on the GPU there).
 
 On a machine without CUDA it prints why and exits 0 (nothing to check). `--cpu-smoke` runs step 1 on
 the CPU at the tiny profile, only to exercise this script.
@@ -150,6 +152,19 @@ def nccl_allreduce(size_mib: int = 256) -> dict:
     return queue.get()
 
 
+def cuda_parity() -> dict:
+    """The model-zoo parity test (its inference.json vs our bundle profile) with both on the GPU."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"SPLEEN_DEEPEDIT_PARITY_DEVICE": "cuda"}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "tests/test_model_zoo_parity.py", "-k", "128"],
+                          cwd=root, env=env, capture_output=True, text=True)
+    print(proc.stdout[-2000:])
+    return {"ok": proc.returncode == 0, "seconds": time.perf_counter() - t0}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=20, help="timed steps (after warm-up)")
@@ -158,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-ray", action="store_true", help="run the step benchmark in this process, not in a Ray worker")
     p.add_argument("--cpu-smoke", action="store_true", help="no GPU: run the benchmark on CPU at the tiny profile (tests this script)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--parity", action="store_true", help="also run the model-zoo inference parity test on CUDA")
     args = p.parse_args(argv)
 
     import torch
@@ -187,8 +203,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{n['seconds'] * 1000:.1f} ms, bus bandwidth {n['bus_bandwidth_gb_s']:.1f} GB/s")
     elif gpus == 1:
         print("NCCL all-reduce: skipped (needs 2 GPUs; 1 visible)")
+    if args.parity and gpus:
+        results["parity"] = cuda_parity()
+        print(f"model-zoo parity on CUDA (fp16): {'OK' if results['parity']['ok'] else 'FAILED'} in {results['parity']['seconds']:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+    if "parity" in results and not results["parity"]["ok"]:
+        return 1
     if "nccl" in results and not results["nccl"]["nccl_allreduce_ok"]:
         return 1
     return 0

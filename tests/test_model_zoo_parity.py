@@ -30,8 +30,13 @@ from trainer.predictor import Predictor
 
 ZOO = Path(os.environ.get("SPLEEN_DEEPEDIT_MODEL_ZOO",
                           Path(__file__).resolve().parents[2] / "shared" / "model-zoo" / "spleen_deepedit_annotation"))
-#: Softmax channels closer than this after the resize are a tie up to float rounding (fp32 on CPU).
-NOISE = 1e-5
+#: Where our side runs (scripts/gpu_check.py --parity sets cuda: the model zoo then runs on the GPU
+#: too, with fp16 autocast, and so does our bundle profile).
+DEVICE = torch.device(os.environ.get("SPLEEN_DEEPEDIT_PARITY_DEVICE", "cpu"))
+#: Softmax channels closer than this after the resize are a tie up to float rounding. The two
+#: preprocessing chains agree to ~2e-7 (ITK's reader and MONAI's own resize against ours), which the
+#: 31 M-parameter network turns into up to ~1e-5 in the softmax on CPU; fp16 logits on CUDA round at ~1e-3.
+NOISE = 1e-4 if DEVICE.type == "cpu" else 2e-3
 
 # name, axis codes, shape, spacing, clicks (original voxel indices)
 CASES = [
@@ -83,15 +88,15 @@ def _run_model_zoo(root: Path, data: Path, overrides: list[str]) -> Path:
     return out
 
 
-def _ambiguous(predictor: Predictor, image, affine, clicks) -> np.ndarray:
-    """Voxels (original order) where the resized softmax channels are within NOISE of each other."""
+def _gap(predictor: Predictor, image, affine, clicks) -> np.ndarray:
+    """|spleen - background| of the resized softmax, per voxel in the original order: how far from a tie."""
     prepared = predictor.preprocess(image, affine)
     checked = {k: [tuple(p) for p in v] for k, v in (clicks or {"spleen": [], "background": []}).items()}
     soft = predictor.network([prepared], [predictor.map_clicks(checked, prepared)])
     up = F.interpolate(soft, size=prepared.ras_shape, mode="area")[0]
-    gap = (up[1] - up[0]).abs().numpy()
+    gap = (up[1] - up[0]).abs().cpu().numpy()
     back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), prepared.to_ras)
-    return nib.orientations.apply_orientation(gap, back) < NOISE
+    return nib.orientations.apply_orientation(gap, back)
 
 
 def _parity(tmp_path, profile, overrides) -> list[tuple[str, float, int]]:
@@ -116,7 +121,7 @@ def _parity(tmp_path, profile, overrides) -> list[tuple[str, float, int]]:
     out = _run_model_zoo(root, data, overrides)
     network = build_network(profile)
     network.load_state_dict(weights)
-    predictor = Predictor(network, profile, device=torch.device("cpu"))
+    predictor = Predictor(network, profile, device=DEVICE)
     results = []
     for name, _, shape, _, clicks in CASES:
         theirs_img = nib.load(out / name / f"{name}_trans.nii.gz")
@@ -129,13 +134,14 @@ def _parity(tmp_path, profile, overrides) -> list[tuple[str, float, int]]:
         np.testing.assert_allclose(theirs_img.affine, source.affine, atol=1e-4, err_msg=name)
         np.testing.assert_allclose(nib.load(tmp_path / "ours" / f"{name}.nii.gz").affine, source.affine, atol=1e-6)
         differ = mask.astype(bool) != (theirs > 0.5)
-        ambiguous = _ambiguous(predictor, image, source.affine, clicks)
-        assert not (differ & ~ambiguous).any(), (name, int(differ.sum()), int((differ & ~ambiguous).sum()))
+        gap = _gap(predictor, image, source.affine, clicks)
+        worst = float(gap[differ].max()) if differ.any() else 0.0
+        assert worst < NOISE, (name, int(differ.sum()), worst)
         fg = theirs > 0.5
         dice = 2 * (fg & mask.astype(bool)).sum() / max(fg.sum() + mask.sum(), 1)
         assert 0.02 < fg.mean() < 0.98, (name, fg.mean())  # neither empty nor full
         assert dice >= 0.999, (name, dice)
-        results.append((name, float(dice), int(differ.sum())))
+        results.append((name, round(float(dice), 6), int(differ.sum()), worst))
         assert ours.mask.shape == shape
     return results
 

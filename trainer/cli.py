@@ -106,6 +106,7 @@ def build_train_config(args: argparse.Namespace):
         val_fraction=args.val_fraction,
         learning_rate=args.learning_rate,
         amp=False if args.no_amp else None,
+        deterministic=True if args.deterministic else None,
     )
 
 
@@ -191,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=None)
     p.add_argument("--learning-rate", type=float, default=None)
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision")
+    p.add_argument("--deterministic", action="store_true", help="deterministic kernels (GPU runs repeat exactly; slower)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g = p.add_argument_group("Ray Train (with --ray; see docs/ray.md)")
     g.add_argument("--ray", action="store_true", help="run as a Ray Train job (local Ray cluster unless RAY_ADDRESS is set)")

@@ -231,6 +231,9 @@ class TrainConfig:
             nothing to resume.
         max_train_seconds: wall-time budget of the training loop: the job stops at the first step past
             it, validates and writes its checkpoint (0: no limit).
+        deterministic: deterministic kernels (`torch.use_deterministic_algorithms`, no cuDNN
+            autotuning; the bundle's `set_determinism`): GPU runs repeat to the last digit, slower.
+            CPU fp32 runs are reproducible without it.
     """
 
     profile: str = "cpu"
@@ -259,6 +262,7 @@ class TrainConfig:
     resume: bool = False
     init_from: str | None = None
     max_train_seconds: float = 0.0
+    deterministic: bool = False
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:

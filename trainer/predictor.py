@@ -2,12 +2,14 @@
 
 Used by `infer`, evaluation, the MONAI bundle and the Ray Serve deployment, so they cannot drift.
 Clicks are voxel indices of the original file's array; they are mapped through the reorientation to
-RAS (`inv(A_ras) @ A_orig`) and scaled to the network grid (`floor(p * S / N)`), as the bundle does.
-The spleen probability is resized back with trilinear interpolation, the reorientation undone, and
-thresholded at 0.5 (argmax of two softmax channels). Profiles with `upsample: logit` (`cpu`, `tiny`)
-interpolate the logit instead, which varies smoothly where the probability saturates: with the same
-model the mask follows the boundary more closely (validation split: missed spleen 7.5 -> 7.2 % and
-extra 9.6 -> 8.6 % of the spleen, Dice 0.9165 -> 0.9227; docs/evaluation.md, row S).
+RAS (`inv(A_ras) @ A_orig`) and scaled to the network grid (index times grid / scan, truncated), as
+the bundle does. The `bundle` profile then does what the model zoo's `inference.json` does, to the
+voxel (tests/test_model_zoo_parity.py): both softmax channels resized back in `area` mode (its
+`Invertd` of `Resized(mode="area")`), the reorientation undone, argmax. Profiles with
+`upsample: logit` (`cpu`, `tiny`) interpolate the spleen logit trilinearly instead, which varies
+smoothly where the probability saturates: with the same model the mask follows the boundary more
+closely (validation split: missed spleen 7.5 -> 7.2 % and extra 9.6 -> 8.6 % of the spleen, Dice
+0.9165 -> 0.9227; docs/evaluation.md, row S).
 
 Click locality (profiles `cpu` and `tiny`; off for `bundle`, which matches the model zoo): a click
 edits the mask near itself and nowhere else. The network answers a click with its whole output, and

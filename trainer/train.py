@@ -215,6 +215,20 @@ def seed_epoch(loader, cfg: TrainConfig, rank: int, epoch: int) -> None:
         set_rnd(loader.dataset, seed=seed % (2**32))
 
 
+def use_deterministic_kernels() -> None:
+    """Deterministic kernels for this process (MONAI's `set_determinism` does the same switches).
+
+    cuBLAS needs its workspace setting before its first call; kernels without a deterministic
+    version warn instead of failing (a run should not die on an op PyTorch adds later).
+    """
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
 def _resume_position(ckpt: Checkpoint) -> tuple[int, int]:
     """(epoch, step) to continue from: the next epoch, or the same one where a time budget cut it."""
     if ckpt.metrics.get("epoch_complete", True):
@@ -259,6 +273,8 @@ def train(cfg: TrainConfig, data_dir: str, runtime: LocalRuntime) -> dict[str, A
     Checkpoints, metrics and resumption go through `runtime`.
     """
     device = runtime.device
+    if cfg.deterministic:
+        use_deterministic_kernels()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     model = build_network(cfg.profile_spec)
