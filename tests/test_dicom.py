@@ -7,6 +7,7 @@ the same files with its own sorting and affine code), highdicom (reads the SEG b
 
 from __future__ import annotations
 
+import pickle
 import shutil
 import subprocess
 import sys
@@ -108,6 +109,7 @@ def test_zip_and_file_list_read_like_the_folder(tmp_path):
                 read_files([(f.name, f.read_bytes()) for f in folder.iterdir()])):
         np.testing.assert_array_equal(vol.image, ref.image)
         np.testing.assert_allclose(vol.affine, ref.affine)
+        assert pickle.loads(pickle.dumps(vol.meta)).n_slices == SHAPE[2]  # no open stream kept: Ray can pass it on
 
 
 def _rewrite(path: Path, **changes) -> None:

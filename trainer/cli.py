@@ -249,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=_lazy("trainer.serve.cli", "cmd_serve"))
 
+    from .annotate import add_parser as add_annotate_parser  # argparse only; Ray loads when it runs
+
+    add_annotate_parser(sub)
+
     from k8s.cli import add_parser as add_k8s_parser  # argparse only; the kubernetes client loads when a k8s command runs
 
     add_k8s_parser(sub)

@@ -344,6 +344,9 @@ def _decode(pydicom, name: str, opener: Callable[[], BinaryIO], shape: tuple[int
         raise DicomError("inconsistent_slices", f"{name}: pixel data of shape {pixels.shape}, expected {shape}: "
                          "the file is corrupt; re-export the series")
     del ds.PixelData  # keep the header only (for the SEG's references)
+    # Read from a stream (a zip member, bytes), pydicom keeps the stream as `buffer`: drop it, so the
+    # header holds no closed file and can be pickled (Ray passes it between tasks).
+    ds.buffer, ds.filename = None, name
     return pixels, ds
 
 
