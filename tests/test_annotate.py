@@ -120,8 +120,13 @@ def test_config_and_cli_errors(tmp_path, capsys):
 
     with pytest.raises(ConfigError, match="--format 'png'"):
         AnnotateConfig(input="a", output="b", checkpoint="c", format="png")
-    with pytest.raises(ConfigError, match="input folder"):
-        AnnotateConfig(input=str(tmp_path), output=str(tmp_path), checkpoint="c")
+    for output in (tmp_path, tmp_path / "masks"):
+        with pytest.raises(ConfigError, match="inside --input"):
+            AnnotateConfig(input=str(tmp_path), output=str(output), checkpoint="c")
+    with pytest.raises(ConfigError, match="inside --input"):
+        AnnotateConfig(input="s3://b/cohort", output="s3://b/cohort/masks", checkpoint="c")
+    AnnotateConfig(input="s3://b/cohort", output="s3://b/cohort-masks", checkpoint="c")
+    AnnotateConfig(input=str(tmp_path / "a"), output=str(tmp_path / "ab"), checkpoint="c")
     ckpt = _checkpoint(tmp_path / "m.pt")
     (tmp_path / "empty").mkdir()
     assert main(["annotate", "--input", str(tmp_path / "empty"), "--output", str(tmp_path / "o"), "--checkpoint", str(ckpt)]) == 2

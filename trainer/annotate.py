@@ -118,8 +118,17 @@ class AnnotateConfig:
             raise ConfigError(f"--read-concurrency {self.read_concurrency}: must be at least 1")
         if not 0 <= self.num_gpus <= 8:
             raise ConfigError(f"--num-gpus {self.num_gpus}: must be between 0 and 8 (a fraction shares a GPU)")
-        if not storage.is_s3(self.output) and Path(self.output).resolve() == Path(self.input).resolve():
-            raise ConfigError(f"--output {self.output!r} is the input folder: write masks somewhere else")
+        if _inside(self.output, self.input):  # a rerun would take the masks for new cases
+            raise ConfigError(f"--output {self.output!r} is inside --input {self.input!r}: write the masks outside the "
+                              "input folder (or prefix)")
+
+
+def _inside(path: str, root: str) -> bool:
+    """Whether `path` is `root` or under it (local paths resolved; s3:// URIs compared as prefixes)."""
+    if storage.is_s3(path) or storage.is_s3(root):
+        return storage.is_s3(path) and storage.is_s3(root) and f"{path.rstrip('/')}/".startswith(f"{root.rstrip('/')}/")
+    p, r = Path(path).resolve(), Path(root).resolve()
+    return p == r or r in p.parents
 
 
 # ----------------------------------------------------------------------------- listing
@@ -213,17 +222,18 @@ def read_case(row: dict[str, Any], *, input_uri: str, fmt: str) -> dict[str, Any
     """Stage 1: the volume (+ DICOM headers) of one case."""
     t0 = time.perf_counter()
     try:
+        if row["kind"] == "nifti" and fmt == "dcm":
+            from .data import DataError
+
+            raise DataError(f"{row['source']}: --format dcm writes a DICOM SEG that references its source "
+                            "series, and this case is NIfTI: use --format nii.gz for NIfTI inputs")
         with tempfile.TemporaryDirectory(prefix="annotate-") as scratch:
             path = _local_case(row, input_uri, Path(scratch))
             if row["kind"] == "nifti":
-                from .data import DataError
                 from .predictor import load_volume
 
                 image, affine = load_volume(path)
                 meta = None
-                if fmt == "dcm":
-                    raise DataError(f"{row['source']}: --format dcm writes a DICOM SEG that references its source "
-                                    "series, and this case is NIfTI: use --format nii.gz for NIfTI inputs")
             else:
                 from .dicom import read_series
 

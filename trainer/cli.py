@@ -75,8 +75,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     shape = tuple(args.shape) if args.shape else None
     meta = write_dataset(args.out, args.cases, seed=args.seed, test_cases=args.test_cases, shape=shape)
+    series = ""
+    if args.dicom:
+        from .dicom import write_dicom_dataset
+
+        series = f", and {len(write_dicom_dataset(args.out, args.dicom))} DICOM series ({args.dicom}) in {args.out}/dicom"
     print(
-        f"wrote {meta['numTraining']} labelled + {meta['numTest']} test phantoms to {args.out} "
+        f"wrote {meta['numTraining']} labelled + {meta['numTest']} test phantoms to {args.out}{series} "
         f"in {time.perf_counter() - t0:.1f}s (seed {args.seed})"
     )
     return 0
@@ -188,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
     p.add_argument("--test-cases", type=int, default=None, help="unlabelled test images (default: cases // 4, at least 1)")
     p.add_argument("--shape", type=_positive_int, nargs=3, metavar=("X", "Y", "Z"), help="fixed voxel grid (default: varied)")
+    p.add_argument("--dicom", nargs="?", const="uncompressed", default=None,
+                   choices=("uncompressed", "jpeg2000", "jpegls", "rle"),
+                   help="also write every image as a DICOM CT series under OUT/dicom/ (optionally compressed)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("check-data", help="check a Decathlon dataset's integrity before training")

@@ -586,3 +586,28 @@ def write_ct_series(out_dir: str | os.PathLike, image: np.ndarray, affine: np.nd
         ds.save_as(path, enforce_file_format=True)
         written.append(path)
     return written
+
+
+#: `synth --dicom` choices -> transfer syntax UIDs (None: Explicit VR Little Endian, uncompressed).
+SYNTH_SYNTAXES = {"uncompressed": None, "jpeg2000": "1.2.840.10008.1.2.4.90", "jpegls": "1.2.840.10008.1.2.4.80",
+                  "rle": "1.2.840.10008.1.2.5"}
+
+
+def write_dicom_dataset(root: str | os.PathLike, syntax: str = "uncompressed") -> list[Path]:
+    """Write each image of a Decathlon-layout dataset (`imagesTr/`, `imagesTs/`) also as a DICOM CT
+    series, `root/dicom/<folder>/<case>/`, in the transfer syntax `syntax` (a `SYNTH_SYNTAXES` key).
+    The series keep each phantom's orientation (RAS, LPS or LAS). Returns the series folders."""
+    import nibabel as nib
+
+    if syntax not in SYNTH_SYNTAXES:
+        raise DicomError("bad_syntax", f"--dicom {syntax!r}: use one of {sorted(SYNTH_SYNTAXES)}")
+    root = Path(root)
+    out = []
+    for folder in ("imagesTr", "imagesTs"):
+        for path in sorted((root / folder).glob("*.nii.gz")) if (root / folder).is_dir() else []:
+            img = nib.load(path)
+            target = root / "dicom" / folder / path.name[: -len(".nii.gz")]
+            write_ct_series(target, np.asanyarray(img.dataobj), img.affine, transfer_syntax=SYNTH_SYNTAXES[syntax],
+                            seed=len(out))
+            out.append(target)
+    return out
