@@ -227,6 +227,11 @@ def test_annotate_writes_dicom_seg(local_ray, tmp_path):
     cohort = _cohort(tmp_path / "cohort", 3, corrupt=False)  # NIfTI, DICOM folder, DICOM zip
     cfg = AnnotateConfig(input=str(cohort), output=str(tmp_path / "out"), checkpoint=str(_checkpoint(tmp_path / "m.pt")),
                          format="dcm")
+    if not local_ray.cluster_resources().get("GPU"):  # asking for GPUs this Ray lacks fails fast, not forever
+        from dataclasses import replace
+
+        with pytest.raises(ConfigError, match="use --num-gpus 0"):
+            annotate(replace(cfg, num_gpus=1), progress=False)
     result = annotate(cfg, progress=False)
     by_kind = {r["kind"]: r for r in result.rows}
     assert by_kind["nifti"]["status"] == "failed" and "--format nii.gz" in by_kind["nifti"]["error"]

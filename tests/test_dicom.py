@@ -169,9 +169,15 @@ def test_bad_series_each_get_their_error(tmp_path):
     d = variant("sheared")  # positions drift sideways: what a gantry tilt does to the stack
     for k, f in enumerate(_files(d)):
         ds = pydicom.dcmread(f)
-        pos = np.asarray([float(v) for v in ds.ImagePositionPatient]) + np.asarray(ds.ImageOrientationPatient[3:], float) * 0.3 * k
-        _rewrite(f, ImagePositionPatient=[f"{v:.6f}" for v in pos])
+        # About 6 degrees: each slice shifted a tenth of the slice gap along the column direction.
+        shift = np.asarray(ds.ImageOrientationPatient[3:], float) * 0.1 * float(ds.SliceThickness) * k
+        _rewrite(f, ImagePositionPatient=[f"{v:.6f}" for v in np.asarray([float(v) for v in ds.ImagePositionPatient]) + shift])
     assert _err(d).code == "gantry_tilt"
+
+    d = variant("rounded")  # positions written to 0.1 mm, as some scanners do: still one regular series
+    for f in _files(d):
+        _rewrite(f, ImagePositionPatient=[f"{float(v):.1f}" for v in pydicom.dcmread(f).ImagePositionPatient])
+    assert read_series(d).image.shape == SHAPE
 
     d = variant("tilt_tag")
     _rewrite(_files(d)[0], GantryDetectorTilt="12")

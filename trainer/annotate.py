@@ -486,6 +486,20 @@ def _start_ray(num_cpus: int | None) -> bool:
     return True
 
 
+def _check_gpus(cfg: AnnotateConfig, autoscaling: bool) -> None:
+    """Fail fast when the forward actors ask for GPUs this Ray does not have (Ray Data would wait forever).
+    A cluster may add GPU nodes on demand, so there it is only a warning."""
+    import ray
+
+    need, have = cfg.num_gpus * cfg.concurrency, float(ray.cluster_resources().get("GPU", 0))
+    if need and need > have:
+        message = (f"--num-gpus {cfg.num_gpus:g} x --concurrency {cfg.concurrency} needs {need:g} GPU(s); "
+                   f"this Ray cluster has {have:g}")
+        if not autoscaling:
+            raise ConfigError(f"{message}: use --num-gpus 0 to run the model on CPUs")
+        log.warning("%s now; the job waits until the cluster adds them", message)
+
+
 def build_dataset(cases: list[dict[str, Any]], cfg: AnnotateConfig, profile: str, version: str):
     """The Ray Data pipeline over `cases` (lazy: nothing runs until it is iterated)."""
     import ray.data
@@ -555,6 +569,7 @@ def annotate(cfg: AnnotateConfig, *, progress: bool = True) -> AnnotateResult:
     if todo:
         started = _start_ray(cfg.num_cpus)
         try:
+            _check_gpus(cfg, autoscaling=bool(os.environ.get("RAY_ADDRESS")))
             rows += list(_collect(build_dataset(todo, cfg, profile, version), todo, progress))
         finally:
             if started:
@@ -572,14 +587,17 @@ def _collect(ds, todo: list[dict[str, Any]], progress: bool) -> Iterator[dict[st
     from tqdm import tqdm
 
     ctx = ray.data.DataContext.get_current()
-    ctx.max_errored_blocks = len(todo)  # a dead task costs its own case, not the job
+    saved, ctx.max_errored_blocks = ctx.max_errored_blocks, len(todo)  # a dead task costs its own case, not the job
     seen = set()
-    with tqdm(total=len(todo), desc="annotate", unit="case", disable=not progress) as bar:
-        for row in ds.iter_rows():
-            row = public_row(row)
-            seen.add(row["case_id"])
-            bar.update(1)
-            yield row
+    try:
+        with tqdm(total=len(todo), desc="annotate", unit="case", disable=not progress) as bar:
+            for row in ds.iter_rows():
+                row = public_row(row)
+                seen.add(row["case_id"])
+                bar.update(1)
+                yield row
+    finally:
+        ctx.max_errored_blocks = saved
     for case in todo:
         if case["case_id"] not in seen:
             yield public_row(_failed(case, "ray", RuntimeError("the Ray task of this case died (e.g. out of memory); "

@@ -78,8 +78,8 @@ class SeriesLimits:
         max_dim: most voxels along any axis.
         min_slices: fewest slices (a single slice is a 2D image).
         spacing_tolerance: largest deviation of a slice gap from the median gap, as a fraction of it.
-        tilt_tolerance: largest sideways offset of a slice (perpendicular to the normal), as a
-            fraction of the median gap, per slice of distance.
+        tilt_tolerance: largest sideways offset of a slice from the normal through the first one
+            (perpendicular to it), as a fraction of their distance along it, beyond a quarter pixel.
     """
 
     max_files: int = 4096
@@ -318,7 +318,8 @@ def _geometry(headers: list[tuple[str, "Dataset"]], limits: SeriesLimits, label:
     # Sideways drift of the slice positions: a tilted gantry or sheared stack, not a regular grid.
     lateral = (pos - pos[0]) - np.outer(dist - dist[0], normal)
     drift = np.linalg.norm(lateral, axis=1)
-    limit = limits.tilt_tolerance * np.abs(dist - dist[0]) + 1e-3 * scale + 1e-3
+    # Floor: a quarter pixel, so positions rounded to 0.1 mm (as some scanners write them) pass.
+    limit = limits.tilt_tolerance * np.abs(dist - dist[0]) + 0.25 * float(spacing.min())
     if (drift > limit).any():
         i = int(np.argmax(drift - limit))
         raise DicomError("gantry_tilt", f"{names[i]} is offset {drift[i]:.3f} mm sideways from the slice normal through "
