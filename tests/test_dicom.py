@@ -227,6 +227,11 @@ def test_bad_series_each_get_their_error(tmp_path):
 
 def test_seg_reads_back_references_source_and_passes_dciodvfy(tmp_path):
     case, folder = _series(tmp_path, "LAS")
+    private = {"PatientAge": "042Y", "PatientWeight": "70", "PatientComments": "private note", "OtherPatientNames": "Alias^Name",
+               "StudyDescription": "ABDOMEN CT", "InstitutionName": "General Hospital", "OperatorsName": "Op^Erator",
+               "StationName": "CT01", "PatientBirthDate": "19800101"}
+    for f in folder.iterdir():
+        _rewrite(f, **private)
     vol = read_series(folder)
     # The phantom's label, in the read-back grid: same canonical voxels (k reversed for LAS).
     mask = case.label[:, :, ::-1]
@@ -252,8 +257,14 @@ def test_seg_reads_back_references_source_and_passes_dciodvfy(tmp_path):
                                                segment_numbers=[1])[..., 0]
     np.testing.assert_array_equal(frames.transpose(2, 1, 0), mask)
     assert int(mask.sum()) > 0
-    # Only what the standard has the SEG share with its source: no referring physician, no accession number values.
-    assert "InstitutionName" not in seg and "OperatorsName" not in seg
+    # Only what the standard has the SEG share with its source: Patient and General Study modules'
+    # Type 1/2 attributes; nothing optional (age, weight, comments, study description, institution, ...).
+    assert seg.PatientName == src[0].PatientName and seg.PatientBirthDate == "19800101" and seg.StudyDate == src[0].StudyDate
+    leaked = [k for k, v in private.items() if k != "PatientBirthDate" and k in seg]
+    assert not leaked, leaked
+    values = {str(el.value) for el in seg.iterall() if el.VR in ("LO", "PN", "LT", "SH", "ST", "AS", "DS", "UT")}
+    common = {v for k, v in private.items() if k != "PatientBirthDate"} & values
+    assert not common, common
 
     if shutil.which("dciodvfy") is None:
         pytest.skip("dciodvfy (Debian package dicom3tools) is not installed: scripts/test.sh installs it")

@@ -488,7 +488,46 @@ def seg_dataset(mask: np.ndarray, meta: SeriesMeta, info: SegInfo) -> "Dataset":
         # Keep empty slices: an empty mask is still a valid answer, and readers see the full grid.
         omit_empty_frames=False,
     )
+    _drop_optional_copies(seg)
     return seg
+
+
+#: Where a device stands: not copied into the SEG's contributing equipment.
+_SITE_ATTRIBUTES = ("InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
+                    "InstitutionalDepartmentTypeCodeSequence", "StationName", "DeviceSerialNumber", "OperatorsName")
+#: Optional attributes kept anyway: the de-identification flag, which its required dependents name.
+_KEEP_OPTIONAL = frozenset({"PatientIdentityRemoved"})
+
+
+def _drop_optional_copies(seg: "Dataset") -> None:
+    """Remove the patient and study attributes the standard does not require of a SEG.
+
+    highdicom copies every root attribute of the source's Patient and Study modules (Type 3 ones such
+    as PatientComments, and the optional Patient Study and Clinical Trial modules: age, weight, ...).
+    The SEG keeps only the Type 1, 1C, 2 and 2C attributes of its mandatory modules (Patient, General
+    Study): names, IDs, birth date, sex, study UID, date, time, ID, accession number, referring
+    physician; de-identification attributes stay when present.
+    """
+    try:  # highdicom's table of the standard (pinned minor version: see pyproject's dicom extra)
+        from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map
+    except ImportError:  # pragma: no cover - a newer highdicom moved it: keep its behaviour
+        return
+    attributes = get_module_attribute_map()
+    for module in get_iod_module_map()[get_sop_class_iod_map()[seg.SOPClassUID]]:
+        if module["ie"] not in ("Patient", "Study"):
+            continue
+        for item in attributes[module["key"]]:
+            if item["path"]:
+                continue
+            required = module["usage"] == "M" and item["type"] in ("1", "1C", "2", "2C")
+            if not required and item["keyword"] not in _KEEP_OPTIONAL and item["keyword"] in seg:
+                delattr(seg, item["keyword"])
+    # highdicom also lists the source's scanner as contributing equipment (optional): keep what it
+    # was (manufacturer, model, software), not where it stands (institution, station, serial number).
+    for item in seg.get("ContributingEquipmentSequence", []):
+        for keyword in _SITE_ATTRIBUTES:
+            if keyword in item:
+                delattr(item, keyword)
 
 
 def seg_bytes(mask: np.ndarray, meta: SeriesMeta, info: SegInfo) -> bytes:
