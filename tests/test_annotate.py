@@ -265,3 +265,13 @@ def test_annotate_s3_input_and_output(local_ray, s3_env, tmp_path):
     assert sum(k.startswith("out/masks/") for k in keys) == 3 and sum(k.startswith("out/rows/") for k in keys) == 5
     again = annotate(cfg, progress=False)
     assert again.count("ok", resumed=True) == 3
+
+
+def test_annotate_help(capsys):
+    from trainer.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["annotate", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: spleen-deepedit annotate" in out and "--num-gpus" in out and "--concurrency" in out
