@@ -220,6 +220,8 @@ def test_bad_series_each_get_their_error(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert _err(empty).code == "empty_upload"
+    e = _err(_files(good)[0])  # one slice given where a series is expected
+    assert e.code == "too_few_slices" and "whole series" in str(e)
     with pytest.raises(DicomError) as info:
         read_series_bytes(b"PK\x03\x04 not really a zip")
     assert info.value.code == "bad_zip"

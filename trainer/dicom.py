@@ -163,9 +163,9 @@ def is_dicom_bytes(data: bytes) -> bool:
 
 
 def is_dicom_source(path: str | os.PathLike) -> bool:
-    """True for a folder or a `.zip` file: the inputs `read_series` takes (a NIfTI file is neither)."""
+    """True for a folder, a `.zip` or a `.dcm` file: the inputs `read_series` takes (a NIfTI file is none)."""
     p = Path(path)
-    return p.is_dir() or (p.is_file() and p.suffix.lower() == ".zip")
+    return p.is_dir() or (p.is_file() and p.suffix.lower() in (".zip", ".dcm"))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -386,7 +386,8 @@ def read_members(members: Sequence[Member], label: str, limits: SeriesLimits | N
 
 
 def read_series(source: str | os.PathLike, limits: SeriesLimits | None = None) -> DicomVolume:
-    """Read a CT series from a folder (all files under it) or a `.zip` file.
+    """Read a CT series from a folder (all files under it) or a `.zip` file (a single file is read as a
+    one-file series, which fails with the reason).
 
     Raises:
         DicomError: the source is not one readable, regular CT series; the message says why and what to do.
@@ -396,6 +397,10 @@ def read_series(source: str | os.PathLike, limits: SeriesLimits | None = None) -
     if path.is_dir():
         return read_members(_dir_members(path), str(path), limits)
     if path.is_file():
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == ZIP_MAGIC
+        if not is_zip:  # one DICOM file: refused as a single slice, or as not DICOM, with that reason
+            return read_members([(path.name, path.stat().st_size, lambda: open(path, "rb"))], str(path), limits)
         with _open_zip(str(path), str(path)) as zf:
             return read_members(_zip_members(zf, str(path)), str(path), limits)
     raise FileNotFoundError(f"{str(path)!r} does not exist: pass a DICOM series folder or a .zip of one")
