@@ -120,7 +120,7 @@ def _rewrite(path: Path, **changes) -> None:
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("IM*.dcm"), key=lambda p: int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber))
+    return sorted(folder.glob("IM*.dcm"), key=lambda p: int(pydicom.dcmread(p, stop_before_pixels=True, force=True).InstanceNumber))
 
 
 def _err(source, limits=None) -> DicomError:
@@ -201,6 +201,16 @@ def test_bad_series_each_get_their_error(tmp_path):
     ds.save_as(_files(d)[0], enforce_file_format=True)
     e = _err(d)
     assert e.code == "unsupported_transfer_syntax" and "MPEG2" in str(e) and "uncompressed" in str(e)
+
+    d = variant("raw")  # no preamble, no file meta (a raw PACS export): still read
+    for f in _files(d):
+        ds = pydicom.dcmread(f)
+        buf = pydicom.filebase.DicomBytesIO()
+        buf.is_little_endian, buf.is_implicit_VR = True, True
+        pydicom.filewriter.write_dataset(buf, ds)
+        f.write_bytes(buf.getvalue())
+    assert pydicom.dcmread(_files(d)[0], force=True).file_meta.get("TransferSyntaxUID") is None
+    np.testing.assert_array_equal(read_series(d).image, read_series(good).image)
 
     d = variant("text")
     (d / "notes.txt").write_text("not an image")

@@ -191,17 +191,41 @@ def _check_counts(members: Sequence[Member], label: str, limits: SeriesLimits) -
                          "upload one series at a time", 413)
 
 
+def _with_transfer_syntax(ds: "Dataset") -> "Dataset":
+    """A dataset read without file meta (a raw PACS export, no `DICM` preamble) gets the transfer
+    syntax its encoding was read in, so its pixels can be decoded."""
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                          ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    return ds
+
+
 def _read_header(pydicom, name: str, opener: Callable[[], BinaryIO]) -> "Dataset":
     from pydicom.errors import InvalidDicomError
 
+    not_dicom = DicomError("not_dicom", f"{name} is not a DICOM file (no DICOM header): upload only the .dcm files of "
+                           "one CT series (a zip, a folder, or the files)")
     try:
         with opener() as f:
             return pydicom.dcmread(f, stop_before_pixels=True)
     except InvalidDicomError:
-        raise DicomError("not_dicom", f"{name} is not a DICOM file (no DICM header): upload only the .dcm files of one "
-                         "CT series (a zip, a folder, or the files)") from None
+        pass
     except Exception as exc:  # truncated or corrupt headers raise many types
         raise DicomError("bad_dicom", f"{name} is not a readable DICOM file ({type(exc).__name__}): re-export the series") from None
+    # No preamble: a raw dataset is still DICOM if it parses to an image with a SOP class.
+    try:
+        with opener() as f:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
+        if "SOPClassUID" not in ds or "Rows" not in ds:
+            raise not_dicom
+        return _with_transfer_syntax(ds)
+    except DicomError:
+        raise
+    except Exception:  # noqa: BLE001 - junk parsed as DICOM fails in many ways
+        raise not_dicom from None
 
 
 def _check_decodable(ts: str, name: str) -> None:
@@ -336,7 +360,7 @@ def _geometry(headers: list[tuple[str, "Dataset"]], limits: SeriesLimits, label:
 def _decode(pydicom, name: str, opener: Callable[[], BinaryIO], shape: tuple[int, int]) -> tuple[np.ndarray, "Dataset"]:
     try:
         with opener() as f:
-            ds = pydicom.dcmread(f)
+            ds = _with_transfer_syntax(pydicom.dcmread(f, force=True))  # the header pass vetted the file
         pixels = ds.pixel_array
     except Exception as exc:  # truncated pixel data, codec errors
         raise DicomError("undecodable", f"{name}: the pixel data cannot be decoded ({type(exc).__name__}: "
