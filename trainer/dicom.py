@@ -606,7 +606,7 @@ def write_ct_series(out_dir: str | os.PathLike, image: np.ndarray, affine: np.nd
     JPEG 2000 Lossless, when pydicom has an encoder for it). File names are shuffled by `seed`, so a
     reader cannot rely on their order. Returns the files written.
     """
-    pydicom = _import_pydicom()
+    _import_pydicom()  # a clear error without the dicom extra
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
