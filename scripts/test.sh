@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Set up .venv (scripts/setup.sh), install the system services the integration tests start
-# (Debian's prometheus), then run the whole test suite. Extra arguments go to pytest.
+# (Debian's prometheus; dicom3tools' dciodvfy checks DICOM output), then run the whole test suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 if ! command -v prometheus >/dev/null 2>&1 && [ -x /usr/bin/apt-get ] && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) >/dev/null 2>&1 \
     || echo "warning: could not install prometheus; the Prometheus test will be skipped"
+fi
+if ! command -v dciodvfy >/dev/null 2>&1 && [ -x /usr/bin/apt-get ] && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dicom3tools) >/dev/null 2>&1 \
+    || echo "warning: could not install dicom3tools; the dciodvfy checks of DICOM output will be skipped"
 fi
 # Outside oracles for the chart tests, each in its own folder under .tools/ (not project dependencies:
 # checkov pins boto3/packaging versions that would downgrade ours; the readme generator is an npm tool).

@@ -75,8 +75,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     shape = tuple(args.shape) if args.shape else None
     meta = write_dataset(args.out, args.cases, seed=args.seed, test_cases=args.test_cases, shape=shape)
+    series = ""
+    if args.dicom:
+        from .dicom import write_dicom_dataset
+
+        series = f", and {len(write_dicom_dataset(args.out, args.dicom))} DICOM series ({args.dicom}) in {args.out}/dicom"
     print(
-        f"wrote {meta['numTraining']} labelled + {meta['numTest']} test phantoms to {args.out} "
+        f"wrote {meta['numTraining']} labelled + {meta['numTest']} test phantoms to {args.out}{series} "
         f"in {time.perf_counter() - t0:.1f}s (seed {args.seed})"
     )
     return 0
@@ -139,8 +144,20 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     from .predictor import Predictor, load_clicks, validate_clicks, load_volume
 
+    from .dicom import is_dicom_source  # pydicom itself loads only for a DICOM input
+
     clicks = load_clicks(args.clicks)
-    image, affine = load_volume(args.image)
+    fmt = args.format or ("dcm" if str(args.output).lower().endswith(".dcm") else "nii.gz")
+    series = None
+    if is_dicom_source(args.image):
+        from .dicom import read_series
+
+        image, affine, series = read_series(args.image)
+    else:
+        image, affine = load_volume(args.image)
+    if fmt == "dcm" and series is None:
+        raise ConfigError(f"--format dcm writes a DICOM SEG that references its source series, but --image {args.image!r} "
+                          "is not a DICOM series: pass a series folder or .zip, or use --format nii.gz")
     validate_clicks(clicks, tuple(image.shape))  # before loading the model: fail fast
     device = torch.device(args.device) if args.device else None
     predictor = Predictor.from_checkpoint(args.checkpoint, profile=args.profile, device=device,
@@ -149,7 +166,12 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     pred = predictor.predict(image, affine, clicks)
-    write_mask(args.output, pred.mask, pred.affine)
+    if fmt == "dcm":
+        from .dicom import SegInfo, write_seg
+
+        write_seg(args.output, pred.mask, series, SegInfo(model_version=predictor.version))
+    else:
+        write_mask(args.output, pred.mask, pred.affine)
     n_clicks = sum(len(v) for v in (clicks or {}).values())
     print(
         f"wrote {args.output}: {int(pred.mask.sum())} spleen voxels, shape {list(pred.mask.shape)}, "
@@ -172,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
     p.add_argument("--test-cases", type=int, default=None, help="unlabelled test images (default: cases // 4, at least 1)")
     p.add_argument("--shape", type=_positive_int, nargs=3, metavar=("X", "Y", "Z"), help="fixed voxel grid (default: varied)")
+    p.add_argument("--dicom", nargs="?", const="uncompressed", default=None,
+                   choices=("uncompressed", "jpeg2000", "jpegls", "rle"),
+                   help="also write every image as a DICOM CT series under OUT/dicom/ (optionally compressed)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("check-data", help="check a Decathlon dataset's integrity before training")
@@ -202,11 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--run-name", default=None, help="stable run name: resubmitting with it resumes")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("infer", help="segment one NIfTI volume, optionally with clicks")
+    p = sub.add_parser("infer", help="segment one CT volume (NIfTI or DICOM series), optionally with clicks")
     p.add_argument("--checkpoint", required=True, help="checkpoint file (ours, or a bundle model.pt)")
-    p.add_argument("--image", required=True, help="input .nii/.nii.gz")
+    p.add_argument("--image", required=True, help="input .nii/.nii.gz, or a DICOM CT series: a folder or a .zip (see docs/dicom.md)")
     p.add_argument("--clicks", default=None, help='JSON or JSON file: {"spleen": [[i,j,k]], "background": [[i,j,k]]} (original voxel indices)')
-    p.add_argument("--output", required=True, help="output mask .nii.gz (uint8, original geometry)")
+    p.add_argument("--output", required=True, help="output mask: .nii.gz (uint8, original geometry) or, with --format dcm, a DICOM SEG file")
+    p.add_argument("--format", choices=("nii.gz", "dcm"), default=None,
+                   help="mask format (default: dcm if --output ends in .dcm, else nii.gz); dcm needs a DICOM --image")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None, help="override the checkpoint's profile")
     p.add_argument("--click-radius", type=_radius, default=None, help=CLICK_RADIUS_HELP)
     p.add_argument("--device", default=None)
@@ -234,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-env", default=None, help="environment variable holding the bearer token (32+ characters)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without a bearer token")
     p.set_defaults(func=_lazy("trainer.serve.cli", "cmd_serve"))
+
+    from .annotate import add_parser as add_annotate_parser  # argparse only; Ray loads when it runs
+
+    add_annotate_parser(sub)
 
     from k8s.cli import add_parser as add_k8s_parser  # argparse only; the kubernetes client loads when a k8s command runs
 

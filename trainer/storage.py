@@ -229,3 +229,12 @@ def sync_dataset(uri: str, root: str | os.PathLike | None = None) -> str:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return str(target)
+
+
+def upload(local: str | os.PathLike, uri: str) -> None:
+    """Copy a local file to an s3:// object (a PUT: readers see the old object or the whole new one)."""
+    bucket, key = split_s3(uri)
+    if not key:
+        raise StorageError(f"{uri} names a bucket, not an object")
+    with _s3_errors(uri):
+        s3_client().upload_file(str(local), bucket, key)
