@@ -625,18 +625,8 @@ def cmd_annotate(args) -> int:
 
 def add_parser(sub) -> None:
     """The `annotate` subcommand (argparse only; Ray loads when it runs)."""
+    from .cli import _positive_int as positive  # the CLI's one check (cli imports this module lazily)
     from .config import PROFILES
-
-    def positive(text: str) -> int:
-        import argparse
-
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-        return value
 
     p = sub.add_parser("annotate", help="pre-annotate a cohort (NIfTI files, DICOM series) on Ray Data; resumable")
     p.add_argument("--input", required=True, help="folder or s3:// prefix: .nii/.nii.gz files, DICOM series folders, .zip series")
