@@ -398,7 +398,8 @@ def write_case(row: dict[str, Any], *, output: str, fmt: str, profile: str, mode
             prepared = _prepared({**state["prepared"], "image": np.zeros(1, np.float32)})
             prob = state["prob"]
             mask = helper.postprocess(torch.from_numpy(prob), prepared)
-            row.update(case_stats(mask, prepared.orig_affine, prob, review))
+            # The spleen channel: the last one of the bundle profile's (background, spleen) softmax too.
+            row.update(case_stats(mask, prepared.orig_affine, prob[-1], review))
             target = mask_uri(output, row["case_id"], fmt)
             with tempfile.TemporaryDirectory(prefix="annotate-") as scratch:
                 local = Path(scratch) / f"mask.{fmt}"
