@@ -301,6 +301,8 @@ def train(cfg: TrainConfig, data_dir: str, runtime: LocalRuntime) -> dict[str, A
 
     train_ds, val_ds = build_datasets(cfg, data_dir, runtime.rank, runtime.world_size, progress=runtime.is_main)
     loader = runtime.prepare_loader(make_loader(train_ds, cfg, runtime.rank, runtime.world_size))
+    if first_step >= len(loader):  # the cut epoch had no steps left (or the dataset shrank): the next one
+        start_epoch, first_step = start_epoch + 1, 0
     loss_fn = make_loss()
     clock = _Clock(Budget(total_steps=cfg.num_epochs * len(loader), seconds=cfg.max_train_seconds), runtime)
     metrics: dict[str, Any] = {"epoch": start_epoch, "resumed_from": start_epoch}
