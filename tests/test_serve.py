@@ -699,7 +699,11 @@ def _malformed_cases(case):
         "get_unknown_session": ({"method": "GET", "url": "/v1/sessions/not-a-session"}, 404),
         "delete_unknown_session": ({"method": "DELETE", "url": f"/v1/sessions/{unknown_sid}"}, 404),
         "session_bad_json": ({"method": "POST", "url": f"/v1/sessions/{unknown_sid}/segment", "content": b"{oops"}, 400),
-        "session_upload_not_nifti": ({"method": "POST", "url": "/v1/sessions", "content": b"PK\x03\x04zip"}, 415),
+        "session_upload_not_nifti": ({"method": "POST", "url": "/v1/sessions", "content": b"not a volume" * 40}, 415),
+        # Zip magic makes it a DICOM series upload (zips are accepted), which does not open: 422 bad_zip.
+        "session_upload_corrupt_zip": ({"method": "POST", "url": "/v1/sessions", "content": b"PK\x03\x04zip"}, 422),
+        "seg_format_of_nifti": (seg(format="dcm"), 400),
+        "ml_dicom_seg_of_nifti": (infer("{}", query={"output": "dicom_seg"}), 400),
         "missing_token": ({"method": "GET", "url": "/v1/info", "headers": {"authorization": ""}}, 401),
         "wrong_token": ({"method": "GET", "url": "/v1/info", "headers": {"authorization": "Bearer wrong"}}, 401),
         "wrong_scheme": ({"method": "GET", "url": "/v1/info", "headers": {"authorization": f"Basic {TOKEN}"}}, 401),

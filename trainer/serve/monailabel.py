@@ -24,7 +24,7 @@ from .codecs import MASK_DTYPES, MASK_EXTENSIONS
 from .core import Stopwatch
 from .errors import ApiError
 from .ingress import MAX_FORM_FILES, RUNTIME, api, caller_id, form_upload, read_form, token_matches
-from .series import DICOM_MEDIA_TYPE, META_KEY
+from .series import DICOM_MEDIA_TYPE, META_KEY, is_series_upload, seg_needs_series
 
 #: DeepGrow-style clients send `foreground` for the label being edited.
 FOREGROUND_SYNONYM = "foreground"
@@ -168,6 +168,8 @@ class MonaiLabelRoutes:
             predictor = self.current()
             watch = Stopwatch(self.metrics)
             data = await form_upload(form, "file") if form else None
+            if output == SEG_OUTPUT and data is not None and not is_series_upload(data):  # before any decoding
+                raise seg_needs_series()
             meta = None
             if session_id is not None:
                 entry = self.store.get(session_id)
