@@ -833,8 +833,12 @@ def _hostile_cases(case):
         "ml_params_600_clicks": (infer(hi.many_clicks_body(600).decode()), {400}),
         "ml_params_too_large": (infer(json.dumps({"x": "a" * 70_000})), {413}),
         "ml_foreground_plus_spleen_over_cap": (infer(json.dumps({"spleen": [[1, 1, 1]] * 300, "foreground": [[2, 2, 2]] * 300})), {400}),
+        # Several file parts are a DICOM series (one part per slice), so NIfTI parts are not DICOM files...
+        "multipart_several_nifti_files": ({"method": "POST", "url": "/v1/segment",
+                                           "files": [("file", (f"f{i}.nii.gz", small)) for i in range(6)]}, {422}),
+        # ...and more parts than a series may have slices (ingress.MAX_FORM_FILES) stop the form parser.
         "multipart_too_many_files": ({"method": "POST", "url": "/v1/segment",
-                                      "files": [("file", (f"f{i}.nii.gz", small)) for i in range(6)]}, {400}),
+                                      "files": [("file", (f"s{i}.dcm", b"x")) for i in range(2049)]}, {400}),
         "auth_token_large_body": ({"method": "POST", "url": "/auth/token", "content": b"password=" + b"x" * 100_000,
                                    "headers": {"content-type": "application/x-www-form-urlencoded", "authorization": ""}}, {413}),
         "datastore_overwrite_other_volume": ({"method": "PUT", "url": "/datastore/", "params": {"image": "hostile_case"},
