@@ -344,6 +344,44 @@ def test_train_chart_entrypoint_should_parse_with_the_trainer_cli_and_config():
     assert {"name": "train-config", "mountPath": "/etc/spleen-deepedit", "readOnly": True} in mounts
 
 
+#: The least mode annotate needs: no dataset; the cases and a checkpoint.
+ANNOTATE_REQUIRED = {**IMAGE, "storage": {"uri": "s3://deepedit/runs"}, "mode": "annotate",
+                     "annotate": {"input": "s3://deepedit/cohort", "checkpoint": "s3://deepedit/runs/spleen/checkpoint_epoch_0001/checkpoint.pt"}}
+
+
+@pytest.mark.parametrize("gpus,concurrency,expected", [(1, 0, 2), (0, 0, 2), (2, 5, 5)])
+def test_train_chart_annotate_mode_should_run_annotate_with_the_cli_s_arguments(gpus, concurrency, expected):
+    """Mode annotate: the same RayJob, its entrypoint a command line `spleen-deepedit annotate` accepts."""
+    from trainer.cli import build_parser
+
+    values = merge(ANNOTATE_REQUIRED, {"workers": {"gpusPerWorker": gpus}, "annotate": {"concurrency": concurrency}})
+    objects = render(TRAIN, values)["objects"]
+    validate_all(objects)
+    job = one(objects, "RayJob")
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["spleen-deepedit", "annotate"]
+    args = build_parser().parse_args(argv[1:])
+    assert args.input == "s3://deepedit/cohort" and args.checkpoint.endswith("checkpoint.pt")
+    assert args.output == f"s3://deepedit/runs/annotations/{RELEASE}"  # storage.uri + the run name
+    assert args.format == "nii.gz" and args.concurrency == expected and args.num_gpus == (1.0 if gpus else 0.0)
+    assert not args.redo
+    explicit = merge(values, {"annotate": {"output": "/mnt/annotations", "format": "dcm", "redo": True, "batchSize": 4}})
+    args = build_parser().parse_args(shlex.split(one(render(TRAIN, explicit)["objects"], "RayJob")["spec"]["entrypoint"])[1:])
+    assert args.output == "/mnt/annotations" and args.format == "dcm" and args.redo and args.batch_size == 4
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"annotate": {"input": ""}}, "/annotate/input"),
+    ({"annotate": {"checkpoint": ""}}, "/annotate/checkpoint"),
+    ({"annotate": {"format": "png"}}, "/annotate/format"),
+    ({"annotate": {"input": "http://host/cases"}}, "/annotate/input"),
+    ({"mode": "infer"}, "/mode"),
+], ids=["missing-input", "missing-checkpoint", "bad-format", "input-not-s3-or-path", "unknown-mode"])
+def test_train_chart_annotate_mode_should_reject_wrong_values(bad, message):
+    with pytest.raises(helm_python.HelmValuesError, match=message):
+        render(TRAIN, merge(ANNOTATE_REQUIRED, bad))
+
+
 def test_train_chart_should_use_one_rank_per_gpu_and_request_gpus_on_workers():
     job = rayjob(merge(TRAIN_REQUIRED, {"workers": {"replicas": 3, "gpusPerWorker": 2}}))
     argv = shlex.split(job["spec"]["entrypoint"])

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from test_charts import (  # noqa: E402  (same folder; pytest puts it on sys.path)
+    ANNOTATE_REQUIRED,
     IMAGE,
     NAMESPACE,
     RELEASE,
@@ -212,7 +213,9 @@ TRAIN_CASES = {"defaults": TRAIN_REQUIRED, "ci": ci_values(TRAIN),
                **{k: merge(TRAIN_REQUIRED, v) for k, v in COMMON_TOGGLES.items()},
                "http-mode": merge(TRAIN_REQUIRED, {"job": {"submissionMode": "HTTPMode"}}),
                "config": merge(TRAIN_REQUIRED, {"training": {"config": {"amp": False}}}),
-               "cpu": merge(TRAIN_REQUIRED, {"workers": {"gpusPerWorker": 0}})}
+               "cpu": merge(TRAIN_REQUIRED, {"workers": {"gpusPerWorker": 0}}),
+               "annotate": ANNOTATE_REQUIRED,
+               "annotate-ci": merge(ci_values(TRAIN), {"mode": "annotate", "annotate": ANNOTATE_REQUIRED["annotate"]})}
 SERVE_CASES = {"defaults": SERVE_REQUIRED, "ci": ci_values(SERVE),
                **{k: merge(SERVE_REQUIRED, v) for k, v in COMMON_TOGGLES.items()},
                "autoscaling": merge(SERVE_REQUIRED, {"autoscaling": {"enabled": True}}),

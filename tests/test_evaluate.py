@@ -215,3 +215,39 @@ def test_cli_bad_checkpoint_exits_2_naming_the_path(phantoms, tmp_path, capsys):
     assert code == 2
     assert len(err.splitlines()) == 1 and str(missing) in err and err.startswith("error:")
     assert not (tmp_path / "r").exists()  # nothing half-written
+
+
+def test_evaluate_dicom_series_images_score_like_their_nifti(phantoms, tmp_path):
+    """`--dicom`: each image read from its DICOM series (k possibly reversed), the NIfTI label brought
+    onto it: the automatic Dice equals the NIfTI path's; a missing series is a DataError naming it."""
+    pytest.importorskip("pydicom")
+    import shutil
+
+    import torch
+
+    from trainer.checkpoint import Checkpoint, save_checkpoint
+    from trainer.config import get_profile
+    from trainer.data import DataError
+    from trainer.dicom import write_dicom_dataset
+    from trainer.network import build_network
+
+    data = tmp_path / "ds"
+    shutil.copytree(phantoms, data)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "model.pt"
+    save_checkpoint(Checkpoint(model=build_network(get_profile("tiny")).state_dict(), profile="tiny", epoch=0), ckpt)
+    with pytest.raises(DataError, match="dicom/imagesTr"):
+        evaluate_checkpoint(ckpt, data, tmp_path / "none", max_clicks=0, dicom=True)
+    write_dicom_dataset(data)
+    nifti = evaluate_checkpoint(ckpt, data, tmp_path / "nifti", max_clicks=1)
+    dicom = evaluate_checkpoint(ckpt, data, tmp_path / "dicom", max_clicks=1, dicom=True)
+    assert dicom["cases"] == nifti["cases"] == 2
+    assert dicom["dice_auto"] == pytest.approx(nifti["dice_auto"], abs=1e-4)
+    # The label lands on the same voxels of the series' array (some phantoms read back with k reversed).
+    from trainer.evaluate import _load_case, with_dicom_images
+
+    for pair in select_cases(data, "all"):
+        image, _, label = _load_case(pair)
+        image2, _, label2 = _load_case(with_dicom_images([pair])[0])
+        assert label2.sum() == label.sum() > 0
+        np.testing.assert_array_equal(np.sort(image2[label2]), np.sort(image[label]))

@@ -384,6 +384,23 @@ def test_submit_should_render_the_training_chart_from_a_values_file(fake_api, ku
         f"/apis/monitoring.coreos.com/v1/namespaces/{NS}/podmonitors"] * 2
 
 
+def test_submit_should_run_annotate_from_the_training_chart_in_mode_annotate(fake_api, kubeconfig, tmp_path, capsys):
+    """`k8s submit -f` with `mode: annotate`: the same chart and conventions, an annotate RayJob to follow."""
+    pytest.importorskip("helm_python", reason="pip install helm-python-sdk")
+    ci = yaml.safe_load((ROOT / "charts/spleen-deepedit-train/ci/ci-values.yaml").read_text())
+    ci.pop("dataset")
+    ci.update(mode="annotate", annotate={"input": "s3://deepedit/cohort", "checkpoint": "s3://deepedit/runs/r1/checkpoint.pt"})
+    values = tmp_path / "annotate.yaml"
+    values.write_text(yaml.safe_dump(ci))
+    assert k8s(kubeconfig, "submit", "-f", str(values), "--release", "cohort-a") == 0
+    job = fake_api.objects[("rayjobs", NS, "cohort-a-spleen-deepedit-train")]
+    assert job["spec"]["entrypoint"].startswith("spleen-deepedit annotate --input s3://deepedit/cohort "
+                                                "--output s3://deepedit/runs/annotations/cohort-a ")
+    # Credentials the same way as training: the Secret by envFrom on every Ray pod, never in the job.
+    assert "AWS_SECRET" not in json.dumps(job["spec"].get("runtimeEnvYAML", ""))
+    assert "follow it with: spleen-deepedit k8s follow cohort-a-spleen-deepedit-train" in capsys.readouterr().out
+
+
 def test_submit_should_find_the_packaged_chart_from_any_directory(fake_api, kubeconfig, tmp_path, monkeypatch):
     pytest.importorskip("helm_python", reason="pip install helm-python-sdk")
     values = tmp_path / "values.yaml"

@@ -454,6 +454,186 @@ def test_monailabel_info_auth_session_datastore_infer(service, client, case, vol
     assert client.get(f"/session/{sid}").status_code == 404
 
 
+# ----------------------------------------------------------------------------- DICOM series in, DICOM SEG out
+
+
+def _zip(files: dict[str, bytes]) -> bytes:
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def dicom_case(case, tmp_path_factory):
+    """(slice files {name: bytes}, zip bytes, NIfTI of the volume read back from the series, series read back)."""
+    pytest.importorskip("pydicom")
+    pytest.importorskip("highdicom")
+    from trainer.dicom import read_series, write_ct_series
+
+    folder = tmp_path_factory.mktemp("serve_dicom")
+    files = {p.name: p.read_bytes() for p in write_ct_series(folder, case.image, case.affine)}
+    vol = read_series(folder)
+    return files, _zip(files), _nifti(vol.image, vol.affine), vol
+
+
+def _dciodvfy_errors(body: bytes, tmp_path) -> list[str]:
+    path = tmp_path / "seg.dcm"
+    path.write_bytes(body)
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.mark.serve
+def test_dicom_series_segments_like_its_nifti_and_answers_dicom_seg(service, client, case, dicom_case, tmp_path):
+    import highdicom as hd
+    import pydicom
+
+    from trainer.serve.monailabel import parse_multipart_reply
+
+    files, zipped, nifti, vol = dicom_case
+    clicks = _clicks(case)
+    # The phantom's click voxels, in the series' grid (k sorted along the slice normal: reversed here).
+    flip = vol.affine[2, 2] * case.affine[2, 2] < 0
+    sclicks = {k: [[i, j, (SHAPE[2] - 1 - z) if flip else z] for i, j, z in v] for k, v in clicks.items()}
+    ref = client.post("/v1/segment", content=nifti, params={"clicks": json.dumps(sclicks)})
+    assert ref.status_code == 200, ref.text
+    expected = _read_nifti(ref.content)[0]
+    assert expected.sum() > 0
+    # A zip as the raw body, and the files as multipart parts: the NIfTI path's mask.
+    r = client.post("/v1/segment", content=zipped, params={"clicks": json.dumps(sclicks)})
+    assert r.status_code == 200, r.text
+    mask, affine, _ = _read_nifti(r.content)
+    np.testing.assert_array_equal(mask, expected)
+    np.testing.assert_allclose(affine, vol.affine, atol=1e-4)
+    parts = [("file", (name, data, "application/dicom")) for name, data in files.items()]
+    m = client.post("/v1/segment", files=parts, data={"clicks": json.dumps(sclicks)})
+    assert m.status_code == 200, m.text
+    np.testing.assert_array_equal(_read_nifti(m.content)[0], expected)
+
+    # format=dcm: a DICOM SEG of the same mask, referencing the uploaded slices, version = the model's.
+    s = client.post("/v1/segment", content=zipped, params={"clicks": json.dumps(sclicks), "format": "dcm"})
+    assert s.status_code == 200, s.text
+    assert s.headers["content-type"] == "application/dicom"
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(io.BytesIO(s.content)))
+    src = vol.meta.datasets
+    uids = [ds.SOPInstanceUID for ds in src]
+    frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])[..., 0]
+    np.testing.assert_array_equal(frames.transpose(2, 1, 0), expected)
+    algo = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algo.AlgorithmVersion == s.headers["x-model-version"][:64]
+    assert seg.StudyInstanceUID == src[0].StudyInstanceUID and seg.FrameOfReferenceUID == src[0].FrameOfReferenceUID
+    if shutil.which("dciodvfy") is not None:
+        assert not _dciodvfy_errors(s.content, tmp_path)
+    # A NIfTI upload has no series to reference: 400 before any decoding.
+    bad = client.post("/v1/segment", content=nifti, params={"format": "dcm"})
+    assert bad.status_code == 400 and bad.json()["error"] == "bad_format"
+
+    # Sessions keep the series' headers: a click round trip can answer a SEG.
+    sid = client.post("/v1/sessions", content=zipped)
+    assert sid.status_code == 201, sid.text
+    assert sid.json()["shape"] == list(SHAPE) and sid.json()["input"] == "dicom"
+    again = client.post(f"/v1/sessions/{sid.json()['session_id']}/segment", params={"format": "dcm"}, json=sclicks)
+    assert again.status_code == 200, again.text
+    assert pydicom.dcmread(io.BytesIO(again.content)).Modality == "SEG"
+
+    # MONAI Label: a session of .dcm files (Slicer sends `files`), then output=dicom_seg.
+    ml = client.put("/session/", files=[("files", (name, data)) for name, data in files.items()])
+    assert ml.status_code == 200, ml.text
+    params = {**sclicks, "label": "spleen"}
+    r = client.post("/infer/deepedit_spleen", params={"session_id": ml.json()["session_id"], "output": "dicom_seg"},
+                    files={"params": (None, json.dumps(params))})
+    assert r.status_code == 200, r.text
+    seg2 = hd.seg.Segmentation.from_dataset(pydicom.dcmread(io.BytesIO(r.content)))
+    frames2 = seg2.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])[..., 0]
+    np.testing.assert_array_equal(frames2.transpose(2, 1, 0), expected)
+    # A zip in the datastore, then the default multipart reply with a NIfTI mask.
+    d = client.put("/datastore/", files={"file": ("dicom_case.zip", zipped)})
+    assert d.status_code == 200 and d.json() == {"image": "dicom_case"}
+    f = client.post("/infer/deepedit_spleen", params={"image": "dicom_case"}, files={"params": (None, json.dumps(params))})
+    assert f.status_code == 200, f.text
+    body = parse_multipart_reply(f.headers["content-type"], f.content)["image"][1]
+    np.testing.assert_array_equal(_read_nifti(body)[0], expected)
+
+
+def _hostile_dicom_cases(files: dict[str, bytes]) -> dict[str, tuple[object, int, str]]:
+    """name -> (upload: bytes or list of (name, bytes) parts, expected status, expected error code)."""
+    import pydicom
+
+    from trainer.dicom import write_ct_series
+
+    names = sorted(files)
+    with tempfile.TemporaryDirectory() as tmp:
+        other = {p.name: p.read_bytes() for p in write_ct_series(tmp, np.zeros((16, 16, 4), np.int16), np.eye(4))}
+    two = _zip({**{f"a/{n}": b for n, b in files.items()}, **{f"b/{n}": b for n, b in other.items()}})
+    # Slices sorted by position are not sorted by name (write_ct_series shuffles names): drop by position.
+    by_z = sorted(names, key=lambda n: float(pydicom.dcmread(io.BytesIO(files[n]), stop_before_pixels=True).ImagePositionPatient[2]))
+    missing = _zip({n: files[n] for n in by_z if n not in by_z[10:12]})
+    bomb = _zip({"IM00001.dcm": bytes(64 * 1024 * 1024)})  # 64 MiB of zeros, about 64 KiB zipped
+    truncated = _zip(files)[: len(_zip(files)) // 2]
+    # Slices whose headers declare 4096 x 4096 pixels: refused from the headers, before decoding.
+    huge = {}
+    for n in names:
+        ds = pydicom.dcmread(io.BytesIO(files[n]))
+        ds.Rows = ds.Columns = 4096
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        huge[n] = buf.getvalue()
+    return {
+        "two_series": (two, 422, "several_series"),
+        "non_dicom_in_zip": (_zip({**files, "Doe^John notes.txt": b"not an image"}), 422, "not_dicom"),
+        "zip_bomb": (bomb, 413, "too_large"),
+        "missing_slices": (missing, 422, "missing_slices"),
+        "truncated_zip": (truncated, 422, "bad_zip"),
+        "one_slice": (files[names[0]], 422, "too_few_slices"),
+        "huge_declared_slices": (_zip(huge), 413, "volume_too_large"),
+        "parts_with_junk": ([(n, files[n]) for n in names[:4]] + [("x.bin", b"\0" * 300)], 422, "not_dicom"),
+        "corrupt_pixels": (_zip({**files, names[3]: files[names[3]][:-4000]}), 422, "undecodable"),
+    }
+
+
+@pytest.mark.serve
+def test_hostile_dicom_uploads_get_4xx_json_and_names_stay_out_of_logs(service, client, dicom_case):
+    files, zipped, _, _ = dicom_case
+    cases = _hostile_dicom_cases(files)
+    failures = []
+    for name, (upload, status, code) in cases.items():
+        t0 = time.perf_counter()
+        if isinstance(upload, list):
+            r = client.post("/v1/segment", files=[("file", part) for part in upload])
+        else:
+            r = client.post("/v1/segment", content=upload)
+        took = time.perf_counter() - t0
+        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+        if r.status_code != status or body.get("error") != code or not body.get("detail") or took > 5:
+            failures.append(f"{name}: {r.status_code} {r.text[:300]} in {took:.1f}s (expected {status} {code})")
+    assert not failures, "\n".join(failures)
+    # The same checks guard sessions and the MONAI Label routes.
+    two = cases["two_series"][0]
+    assert client.post("/v1/sessions", content=two).json()["error"] == "several_series"
+    r = client.put("/session/", files={"files": ("study.zip", two)})
+    assert r.status_code == 422 and r.json()["error"] == "several_series"
+    # The file name (it could hold a patient's name) goes to the client...
+    r = client.post("/v1/segment", content=cases["non_dicom_in_zip"][0])
+    assert "Doe^John" in r.json()["detail"]
+    # ...and the service is fine after all of it.
+    assert client.post("/v1/segment", content=zipped).status_code == 200
+    # ...never to the logs (the Serve replica's and proxy's logs of this Ray session).
+    import ray
+
+    logs_dir = ray._private.worker._global_node.get_logs_dir_path()
+    leaked = []
+    for root, _, names in os.walk(logs_dir):
+        for n in names:
+            with contextlib.suppress(OSError), open(os.path.join(root, n), "rb") as f:
+                if b"Doe^John" in f.read():
+                    leaked.append(n)
+    assert not leaked, leaked
+
+
 # ----------------------------------------------------------------------------- malformed requests
 
 
@@ -519,7 +699,11 @@ def _malformed_cases(case):
         "get_unknown_session": ({"method": "GET", "url": "/v1/sessions/not-a-session"}, 404),
         "delete_unknown_session": ({"method": "DELETE", "url": f"/v1/sessions/{unknown_sid}"}, 404),
         "session_bad_json": ({"method": "POST", "url": f"/v1/sessions/{unknown_sid}/segment", "content": b"{oops"}, 400),
-        "session_upload_not_nifti": ({"method": "POST", "url": "/v1/sessions", "content": b"PK\x03\x04zip"}, 415),
+        "session_upload_not_nifti": ({"method": "POST", "url": "/v1/sessions", "content": b"not a volume" * 40}, 415),
+        # Zip magic makes it a DICOM series upload (zips are accepted), which does not open: 422 bad_zip.
+        "session_upload_corrupt_zip": ({"method": "POST", "url": "/v1/sessions", "content": b"PK\x03\x04zip"}, 422),
+        "seg_format_of_nifti": (seg(format="dcm"), 400),
+        "ml_dicom_seg_of_nifti": (infer("{}", query={"output": "dicom_seg"}), 400),
         "missing_token": ({"method": "GET", "url": "/v1/info", "headers": {"authorization": ""}}, 401),
         "wrong_token": ({"method": "GET", "url": "/v1/info", "headers": {"authorization": "Bearer wrong"}}, 401),
         "wrong_scheme": ({"method": "GET", "url": "/v1/info", "headers": {"authorization": f"Basic {TOKEN}"}}, 401),
@@ -649,8 +833,12 @@ def _hostile_cases(case):
         "ml_params_600_clicks": (infer(hi.many_clicks_body(600).decode()), {400}),
         "ml_params_too_large": (infer(json.dumps({"x": "a" * 70_000})), {413}),
         "ml_foreground_plus_spleen_over_cap": (infer(json.dumps({"spleen": [[1, 1, 1]] * 300, "foreground": [[2, 2, 2]] * 300})), {400}),
+        # Several file parts are a DICOM series (one part per slice), so NIfTI parts are not DICOM files...
+        "multipart_several_nifti_files": ({"method": "POST", "url": "/v1/segment",
+                                           "files": [("file", (f"f{i}.nii.gz", small)) for i in range(6)]}, {422}),
+        # ...and more parts than a series may have slices (ingress.MAX_FORM_FILES) stop the form parser.
         "multipart_too_many_files": ({"method": "POST", "url": "/v1/segment",
-                                      "files": [("file", (f"f{i}.nii.gz", small)) for i in range(6)]}, {400}),
+                                      "files": [("file", (f"s{i}.dcm", b"x")) for i in range(2049)]}, {400}),
         "auth_token_large_body": ({"method": "POST", "url": "/auth/token", "content": b"password=" + b"x" * 100_000,
                                    "headers": {"content-type": "application/x-www-form-urlencoded", "authorization": ""}}, {413}),
         "datastore_overwrite_other_volume": ({"method": "PUT", "url": "/datastore/", "params": {"image": "hostile_case"},

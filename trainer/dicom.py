@@ -375,8 +375,32 @@ def _decode(pydicom, name: str, opener: Callable[[], BinaryIO], shape: tuple[int
     return pixels, ds
 
 
-def read_members(members: Sequence[Member], label: str, limits: SeriesLimits | None = None) -> DicomVolume:
-    """Read one CT series from its files (see the module docstring for the checks and their order)."""
+@dataclass(kw_only=True, slots=True)
+class SeriesScan:
+    """A series after its header pass, before any pixel is decoded: enough to price the decode.
+
+    `order` sorts `members` along the slice normal; `lps` is the index -> LPS affine."""
+
+    members: Sequence[Member]
+    label: str
+    order: np.ndarray
+    lps: np.ndarray
+    spacing: tuple[float, float, float]
+    shape: tuple[int, int, int]  # (columns, rows, slices): the volume's array shape
+    transfer_syntax: str
+
+    @property
+    def n_voxels(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def max_file_bytes(self) -> int:
+        """Bytes of the largest file (one is inflated at a time while decoding)."""
+        return max(size for _, size, _ in self.members)
+
+
+def scan_members(members: Sequence[Member], label: str, limits: SeriesLimits | None = None) -> SeriesScan:
+    """Step 1 and 2 of reading (counts, headers, geometry, voxel limits); no pixel is decoded."""
     limits = limits or SeriesLimits()
     _check_counts(members, label, limits)
     pydicom = _import_pydicom()
@@ -392,11 +416,19 @@ def read_members(members: Sequence[Member], label: str, limits: SeriesLimits | N
     if max(rows, cols, n) > limits.max_dim or rows * cols * n > limits.max_voxels:
         raise DicomError("volume_too_large", f"{label}: volume of {cols}x{rows}x{n} voxels is over the limits "
                          f"({limits.max_voxels} voxels, {limits.max_dim} per axis): crop or downsample the series", 413)
+    return SeriesScan(members=members, label=label, order=order, lps=lps, spacing=spacing, shape=(cols, rows, n),
+                      transfer_syntax=ts)
+
+
+def decode_scan(scan: SeriesScan) -> DicomVolume:
+    """Step 3 of reading: decode the scanned series' pixels into one float32 volume (HU)."""
+    pydicom = _import_pydicom()
+    cols, rows, n = scan.shape
     # (slices, rows, columns) in C order, returned as its transpose: (columns, rows, slices), no copy.
     volume = np.empty((n, rows, cols), dtype=np.float32)
     datasets, names = [], []
-    for k, idx in enumerate(order):
-        name, _, opener = members[int(idx)]
+    for k, idx in enumerate(scan.order):
+        name, _, opener = scan.members[int(idx)]
         pixels, ds = _decode(pydicom, name, opener, (rows, cols))
         slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
         np.multiply(pixels, slope, out=volume[k], casting="unsafe")
@@ -405,8 +437,13 @@ def read_members(members: Sequence[Member], label: str, limits: SeriesLimits | N
             volume[k] *= -1
         datasets.append(ds)
         names.append(name)
-    meta = SeriesMeta(datasets=datasets, names=names, transfer_syntax=ts, spacing=spacing)
-    return DicomVolume(volume.transpose(2, 1, 0), LPS_TO_RAS @ lps, meta)
+    meta = SeriesMeta(datasets=datasets, names=names, transfer_syntax=scan.transfer_syntax, spacing=scan.spacing)
+    return DicomVolume(volume.transpose(2, 1, 0), LPS_TO_RAS @ scan.lps, meta)
+
+
+def read_members(members: Sequence[Member], label: str, limits: SeriesLimits | None = None) -> DicomVolume:
+    """Read one CT series from its files (see the module docstring for the checks and their order)."""
+    return decode_scan(scan_members(members, label, limits))
 
 
 def read_series(source: str | os.PathLike, limits: SeriesLimits | None = None) -> DicomVolume:
@@ -437,6 +474,17 @@ def read_series_bytes(data: bytes, limits: SeriesLimits | None = None, label: st
         with _open_zip(data, label) as zf:
             return read_members(_zip_members(zf, label), label, limits)
     return read_files([("upload.dcm", data)], limits, label)
+
+
+def upload_members(data: bytes | Sequence[tuple[str, bytes]], label: str = "the upload") -> list[Member]:
+    """The files of an upload: a zip archive's members, one DICOM file, or (name, bytes) pairs (multipart).
+
+    A zip stays open while its members are read (the archive lives in memory; nothing to close)."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        if bytes(data[:4]) == ZIP_MAGIC:
+            return _zip_members(_open_zip(data, label), label)
+        data = [("upload.dcm", bytes(data))]
+    return [(name, len(blob), lambda d=blob: io.BytesIO(d)) for name, blob in data if not _ignored(name)]
 
 
 def read_files(files: Iterable[tuple[str, bytes]], limits: SeriesLimits | None = None,

@@ -129,10 +129,49 @@ def _case_name(path: str | Path) -> str:
     return name
 
 
+def dicom_image_path(image: str | Path) -> Path:
+    """Where a NIfTI image's DICOM series lies in a dataset (`synth --dicom`'s layout):
+    `DATA/imagesTr/case.nii.gz` -> `DATA/dicom/imagesTr/case/`."""
+    image = Path(image)
+    return image.parent.parent / "dicom" / image.parent.name / _case_name(image)
+
+
+def with_dicom_images(cases: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """`cases` with each image replaced by its DICOM series folder (labels stay NIfTI); DataError if one is missing."""
+    out = []
+    for pair in cases:
+        folder = dicom_image_path(pair["image"])
+        if not folder.is_dir():
+            raise DataError(f"{str(folder)!r} is missing: --dicom reads each image from DATA/dicom/<imagesTr|imagesTs>/<case>/ "
+                            "(one CT series per case, as `spleen-deepedit synth --dicom` writes it); put the series there")
+        out.append({**pair, "image": str(folder)})
+    return out
+
+
+def _label_on_grid(label: np.ndarray, label_affine: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The label flipped/permuted onto an image grid of the same voxels in another array order (a DICOM
+    series sorts its slices along the normal, which may reverse the NIfTI's k); no resampling."""
+    ornt = nib.orientations
+    transform = ornt.ornt_transform(ornt.io_orientation(label_affine), ornt.io_orientation(affine))
+    if (transform == [[0, 1], [1, 1], [2, 1]]).all():
+        return label, label_affine
+    moved = ornt.apply_orientation(label, transform)
+    return moved, label_affine @ ornt.inv_ornt_aff(transform, label.shape)
+
+
 def _load_case(pair: dict[str, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Image, affine and boolean label of one case, checked as training checks them (same grid, 0/1)."""
-    image, affine = load_volume(pair["image"])
-    label, label_affine = load_volume(pair["label"])
+    """Image, affine and boolean label of one case, checked as training checks them (same grid, 0/1).
+
+    The image may be a DICOM series folder (`--dicom`); its label is then brought to the series' array order."""
+    if Path(pair["image"]).is_dir():
+        from .dicom import read_volume_any
+
+        image, affine, _ = read_volume_any(pair["image"])
+        label, label_affine = load_volume(pair["label"])
+        label, label_affine = _label_on_grid(label, label_affine, affine)
+    else:
+        image, affine = load_volume(pair["image"])
+        label, label_affine = load_volume(pair["label"])
     check_arrays(image, label, affine, label_affine, pair["image"], pair["label"])
     return image, affine, label > 0.5
 
@@ -400,6 +439,7 @@ def evaluate_checkpoint(
     seed: int = 0,
     val_fraction: float = 0.2,
     click_radius: float | None = None,
+    dicom: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on a dataset split and write the report into `output_dir`.
 
@@ -418,6 +458,7 @@ def evaluate_checkpoint(
         metrics_log: training `metrics.jsonl` to plot (default: `<checkpoint dir>/../metrics.jsonl`).
         seed: click-sampling seed.
         val_fraction: validation fraction of the `val` split (as in training).
+        dicom: read each image from its DICOM series (`with_dicom_images`), labels from NIfTI.
 
     Returns:
         The summary written to `summary.json` (nan as None).
@@ -426,6 +467,8 @@ def evaluate_checkpoint(
         raise ConfigError(f"max_clicks must be >= 0, got {max_clicks}")
     # Everything a user can get wrong is checked before the (long) evaluation starts.
     cases = select_cases(data_dir, split, val_fraction)
+    if dicom:
+        cases = with_dicom_images(cases)
     log_path, training = _training_log(checkpoint, metrics_log)
     predictor = Predictor.from_checkpoint(checkpoint, profile=profile, device=device, click_radius=click_radius)
     out = Path(output_dir)
@@ -468,6 +511,7 @@ def cmd_evaluate(args) -> int:
         device=device,
         metrics_log=args.metrics_log,
         click_radius=args.click_radius,
+        dicom=getattr(args, "dicom", False),
     )
     print(f"report written to {args.output}", flush=True)
     return 0

@@ -28,12 +28,15 @@ from ray.serve.config import BackpressureConfig
 
 from .core import ServiceCore, Stopwatch, redact
 from .errors import ApiError
-from .ingress import api, caller_id, form_file, is_multipart, read_form, server_timing
+from .ingress import MAX_FORM_FILES, api, caller_id, form_upload, is_multipart, read_form, server_timing
 from .monailabel import MonaiLabelRoutes
+from .series import DICOM_MEDIA_TYPE, META_KEY, is_series_upload, seg_needs_series
 from .settings import ServeArgs
 
 #: `format` query values of the native API -> file extension.
-FORMATS = {"nii.gz": ".nii.gz", "nii": ".nii", "nrrd": ".nrrd"}
+FORMATS = {"nii.gz": ".nii.gz", "nii": ".nii", "nrrd": ".nrrd", "dcm": ".dcm"}
+#: The format that answers with a DICOM SEG (DICOM series uploads only).
+SEG_FORMAT = "dcm"
 
 
 def _extension(fmt: str) -> str:
@@ -44,7 +47,7 @@ def _extension(fmt: str) -> str:
 
 def _mask_response(body: bytes, extension: str, watch: Stopwatch, version: str, status: int = 200) -> Response:
     return Response(
-        content=body, status_code=status, media_type="application/octet-stream",
+        content=body, status_code=status, media_type=DICOM_MEDIA_TYPE if extension == ".dcm" else "application/octet-stream",
         headers={"Server-Timing": server_timing(watch.timings), "X-Model-Version": version,
                  "Content-Disposition": f'attachment; filename="mask{extension}"'},
     )
@@ -106,12 +109,15 @@ class DeepEditService(MonaiLabelRoutes, ServiceCore):
 
     @api.post("/v1/segment")
     async def segment_once(self, request: Request, clicks: str | None = None, format: str = "nii.gz") -> Response:
-        """NIfTI (raw body, or multipart `file` + optional `clicks` field) -> mask NIfTI."""
+        """A volume (raw body, or multipart `file` + optional `clicks` field) -> mask.
+
+        The volume is NIfTI, or a DICOM series: a zip of its .dcm files, or one multipart `file` part
+        per slice. `format=dcm` answers a series with a DICOM SEG referencing it."""
         extension = _extension(format)
         async with self.deadline():
             if is_multipart(request):
-                form = await read_form(request)
-                data = await form_file(form, "file")
+                form = await read_form(request, MAX_FORM_FILES)
+                data = await form_upload(form, "file")
                 if data is None:
                     raise ApiError(400, "missing_file", "multipart body has no file field 'file'")
                 field = form.get("clicks")
@@ -119,12 +125,14 @@ class DeepEditService(MonaiLabelRoutes, ServiceCore):
             else:
                 data = await request.body()
                 clicks_obj = await self.parse(clicks, "clicks")
+            if format == SEG_FORMAT and not is_series_upload(data):  # before any decoding
+                raise seg_needs_series()
             predictor = self.current()
             watch = Stopwatch(self.metrics)
             # Clicks are checked against the declared shape before any voxel is decoded: fail fast.
-            prepared = await self.load(predictor, data, watch, clicks_obj)
+            prepared, meta = await self.load_upload(predictor, data, watch, clicks_obj)
             mask = await self.segment(predictor, prepared, clicks_obj, watch)
-            body = await self.encode(mask, prepared.orig_affine, extension, "uint8", watch)
+            body = await self._encode_any(mask, prepared, meta, extension, predictor.version, watch)
         return _mask_response(body, extension, watch, predictor.version)
 
     # ------------------------------------------------------------------ interactive sessions
@@ -160,14 +168,19 @@ class DeepEditService(MonaiLabelRoutes, ServiceCore):
             prepared = self.cached(entry, predictor)
             watch = Stopwatch(self.metrics)
             mask = await self.segment(predictor, prepared, clicks_obj, watch)
-            body = await self.encode(mask, prepared.orig_affine, extension, "uint8", watch)
+            body = await self._encode_any(mask, prepared, entry.extra.get(META_KEY), extension, predictor.version, watch)
             entry.extra["segmentations"] = entry.extra.get("segmentations", 0) + 1
         return _mask_response(body, extension, watch, predictor.version)
 
-    async def _upload(self, request: Request, *fields: str) -> bytes:
+    async def _encode_any(self, mask, prepared, meta, extension: str, version: str, watch: Stopwatch) -> bytes:
+        if extension == FORMATS[SEG_FORMAT]:
+            return await self.encode_seg(mask, meta, version, watch)
+        return await self.encode(mask, prepared.orig_affine, extension, "uint8", watch)
+
+    async def _upload(self, request: Request, *fields: str):
         if is_multipart(request):
-            form = await read_form(request)
-            data = await form_file(form, *fields)
+            form = await read_form(request, MAX_FORM_FILES)
+            data = await form_upload(form, *fields)
             if data is None:
                 raise ApiError(400, "missing_file", f"multipart body has no file field {' or '.join(map(repr, fields))}")
             return data

@@ -33,6 +33,7 @@ from .codecs import NiftiPlan, VolumeLimits, decode_volume, encode_mask, read_he
 from .errors import ApiError, scrub
 from .inputs import check_clicks
 from .metrics import create_metrics
+from . import series
 from .sessions import SessionStore
 from .settings import ServeArgs, read_token_file
 from . import ingress
@@ -172,6 +173,15 @@ class WorkGauge:
 WORK = WorkGauge()
 
 
+def _upload_digest(data) -> str:
+    """What an upload holds: its bytes, or its (name, bytes) files (a multipart DICOM series)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, blob in ([("", data)] if isinstance(data, (bytes, bytearray)) else sorted(data)):
+        h.update(len(name).to_bytes(8, "little") + name.encode() + len(blob).to_bytes(8, "little"))
+        h.update(blob)
+    return h.hexdigest()
+
+
 async def in_thread(fn, *args):
     """`fn(*args)` in a worker thread, counted by `WORK`, waited for even if the request is cancelled."""
     return await finish_work(asyncio.to_thread(WORK.wrap(fn), *args))
@@ -278,18 +288,33 @@ class ServiceCore:
 
     # ------------------------------------------------------------------ stages
 
-    async def load(self, predictor, data: bytes, watch: Stopwatch, clicks: Any = None):
-        """Upload -> Prepared: header checked and priced, memory reserved, decoded, preprocessed.
+    async def load(self, predictor, data, watch: Stopwatch, clicks: Any = None):
+        """Upload -> Prepared (see `load_upload`; the series headers of a DICOM upload are dropped)."""
+        prepared, _ = await self.load_upload(predictor, data, watch, clicks)
+        return prepared
+
+    async def load_upload(self, predictor, data, watch: Stopwatch, clicks: Any = None):
+        """Upload -> (Prepared, SeriesMeta or None): header checked and priced, memory reserved, decoded,
+        preprocessed. `data` is NIfTI bytes, a zip or DICOM file's bytes, or (name, bytes) DICOM files.
 
         `clicks`, if given, are checked against the declared shape before any voxel is decoded.
         """
-        plan: NiftiPlan = await watch.run("decode", read_header, data, self.limits)
+        if series.is_series_upload(data):
+            scan = await watch.run("decode", series.scan_upload, data, self.limits)
+            shape, nbytes = scan.shape, series.work_bytes(scan)
+        else:
+            plan: NiftiPlan = await watch.run("decode", read_header, data, self.limits)
+            shape, nbytes = plan.shape, plan.work_bytes
         if clicks is not None:
-            await in_thread(self.check_clicks, clicks, plan.shape)
-        async with self.budget.reserve(plan.work_bytes):
-            image, affine = await watch.run("decode", decode_volume, data, plan, self.limits)
+            await in_thread(self.check_clicks, clicks, shape)
+        async with self.budget.reserve(nbytes):
+            meta = None
+            if series.is_series_upload(data):
+                image, affine, meta = await watch.run("decode", series.decode_upload, scan)
+            else:
+                image, affine = await watch.run("decode", decode_volume, data, plan, self.limits)
             self.metrics.input_voxels.observe(float(image.size))
-            return await self.prepare(predictor, image, affine, watch)
+            return await self.prepare(predictor, image, affine, watch), meta
 
     async def prepare(self, predictor, image: np.ndarray, affine: np.ndarray, watch: Stopwatch):
         from trainer.data import DataError
@@ -319,6 +344,12 @@ class ServiceCore:
         prob = await finish_work(self._forward_batch(predictor, prepared, net_clicks, exact))
         watch.add("forward", time.perf_counter() - t0)
         return await watch.run("postprocess", predictor.postprocess, prob, prepared)
+
+    async def encode_seg(self, mask: np.ndarray, meta, version: str, watch: Stopwatch) -> bytes:
+        """The DICOM SEG of `mask` referencing the uploaded series (`meta`); 400 if the input was not DICOM."""
+        if meta is None:
+            raise series.seg_needs_series()
+        return await watch.run("encode", series.seg_body, mask, meta, version)
 
     async def encode(self, mask: np.ndarray, affine: np.ndarray, extension: str, dtype: str, watch: Stopwatch) -> bytes:
         return await watch.run("encode", encode_mask, mask, affine, extension, dtype)
@@ -357,17 +388,21 @@ class ServiceCore:
         predictor = self.current()
         digest = None
         if image_id is not None:
-            digest = await in_thread(lambda: hashlib.blake2b(data, digest_size=16).hexdigest())
+            digest = await in_thread(_upload_digest, data)
             self.store.check_image_free(image_id, owner, digest)
-        prepared = await self.load(predictor, data, watch)
+        prepared, meta = await self.load_upload(predictor, data, watch)
         info = {"shape": list(prepared.orig_shape), "profile": predictor.profile.name, "model_version": predictor.version}
         # Charge what the entry will hold: the automatic pass a session caches (as big as the
         # network-grid image) is added after its first segmentation.
         nbytes = prepared.nbytes + (prepared.image.element_size() * prepared.image.nelement() if prepared.auto_prob is None else 0)
+        if meta is not None:  # a series keeps its slice headers, for a DICOM SEG reply
+            nbytes += series.meta_bytes(meta)
+            info["input"] = "dicom"
+        extra = {series.META_KEY: meta} if meta is not None else None
         if image_id is None:
-            key = self.store.create(prepared, nbytes, info, owner)
+            key = self.store.create(prepared, nbytes, info, owner, extra=extra)
         else:
-            self.store.put_image(image_id, prepared, nbytes, info, owner, digest)
+            self.store.put_image(image_id, prepared, nbytes, info, owner, digest, extra=extra)
             key = image_id
         self.update_gauges()
         return key, info

@@ -325,10 +325,16 @@ def parse_json(text: str | bytes | None, what: str) -> Any:
     return _parse_json_bounded(text, what, RUNTIME.max_json_bytes)
 
 
-async def read_form(request: Request):
-    """Parse a multipart form with bounded part counts; 400 on a malformed body."""
+#: Most file parts of an upload form: the slices of one DICOM series (at most `max_dim` of them).
+MAX_FORM_FILES = 2048
+
+
+async def read_form(request: Request, max_files: int = 4):
+    """Parse a multipart form with bounded part counts; 400 on a malformed body.
+
+    `max_files` > 4 only on upload routes, which take a DICOM series as one part per slice."""
     try:
-        return await request.form(max_files=4, max_fields=32)
+        return await request.form(max_files=max_files, max_fields=32)
     except StarletteHTTPException as exc:
         raise ApiError(400, "bad_multipart", f"malformed multipart body: {exc.detail}") from None
     except _BodyTooLarge:
@@ -345,6 +351,19 @@ async def form_file(form, *names: str) -> bytes | None:
             return await value.read()
         if isinstance(value, str) and value:
             raise ApiError(400, "bad_multipart", f"multipart field {name!r} must be a file upload, not a text field")
+    return None
+
+
+async def form_upload(form, *names: str) -> bytes | list[tuple[str, bytes]] | None:
+    """The upload of the first file field among `names`: its bytes (NIfTI, a zip, one .dcm file), or
+    (file name, bytes) of each part when the field repeats (a DICOM series sent file by file)."""
+    for name in names:
+        values = form.getlist(name)
+        files = [v for v in values if isinstance(v, UploadFile)]
+        if len(files) > 1:
+            return [(f.filename or f"part{i}.dcm", await f.read()) for i, f in enumerate(files)]
+        if files or values:
+            return await form_file(form, name)
     return None
 
 

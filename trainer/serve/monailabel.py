@@ -23,11 +23,14 @@ from trainer.config import LABELS
 from .codecs import MASK_DTYPES, MASK_EXTENSIONS
 from .core import Stopwatch
 from .errors import ApiError
-from .ingress import RUNTIME, api, caller_id, form_file, read_form, token_matches
+from .ingress import MAX_FORM_FILES, RUNTIME, api, caller_id, form_upload, read_form, token_matches
+from .series import DICOM_MEDIA_TYPE, META_KEY, is_series_upload, seg_needs_series
 
 #: DeepGrow-style clients send `foreground` for the label being edited.
 FOREGROUND_SYNONYM = "foreground"
-OUTPUTS = ("image", "json", "all")
+OUTPUTS = ("image", "json", "all", "dicom_seg")
+#: `output` that answers with a DICOM SEG (as MONAI Label's DICOMweb datastore asks for).
+SEG_OUTPUT = "dicom_seg"
 
 
 def clicks_from_params(params: dict[str, Any]) -> dict[str, list]:
@@ -105,8 +108,8 @@ class MonaiLabelRoutes:
     @api.put("/session/")
     async def ml_create_session(self, request: Request) -> dict:
         async with self.deadline():
-            form = await read_form(request)
-            data = await form_file(form, "files", "file")
+            form = await read_form(request, MAX_FORM_FILES)
+            data = await form_upload(form, "files", "file")
             if data is None:
                 raise ApiError(400, "missing_file", "multipart body has no file field 'files'")
             session_id, _ = await self.open_session(data, Stopwatch(self.metrics), owner=caller_id(request))
@@ -127,13 +130,13 @@ class MonaiLabelRoutes:
     @api.put("/datastore/")
     async def ml_datastore_put(self, request: Request, image: str | None = None) -> dict:
         async with self.deadline():
-            form = await read_form(request)
-            data = await form_file(form, "file")
+            form = await read_form(request, MAX_FORM_FILES)
+            data = await form_upload(form, "file")
             if data is None:
                 raise ApiError(400, "missing_file", "multipart body has no file field 'file'")
             if image is None:
                 upload = form.get("file")
-                image = re.sub(r"(\.nii\.gz|\.nii)$", "", getattr(upload, "filename", "") or "")
+                image = re.sub(r"(\.nii\.gz|\.nii|\.zip)$", "", getattr(upload, "filename", "") or "")
             self.store.check_image_id(image)
             await self.open_session(data, Stopwatch(self.metrics), image_id=image, owner=caller_id(request))
         return {"image": image}
@@ -147,7 +150,7 @@ class MonaiLabelRoutes:
         if output is not None and output not in OUTPUTS:
             raise ApiError(400, "bad_output", f"output {output!r} is not supported: use one of {list(OUTPUTS)}")
         async with self.deadline():
-            form = await read_form(request) if request.headers.get("content-type") else {}
+            form = await read_form(request, MAX_FORM_FILES) if request.headers.get("content-type") else {}
             field = form.get("params") if form else None
             params = await self.parse(field if isinstance(field, str) else None, "params") or {}
             if not isinstance(params, dict):
@@ -164,19 +167,26 @@ class MonaiLabelRoutes:
 
             predictor = self.current()
             watch = Stopwatch(self.metrics)
-            data = await form_file(form, "file") if form else None
+            data = await form_upload(form, "file") if form else None
+            if output == SEG_OUTPUT and data is not None and not is_series_upload(data):  # before any decoding
+                raise seg_needs_series()
+            meta = None
             if session_id is not None:
                 entry = self.store.get(session_id)
-                prepared = self.cached(entry, predictor)
+                prepared, meta = self.cached(entry, predictor), entry.extra.get(META_KEY)
             elif data is not None:
-                prepared = await self.load(predictor, data, watch, clicks)
+                prepared, meta = await self.load_upload(predictor, data, watch, clicks)
             elif image is not None:
-                prepared = self.cached(self.store.get_image(image, caller_id(request)), predictor)
+                entry = self.store.get_image(image, caller_id(request))
+                prepared, meta = self.cached(entry, predictor), entry.extra.get(META_KEY)
             else:
                 raise ApiError(400, "missing_image", "give session_id, image (uploaded with PUT /datastore/) or a 'file' field")
             t0 = time.perf_counter()
             mask = await self.segment(predictor, prepared, clicks, watch)
-            body = await self.encode(mask, prepared.orig_affine, extension, dtype, watch)
+            if output == SEG_OUTPUT:
+                body = await self.encode_seg(mask, meta, predictor.version, watch)
+            else:
+                body = await self.encode(mask, prepared.orig_affine, extension, dtype, watch)
             total = time.perf_counter() - t0 + watch.timings.get("decode", 0) + watch.timings.get("preprocess", 0)
         t = watch.timings
         result = {
@@ -188,6 +198,9 @@ class MonaiLabelRoutes:
             "clicks": {k: len(v) for k, v in (clicks or {}).items()},
         }
         filename = f"result{extension}"
+        if output == SEG_OUTPUT:
+            return Response(content=body, media_type=DICOM_MEDIA_TYPE,
+                            headers={"Content-Disposition": 'attachment; filename="result.dcm"'})
         if output == "json":
             return JSONResponse(result)
         if output == "image":

@@ -85,9 +85,10 @@ class SessionStore:
 
     # -------------------------------------------------------------- cache
 
-    def create(self, value: Any, nbytes: int, info: dict[str, Any], owner: str = "anon") -> str:
+    def create(self, value: Any, nbytes: int, info: dict[str, Any], owner: str = "anon",
+               extra: dict[str, Any] | None = None) -> str:
         session_id = secrets.token_hex(16)
-        self._put("s:" + session_id, value, nbytes, info, owner)
+        self._put("s:" + session_id, value, nbytes, info, owner, extra=extra)
         return session_id
 
     @staticmethod
@@ -104,11 +105,11 @@ class SessionStore:
                            f"(ids expire {self.ttl_s:.0f}s after their last use)")
 
     def put_image(self, image_id: str, value: Any, nbytes: int, info: dict[str, Any], owner: str = "anon",
-                  digest: str | None = None) -> None:
+                  digest: str | None = None, extra: dict[str, Any] | None = None) -> None:
         key = self._image_key(image_id, owner)
         if digest is not None:
             self.check_image_free(image_id, owner, digest)
-        self._put(key, value, nbytes, info, owner, digest)
+        self._put(key, value, nbytes, info, owner, digest, extra)
 
     def get(self, session_id: str) -> Entry:
         return self._get("s:" + self.check_session_id(session_id), f"session {session_id} is unknown or expired: upload the volume again")
@@ -136,7 +137,7 @@ class SessionStore:
     # -------------------------------------------------------------- internals
 
     def _put(self, key: str, value: Any, nbytes: int, info: dict[str, Any], owner: str = "anon",
-             digest: str | None = None) -> None:
+             digest: str | None = None, extra: dict[str, Any] | None = None) -> None:
         if nbytes > self.caller_max_bytes:
             raise ApiError(413, "volume_too_large", f"the preprocessed volume ({nbytes} bytes) exceeds one caller's share of the "
                            f"session cache ({self.caller_max_bytes} bytes: session_max_bytes x caller_max_share)")
@@ -146,7 +147,8 @@ class SessionStore:
             old = self._entries.pop(key, None)
             if old is not None:
                 self._bytes -= old.nbytes
-            self._entries[key] = Entry(value=value, nbytes=nbytes, info=info, created=now, last_used=now, owner=owner, digest=digest)
+            self._entries[key] = Entry(value=value, nbytes=nbytes, info=info, created=now, last_used=now, owner=owner, digest=digest,
+                                      extra=dict(extra or {}))
             self._bytes += nbytes
             self._evict_over_quota(owner)
             while self._bytes > self.max_bytes:

@@ -259,8 +259,44 @@ authOptions:
 {{- end }}
 {{- end }}
 
-{{/* The entrypoint the KubeRay submitter runs on the head: our trainer's Ray Train launcher. */}}
+{{/* Forward actors of mode annotate: annotate.concurrency, else one per worker GPU, else one per worker pod. */}}
+{{- define "spleen-deepedit-train.annotateConcurrency" -}}
+{{- if gt (int .Values.annotate.concurrency) 0 }}
+{{- .Values.annotate.concurrency | int }}
+{{- else if gt (int .Values.workers.gpusPerWorker) 0 }}
+{{- mul (int .Values.workers.replicas) (int .Values.workers.gpusPerWorker) }}
+{{- else }}
+{{- .Values.workers.replicas | int }}
+{{- end }}
+{{- end }}
+
+{{/* The entrypoint of mode annotate: batch pre-annotation on Ray Data (the driver connects to this cluster). */}}
+{{- define "spleen-deepedit-train.annotateEntrypoint" -}}
+{{- $a := .Values.annotate }}
+{{- $output := $a.output | default (printf "%s/annotations/%s" (trimSuffix "/" .Values.storage.uri) (include "spleen-deepedit-train.runName" .)) }}
+{{- $args := list "spleen-deepedit" "annotate" "--input" $a.input "--output" $output "--checkpoint" $a.checkpoint }}
+{{- $args = concat $args (list "--format" $a.format "--batch-size" (toString (int $a.batchSize))) }}
+{{- $args = concat $args (list "--concurrency" (include "spleen-deepedit-train.annotateConcurrency" .)) }}
+{{- if gt (int .Values.workers.gpusPerWorker) 0 }}
+{{- $args = concat $args (list "--num-gpus" "1") }}
+{{- end }}
+{{- if $a.redo }}
+{{- $args = append $args "--redo" }}
+{{- end }}
+{{- /* No shell quoting needed: the schema restricts every value to URI/path characters. */}}
+{{- join " " $args }}
+{{- end }}
+
+{{/* The entrypoint the KubeRay submitter runs on the head: our trainer's Ray Train launcher (mode train) or annotate. */}}
 {{- define "spleen-deepedit-train.entrypoint" -}}
+{{- if eq (.Values.mode | default "train") "annotate" }}
+{{- include "spleen-deepedit-train.annotateEntrypoint" . }}
+{{- else }}
+{{- include "spleen-deepedit-train.trainEntrypoint" . }}
+{{- end }}
+{{- end }}
+
+{{- define "spleen-deepedit-train.trainEntrypoint" -}}
 {{- $args := list "spleen-deepedit" "train" "--ray" }}
 {{- $args = concat $args (list "--data" .Values.dataset.uri) }}
 {{- $args = concat $args (list "--output" (printf "%s/%s" (trimSuffix "/" .Values.training.outputDir) (include "spleen-deepedit-train.runName" .))) }}
