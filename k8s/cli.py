@@ -150,13 +150,14 @@ def _status(api, namespace: str, args: argparse.Namespace) -> int:
     if args.kind == "rayservice":
         from .rayservices import get_service_status
 
-        status = get_service_status(api, args.name, namespace)
-    else:
-        from .rayjobs import get_status
+        service = get_service_status(api, args.name, namespace)
+        print(json.dumps(service.as_dict()) if args.json else service.line())
+        return 0
+    from .rayjobs import get_status
 
-        status = get_status(api, args.name, namespace, pods=True)
+    status = get_status(api, args.name, namespace, pods=True)
     print(json.dumps(status.as_dict()) if args.json else status.line())
-    if not args.json and getattr(status, "pending", None):
+    if not args.json and status.pending:
         print("pending pods:\n" + "\n".join(f"  {line}" for line in status.pending))
     return 0
 

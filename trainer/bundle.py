@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
@@ -348,9 +349,9 @@ def load_predictor(*, network: torch.nn.Module, checkpoint: str, profile: str | 
             f"checkpoint {str(checkpoint)!r} does not fit profile {prof.name!r}: {str(exc).splitlines()[0]}"
         ) from None
     # A plain state_dict carries no settings: the Predictor's guidance sigma is then the training default.
-    extra = {"sigma": float(ckpt.config["guidance_sigma"])} if ckpt.config.get("guidance_sigma") else {}
+    sigma = float(ckpt.config["guidance_sigma"]) if ckpt.config.get("guidance_sigma") else None
     version = f"{Path(checkpoint).name}" + ("(state_dict)" if ckpt.plain_state_dict else f"@epoch{ckpt.epoch + 1}")
-    return Predictor(network, prof, device=device, version=version, **extra)
+    return Predictor(network, prof, device=device, version=version, sigma=sigma)
 
 
 class BundleInference:
@@ -385,7 +386,7 @@ class BundleInference:
             if not path.is_file():
                 raise DataError(f"image {str(path)!r} does not exist")
             try:
-                shape = nib.load(str(path)).shape
+                shape = cast(nib.Nifti1Image, nib.load(str(path))).shape
             except Exception as exc:  # nibabel raises many types for corrupt files
                 raise DataError(f"{path}: cannot be read as NIfTI ({type(exc).__name__}: {exc})") from None
             try:
@@ -396,7 +397,7 @@ class BundleInference:
     def run(self) -> list[str]:
         from .predictor import load_volume, write_mask
 
-        items = list(self.dataset)
+        items = [self.dataset[i] for i in range(len(self.dataset))]
         self._check(items)
         predictor = self.predictor()
         written = []

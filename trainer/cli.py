@@ -11,7 +11,6 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 
 from .config import PROFILES, ConfigError, check_click_radius
 
@@ -136,7 +135,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_infer(args: argparse.Namespace) -> int:
     import torch
 
-    from .predictor import Predictor, load_clicks, validate_clicks, load_volume
+    from .predictor import Predictor, load_clicks, load_volume, validate_clicks
 
     clicks = load_clicks(args.clicks)
     image, affine = load_volume(args.image)
@@ -233,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without a bearer token")
     p.set_defaults(func=_lazy("trainer.serve.cli", "cmd_serve"))
 
-    from k8s.cli import add_parser as add_k8s_parser  # argparse only; the kubernetes client loads when a k8s command runs
+    # argparse only; the kubernetes client loads when a k8s command runs
+    from k8s.cli import add_parser as add_k8s_parser
 
     add_k8s_parser(sub)
     return parser

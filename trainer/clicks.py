@@ -14,7 +14,9 @@ Points are integer voxel indices `(i, j, k)` in the network-resolution grid.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -22,7 +24,15 @@ from scipy import ndimage
 from .config import CLICK_CHANNELS
 
 Point = tuple[int, int, int]
+#: A volume's shape as numpy gives it (3D here; numpy types shapes as tuples of any length).
+Shape = tuple[int, ...]
 Clicks = dict[str, list[Point]]
+
+
+def as_point(values) -> Point:
+    """Three numbers (a list, an array row) as an integer voxel index."""
+    i, j, k = (int(v) for v in values)
+    return i, j, k
 
 
 def empty_clicks() -> Clicks:
@@ -47,12 +57,12 @@ def gaussian_kernel_1d(sigma: float, truncated: float = 4.0) -> np.ndarray:
     return np.clip(out, 0, None).astype(np.float32)
 
 
-def _window(point: Point, shape: tuple[int, int, int], tail: int) -> tuple[slice, ...]:
+def _window(point: Sequence[int], shape: Shape, tail: int) -> tuple[slice, ...]:
     """The box of `tail` voxels on each side of `point`, clipped to the volume."""
     return tuple(slice(max(v - tail, 0), min(v + tail + 1, n)) for v, n in zip(point, shape))
 
 
-def encode_guidance(points, shape: tuple[int, int, int], sigma: float = 3.0) -> np.ndarray:
+def encode_guidance(points, shape: Shape, sigma: float = 3.0) -> np.ndarray:
     """One guidance channel: Gaussian blobs at the clicks, min-max normalised to [0, 1].
 
     Equal (within float rounding) to MONAI's `AddGuidanceSignalDeepEditd._get_signal`: a 1.0 at each
@@ -83,12 +93,12 @@ def encode_guidance(points, shape: tuple[int, int, int], sigma: float = 3.0) -> 
     return signal
 
 
-def guidance_channels(clicks: Clicks, shape: tuple[int, int, int], sigma: float = 3.0) -> np.ndarray:
+def guidance_channels(clicks: Clicks, shape: Shape, sigma: float = 3.0) -> np.ndarray:
     """The click channels of the network input, shape (2, *shape): spleen, then background."""
     return np.stack([encode_guidance(clicks.get(name, []), shape, sigma) for name in CLICK_CHANNELS])
 
 
-def click_weight(points, shape: tuple[int, int, int], radius: float, *, scales=None, truncate: float = 4.0) -> np.ndarray:
+def click_weight(points, shape: Shape, radius: float, *, scales=None, truncate: float = 4.0) -> np.ndarray:
     """How strongly a voxel is "near a click": max over clicks of scale * exp(-d^2 / (2 radius^2)).
 
     d is the Euclidean distance in voxels to the click, which may lie between voxels (fractional
@@ -116,7 +126,7 @@ def click_weight(points, shape: tuple[int, int, int], radius: float, *, scales=N
 # --------------------------------------------------------------------------- sampling
 
 
-def _sample_deep_point(region: np.ndarray, rng: np.random.Generator) -> tuple[int, ...] | None:
+def _sample_deep_point(region: np.ndarray, rng: np.random.Generator) -> tuple[Any, ...] | None:
     """Sample a voxel of `region` with probability proportional to exp(d) - 1.
 
     d is the chessboard distance to the region's edge (as MONAI's `distance_transform_cdt`), which
@@ -137,7 +147,7 @@ def _sample_deep_point(region: np.ndarray, rng: np.random.Generator) -> tuple[in
     else:
         choice = flat[rng.choice(len(flat), p=weights / total)]
     local = np.unravel_index(choice, crop.shape)
-    return tuple(int(l + s.start) for l, s in zip(local, box))
+    return tuple(int(i + s.start) for i, s in zip(local, box))
 
 
 def _seeds_in_slice(mask2d: np.ndarray, rng: np.random.Generator, max_components: int = 5) -> list[tuple[int, int]]:

@@ -339,7 +339,7 @@ class TrainConfig:
         return out
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> TrainConfig:
         """Build from a dict, rejecting unknown keys with a message that lists the valid ones."""
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         unknown = sorted(set(values) - known)
@@ -352,7 +352,7 @@ class TrainConfig:
         except TypeError as exc:  # wrong type that dataclasses cannot coerce
             raise ConfigError(f"{source}: {exc}") from None
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         """A copy with the given fields changed (None values are ignored)."""
         values = self.to_dict()
         values.update({k: v for k, v in changes.items() if v is not None})

@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -131,7 +132,7 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     """
     path = Path(path)
     try:
-        img = nib.load(str(path))
+        img = cast(nib.Nifti1Image, nib.load(str(path)))
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise DataError(f"{path}: cannot be read as NIfTI ({type(exc).__name__}: {exc})") from None

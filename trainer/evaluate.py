@@ -19,15 +19,16 @@ import math
 import time
 import warnings
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 import torch
 
-from .clicks import Point, _sample_deep_point
+from .clicks import Point, _sample_deep_point, as_point
 from .config import CLICK_CHANNELS, ConfigError
 from .data import DataError, check_arrays, list_dataset
 from .metrics import mean_dice_with_background, spleen_dice
@@ -83,7 +84,7 @@ def next_click(mask: np.ndarray, label: np.ndarray, rng: np.random.Generator) ->
         return None
     name, region = ("spleen", missed) if n_missed >= n_extra else ("background", extra)
     point = _sample_deep_point(region, rng)
-    return name, tuple(int(v) for v in point)
+    return name, as_point(point)  # the region is not empty: a point
 
 
 def _largest_piece(region: np.ndarray) -> np.ndarray:

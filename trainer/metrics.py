@@ -24,11 +24,11 @@ def _as_batch(mask) -> torch.Tensor:
 
 def spleen_dice(pred, label) -> torch.Tensor:
     """Spleen-only Dice per batch item, shape (B,). Both empty counts as 1.0 (a correct 'no spleen')."""
-    p, l = _onehot(_as_batch(pred)), _onehot(_as_batch(label))
-    return compute_dice(p, l, include_background=False, ignore_empty=False)[:, 0]
+    p, t = _onehot(_as_batch(pred)), _onehot(_as_batch(label))
+    return compute_dice(p, t, include_background=False, ignore_empty=False)[:, 0]
 
 
 def mean_dice_with_background(pred, label) -> torch.Tensor:
     """The bundle's reported number: mean of background and spleen Dice per item (secondary only)."""
-    p, l = _onehot(_as_batch(pred)), _onehot(_as_batch(label))
-    return compute_dice(p, l, include_background=True, ignore_empty=False).mean(dim=1)
+    p, t = _onehot(_as_batch(pred)), _onehot(_as_batch(label))
+    return compute_dice(p, t, include_background=True, ignore_empty=False).mean(dim=1)

@@ -10,9 +10,9 @@ IN_CHANNELS = 1 + len(CLICK_CHANNELS)  # CT + spleen clicks + background clicks
 OUT_CHANNELS = len(LABELS)  # background, spleen
 
 # The bundle's arguments (spec §1); module names are MONAI's so a bundle state_dict loads as is.
-KERNEL_SIZE = [3, 3, 3, 3, 3, 3]
-STRIDES = [1, 2, 2, 2, 2, [2, 2, 1]]
-UPSAMPLE_KERNEL_SIZE = [2, 2, 2, 2, [2, 2, 1]]
+KERNEL_SIZE: list[int] = [3, 3, 3, 3, 3, 3]
+STRIDES: list[int | list[int]] = [1, 2, 2, 2, 2, [2, 2, 1]]
+UPSAMPLE_KERNEL_SIZE: list[int | list[int]] = [2, 2, 2, 2, [2, 2, 1]]
 
 
 def build_network(profile: Profile) -> DynUNet:

@@ -37,9 +37,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from .clicks import Clicks, click_weight, empty_clicks, guidance_channels
+from .clicks import Clicks, as_point, click_weight, empty_clicks, guidance_channels
 from .config import CLICK_CHANNELS, PROFILES, Profile, check_click_radius, get_profile
 from .data import DataError
 from .engine import autocast
@@ -56,9 +57,8 @@ from .network import build_network, filters_of_state_dict
 from .runtime import default_device
 from .transforms import inference_transforms
 
-
 #: Clicks as exact (fractional) network-grid coordinates, for the nudge (see the module docstring).
-GridPoints = dict[str, list[tuple[float, float, float]]]
+GridPoints = dict[str, list[tuple[float, ...]]]
 #: Width of the nudge per unit of click radius (R 2 -> sigma 3 grid voxels: chosen on the held-out
 #: set of the demo; sigma 2 left a fall of 0.002 in the mean).
 NUDGE_SIGMA_PER_RADIUS = 1.5
@@ -77,10 +77,10 @@ class Prepared:
     """A preprocessed volume, reusable across clicks (what an interactive session caches)."""
 
     image: torch.Tensor  # (1, 1, S, S, S) float32 in [0, 1], RAS, network grid
-    orig_shape: tuple[int, int, int]
+    orig_shape: tuple[int, ...]  # 3D
     orig_affine: np.ndarray
     to_ras: np.ndarray  # nibabel orientation transform original -> RAS
-    ras_shape: tuple[int, int, int]
+    ras_shape: tuple[int, ...]  # 3D
     index_to_ras: np.ndarray  # 4x4: original voxel index -> RAS-ordered voxel index
     # The automatic (no-click) probability (1, S, S, S) on the CPU, and the predictor that made it:
     # click locality blends clicked passes with it, and a reloaded model must not reuse it.
@@ -114,7 +114,7 @@ def infer_profile(ckpt: Checkpoint, requested: str | None = None) -> Profile:
     raise CheckpointError(f"no profile has DynUNet filters {filters}: pass the profile explicitly")
 
 
-def validate_clicks(clicks: Any, shape: tuple[int, int, int]) -> Clicks:
+def validate_clicks(clicks: Any, shape: tuple[int, ...]) -> Clicks:
     """Check user clicks `{"spleen": [[i,j,k],...], "background": [...]}` against a volume shape."""
     if clicks is None:
         return {name: [] for name in CLICK_CHANNELS}
@@ -139,7 +139,7 @@ def validate_clicks(clicks: Any, shape: tuple[int, int, int]) -> Clicks:
                     raise ClickError(
                         f"clicks[{name!r}][{n}] = {list(p)} is outside the volume of shape {list(shape)} (axis {axis})"
                     )
-            checked.append(tuple(int(v) for v in p))
+            checked.append(as_point(p))
         out[name] = checked
     return out
 
@@ -257,7 +257,7 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, profile: str | None = None, device: torch.device | None = None,
-                        amp: bool | None = None, click_radius: float | None = None) -> "Predictor":
+                        amp: bool | None = None, click_radius: float | None = None) -> Predictor:
         if str(path).startswith("s3://"):  # object storage: a local copy through trainer.storage
             from .storage import fetch
 
@@ -313,7 +313,7 @@ class Predictor:
                 idx = [_zoo_ras_index(p, prepared).astype(int) for p in points]
             else:
                 idx = [np.rint(_ras_index(p, prepared)).astype(int) for p in points]
-            out[name] = [tuple(int(v) for v in np.multiply(i, factor).astype(int)) for i in idx]
+            out[name] = [as_point(np.multiply(i, factor).astype(int)) for i in idx]
         return out
 
     def grid_points(self, clicks: Clicks, prepared: Prepared) -> GridPoints:
@@ -393,10 +393,10 @@ class Predictor:
         click, and all of each connected piece of `changed` (what the clicked pass adds, or removes)
         that contains a click, so a click in a missed spleen or in a false-positive blob takes the
         whole of it. With `opening`, thin parts of `changed` are opened away first."""
-        device, changed = changed.device, changed.cpu().numpy()
-        weight = click_weight(points, changed.shape, self.click_radius)
-        if changed.any():
-            self._take_clicked_pieces(weight, points, changed, opening)
+        device, region = changed.device, changed.cpu().numpy()
+        weight = click_weight(points, region.shape, self.click_radius)
+        if region.any():
+            self._take_clicked_pieces(weight, points, region, opening)
         return torch.from_numpy(weight).to(device)
 
     @staticmethod
@@ -436,12 +436,13 @@ class Predictor:
         if not bool(fg.any()):
             return mask
         mode = "area" if self.profile.upsample == "area" else "trilinear"
-        windows = [
+        found = [
             _upsample_window(fg.any(dim=tuple(d for d in range(3) if d != axis)), fine, mode)
             for axis, fine in enumerate(prepared.ras_shape)
         ]
-        if any(w is None for w in windows):
+        if any(w is None for w in found):
             return mask
+        windows = [w for w in found if w is not None]
         coarse, level = p[(slice(None), *(w[0] for w in windows))], 0.5
         if self.profile.upsample == "logit" and len(p) == 1:
             coarse, level = torch.logit(coarse.clamp(LOGIT_EPS, 1 - LOGIT_EPS)), 0.0
@@ -509,7 +510,7 @@ def _zoo_ras_index(point, prepared: Prepared) -> np.ndarray:
     return (to_ras @ np.array([*point, 1.0]))[:3]
 
 
-def _has_clicks(clicks: Clicks) -> bool:
+def _has_clicks(clicks: Mapping[str, list]) -> bool:
     return any(len(points) for points in clicks.values())
 
 

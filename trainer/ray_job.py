@@ -103,7 +103,7 @@ class FaultSpec:
     mode: str = "raise"
 
     @classmethod
-    def parse(cls, text: str) -> "FaultSpec":
+    def parse(cls, text: str) -> FaultSpec:
         try:
             fields = dict(part.split("=", 1) for part in text.split(","))
             spec = cls(rank=int(fields.pop("rank")), epoch=int(fields.pop("epoch")),
@@ -141,7 +141,7 @@ def _wait_until_committed(epoch: int, timeout_s: float = 60.0) -> None:
 class _FaultyLoader:
     """Wraps a DataLoader; fails at one step of one epoch (tests of in-run recovery only)."""
 
-    def __init__(self, loader, runtime: "RayRuntime", fault: FaultSpec):
+    def __init__(self, loader, runtime: RayRuntime, fault: FaultSpec):
         self._loader, self._runtime, self._fault = loader, runtime, fault
 
     def __getattr__(self, name: str):  # sampler, dataset, batch_size ... of the real loader
@@ -302,7 +302,8 @@ class RayRuntime(LocalRuntime):
             ray.train.report(report, checkpoint=None)
             return
         self._history.append(metrics)
-        self._gauges.update(metrics)
+        if self._gauges is not None:  # set on the main rank, the only one that gets here
+            self._gauges.update(metrics)
         with tempfile.TemporaryDirectory(prefix="deepedit-ckpt-", ignore_cleanup_errors=True) as tmp:
             save_checkpoint(checkpoint, os.path.join(tmp, CHECKPOINT_FILE))
             with open(os.path.join(tmp, METRICS_FILE), "w") as f:

@@ -19,14 +19,14 @@ from .config import ConfigError, TrainConfig
 from .data import DataError, list_dataset
 from .engine import make_loss, train_step, unwrap, validate_item
 from .network import build_network
-from .runtime import LocalRuntime
+from .runtime import Runtime
 from .schedule import Budget, learning_rate
 from .transforms import augment_transforms, cache_transforms
 
 log = logging.getLogger(__name__)
 
 
-def _data_error_in(exc: BaseException) -> DataError | None:
+def _data_error_in(exc: BaseException | None) -> DataError | None:
     """MONAI wraps errors raised inside transforms in RuntimeError("applying transform ..."); find ours."""
     while exc is not None:
         if isinstance(exc, DataError):
@@ -52,6 +52,7 @@ def build_datasets(cfg: TrainConfig, data_dir: str, rank: int = 0, world_size: i
 
 def _build_datasets(cfg: TrainConfig, data_dir: str, rank: int, world_size: int, progress: bool):
     ds = list_dataset(data_dir)
+    val_items: list[dict[str, Any]]
     train_items, val_items = ds.split(cfg.val_fraction)
     val_items = [dict(item, index=i) for i, item in enumerate(val_items)][rank::world_size]
     cache = cache_transforms(cfg)
@@ -182,7 +183,7 @@ def make_loader(train_ds, cfg: TrainConfig, rank: int, world_size: int) -> DataL
     """
     from torch.utils.data.distributed import DistributedSampler
 
-    sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
+    sampler: DistributedSampler[Any] = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
     return DataLoader(
         train_ds,
         batch_size=cfg.batch_size,
@@ -205,7 +206,7 @@ def seed_epoch(loader, cfg: TrainConfig, rank: int, epoch: int) -> None:
     from monai.data.utils import set_rnd
 
     sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
+    if sampler is not None and hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
     seed = stream_seed(cfg.seed, rank, epoch)
     generator = getattr(loader, "generator", None)
@@ -253,7 +254,7 @@ def _validate(model, val_ds, cfg, runtime) -> float:
     return total / count if count else float("nan")
 
 
-def train(cfg: TrainConfig, data_dir: str, runtime: LocalRuntime) -> dict[str, Any]:
+def train(cfg: TrainConfig, data_dir: str, runtime: Runtime) -> dict[str, Any]:
     """Train `cfg` on the Decathlon dataset at `data_dir`; returns the last epoch's metrics.
 
     Checkpoints, metrics and resumption go through `runtime`.
@@ -261,7 +262,7 @@ def train(cfg: TrainConfig, data_dir: str, runtime: LocalRuntime) -> dict[str, A
     device = runtime.device
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    model = build_network(cfg.profile_spec)
+    model: torch.nn.Module = build_network(cfg.profile_spec)
     model = runtime.prepare_model(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp)
@@ -310,7 +311,7 @@ def train(cfg: TrainConfig, data_dir: str, runtime: LocalRuntime) -> dict[str, A
         if (epoch + 1) % cfg.val_every == 0 or last_epoch or over_time:
             val_dice = _validate(model, val_ds, cfg, runtime)
         is_best = val_dice is not None and val_dice > best
-        if is_best:
+        if is_best and val_dice is not None:
             best = val_dice
         metrics = {
             "epoch": epoch + 1,

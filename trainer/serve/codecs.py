@@ -23,6 +23,7 @@ import math
 import re
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -79,7 +80,7 @@ class VolumeLimits:
 class NiftiPlan:
     """What a checked header declares: enough to price the request before decoding it."""
 
-    header: object  # nib.Nifti1Header or nib.Nifti2Header (extensions not read)
+    header: Any  # nib.Nifti1Header or nib.Nifti2Header (extensions not read)
     shape: tuple[int, int, int]
     dtype: np.dtype
     offset: int

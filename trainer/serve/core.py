@@ -29,13 +29,13 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from . import ingress
 from .codecs import NiftiPlan, VolumeLimits, decode_volume, encode_mask, read_header
 from .errors import ApiError, scrub
 from .inputs import check_clicks
 from .metrics import create_metrics
 from .sessions import SessionStore
 from .settings import ServeArgs, read_token_file
-from . import ingress
 
 log = logging.getLogger("trainer.serve")
 

@@ -20,7 +20,8 @@ import logging
 import os
 import time
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -61,6 +62,8 @@ class TokenSource:
             self._stamp = self._stat()
 
     def _stat(self) -> tuple | None:
+        if self._path is None:
+            return None
         try:
             st = os.stat(self._path)
         except OSError:
@@ -68,7 +71,7 @@ class TokenSource:
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def get(self) -> str | None:
-        if self._path is not None and time.monotonic() - self._checked >= TOKEN_RECHECK_S:
+        if self._path is not None and self._reader is not None and time.monotonic() - self._checked >= TOKEN_RECHECK_S:
             self._checked = time.monotonic()
             stamp = self._stat()
             if stamp != self._stamp:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -103,7 +102,7 @@ class ServeArgs(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _batching_fits(self) -> "ServeArgs":
+    def _batching_fits(self) -> ServeArgs:
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(
                 f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least max_batch_size "
@@ -112,7 +111,7 @@ class ServeArgs(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _one_token_source(self) -> "ServeArgs":
+    def _one_token_source(self) -> ServeArgs:
         if self.auth_token_env is not None and self.auth_token_file is not None:
             raise ValueError("give auth_token_env or auth_token_file, not both")
         return self
