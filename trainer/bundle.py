@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_state_dict
+from .checkpoint import Checkpoint, save_state_dict
 from .config import CLICK_CHANNELS, PROFILES, ConfigError, Profile, TrainConfig, get_profile
 from .data import NIFTI_SUFFIXES, DataError, list_dataset
+from .network import check_fits, load_model, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -195,21 +196,6 @@ def _read_datalist(path: Path) -> Any:
 # ----------------------------------------------------------------------------- weights
 
 
-def _check_fits(ckpt: Checkpoint, profile: Profile, source: str | os.PathLike) -> None:
-    """Refuse weights of another profile with the `--profile` that fits them."""
-    from .predictor import infer_profile
-
-    try:
-        fit = infer_profile(ckpt)
-    except CheckpointError:
-        return  # no profile matches: load_state_dict reports the mismatch
-    if fit.name != profile.name:
-        raise ConfigError(
-            f"{str(source)!r} holds weights of profile {fit.name!r} but this run uses profile {profile.name!r}: "
-            f"pass --profile {fit.name}"
-        )
-
-
 class _ExportBestModel:
     """Wraps a Runtime: the best model is also written as a plain state_dict (`models/model.pt`).
 
@@ -315,7 +301,7 @@ class BundleEvaluation:
     def run(self) -> dict[str, Any]:
         from .evaluate import evaluate_checkpoint
 
-        _check_fits(load_checkpoint(self.checkpoint), self.profile, self.checkpoint)
+        check_fits(read_checkpoint(self.checkpoint)[1], self.profile, self.checkpoint)
         metrics_log = Path(self.output_dir) / "metrics.jsonl"
         optional = {"max_clicks": self.max_clicks} if self.max_clicks is not None else {}
         summary = evaluate_checkpoint(
@@ -339,19 +325,9 @@ def load_predictor(*, network: torch.nn.Module, checkpoint: str, profile: str | 
     our checkpoints) into `network` (the config's `network_def`) and wrap it in the one Predictor."""
     from .predictor import Predictor
 
-    prof = resolve_profile(profile)
-    ckpt = load_checkpoint(checkpoint)
-    _check_fits(ckpt, prof, checkpoint)
-    try:
-        network.load_state_dict(ckpt.model)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"checkpoint {str(checkpoint)!r} does not fit profile {prof.name!r}: {str(exc).splitlines()[0]}"
-        ) from None
-    # A plain state_dict carries no settings: the Predictor's guidance sigma is then the training default.
-    sigma = float(ckpt.config["guidance_sigma"]) if ckpt.config.get("guidance_sigma") else None
-    version = f"{Path(checkpoint).name}" + ("(state_dict)" if ckpt.plain_state_dict else f"@epoch{ckpt.epoch + 1}")
-    return Predictor(network, prof, device=device, version=version, sigma=sigma)
+    # A plain state_dict carries no settings: the Predictor's guidance sigma is then the profile's.
+    loaded = load_model(checkpoint, profile=resolve_profile(profile).name, network=network, check_fit=True)
+    return Predictor.from_loaded(loaded, device=device)
 
 
 class BundleInference:

@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=None, help="epochs (default: the profile's)")
     p.add_argument("--config", default=None, help="YAML file of training settings (flags override it)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last.pt")
-    p.add_argument("--init-from", default=None, help="start from this checkpoint (ours or a bundle model.pt)")
+    p.add_argument("--init-from", default=None, help="start from this checkpoint (ours or a bundle model.pt): path, file:// or s3://")
     p.add_argument("--max-train-seconds", type=float, default=None, help="wall-time budget in seconds: stop at the first step past it (validate, checkpoint); the cosine schedule anneals over it")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--val-fraction", type=float, default=None)
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("infer", help="segment one NIfTI volume, optionally with clicks")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file (ours, or a bundle model.pt)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint (ours, or a bundle model.pt): path, file:// or s3://")
     p.add_argument("--image", required=True, help="input .nii/.nii.gz")
     p.add_argument("--clicks", default=None, help='JSON or JSON file: {"spleen": [[i,j,k]], "background": [[i,j,k]]} (original voxel indices)')
     p.add_argument("--output", required=True, help="output mask .nii.gz (uint8, original geometry)")
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser("evaluate", help="Dice versus number of simulated clicks on a dataset split")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file (ours, or a bundle model.pt)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint (ours, or a bundle model.pt): path, file:// or s3://")
     p.add_argument("--data", required=True, help="dataset directory")
     p.add_argument("--output", required=True, help="report directory: per_case.csv, summary.json, PNG plots")
     p.add_argument("--max-clicks", type=int, default=10, help="simulated corrective clicks after the automatic pass")
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_lazy("trainer.evaluate", "cmd_evaluate"))
 
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP with Ray Serve on a local Ray (see docs/serving.md)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint URI: local path or s3://")
+    p.add_argument("--checkpoint", required=True, help="checkpoint URI: local path, file:// or s3://")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--click-radius", type=_radius, default=None, help=CLICK_RADIUS_HELP)

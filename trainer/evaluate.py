@@ -33,6 +33,7 @@ from .config import CLICK_CHANNELS, ConfigError
 from .data import DataError, check_arrays, list_dataset
 from .metrics import mean_dice_with_background, spleen_dice
 from .predictor import Predictor, load_volume
+from .storage import fetch
 
 log = logging.getLogger(__name__)
 
@@ -427,8 +428,9 @@ def evaluate_checkpoint(
         raise ConfigError(f"max_clicks must be >= 0, got {max_clicks}")
     # Everything a user can get wrong is checked before the (long) evaluation starts.
     cases = select_cases(data_dir, split, val_fraction)
-    log_path, training = _training_log(checkpoint, metrics_log)
-    predictor = Predictor.from_checkpoint(checkpoint, profile=profile, device=device, click_radius=click_radius)
+    local = fetch(checkpoint)  # local, file:// or s3://: the training log is looked for beside the file
+    log_path, training = _training_log(local, metrics_log)
+    predictor = Predictor.from_checkpoint(local, profile=profile, device=device, click_radius=click_radius)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -48,12 +48,11 @@ import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from .clicks import Clicks, as_point, click_weight, empty_clicks, guidance_channels
-from .config import CLICK_CHANNELS, PROFILES, Profile, check_click_radius, get_profile
+from .config import CLICK_CHANNELS, Profile, check_click_radius
 from .data import DataError
 from .engine import autocast
-from .network import build_network, filters_of_state_dict
+from .network import LoadedModel, load_model
 from .runtime import default_device
 from .transforms import inference_transforms
 
@@ -98,20 +97,6 @@ class Prediction:
     mask: np.ndarray  # uint8, original array order
     affine: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def infer_profile(ckpt: Checkpoint, requested: str | None = None) -> Profile:
-    """The profile of a checkpoint: stored in ours; matched by filters for a plain state_dict."""
-    if requested is not None:
-        return get_profile(requested)
-    if ckpt.profile is not None:
-        return get_profile(ckpt.profile)
-    filters = filters_of_state_dict(ckpt.model)
-    for profile in PROFILES.values():
-        expected = profile.filters if profile.filters is not None else (32, 64, 128, 256, 320, 320)
-        if tuple(expected) == tuple(filters):
-            return profile
-    raise CheckpointError(f"no profile has DynUNet filters {filters}: pass the profile explicitly")
 
 
 def validate_clicks(clicks: Any, shape: tuple[int, ...]) -> Clicks:
@@ -257,22 +242,18 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, profile: str | None = None, device: torch.device | None = None,
-                        amp: bool | None = None, click_radius: float | None = None) -> Predictor:
-        if str(path).startswith("s3://"):  # object storage: a local copy through trainer.storage
-            from .storage import fetch
+                        amp: bool | None = None, click_radius: float | None = None, digest: bool = False) -> Predictor:
+        """A Predictor for a checkpoint at a local path, `file://` or `s3://` URI (`network.load_model`)."""
+        loaded = load_model(path, profile=profile, digest=digest)
+        return cls.from_loaded(loaded, device=device, amp=amp, click_radius=click_radius)
 
-            path = fetch(str(path))
-        ckpt = load_checkpoint(path)
-        prof = infer_profile(ckpt, profile)
-        model = build_network(prof)
-        try:
-            model.load_state_dict(ckpt.model)
-        except RuntimeError as exc:
-            raise CheckpointError(f"checkpoint {str(path)!r} does not fit profile {prof.name!r}: {str(exc).splitlines()[0]}") from None
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel, *, device: torch.device | None = None, amp: bool | None = None,
+                    click_radius: float | None = None) -> Predictor:
         # Our checkpoints store the training's setting (None: the profile's default).
-        sigma = (ckpt.config or {}).get("guidance_sigma") or prof.guidance_sigma
-        version = f"{Path(path).name}@epoch{ckpt.epoch + 1}" if not ckpt.plain_state_dict else f"{Path(path).name}(state_dict)"
-        return cls(model, prof, device=device, amp=amp, sigma=sigma, click_radius=click_radius, version=version)
+        sigma = (loaded.checkpoint.config or {}).get("guidance_sigma") or loaded.profile.guidance_sigma
+        return cls(loaded.model, loaded.profile, device=device, amp=amp, sigma=sigma, click_radius=click_radius,
+                   version=loaded.version)
 
     # ----------------------------------------------------------------- stages
 

@@ -24,6 +24,9 @@ from pathlib import Path
 from .config import ConfigError
 
 S3_SCHEME = "s3://"
+FILE_SCHEME = "file://"
+#: What a checkpoint or init-from location may be besides a plain local path.
+SCHEMES = (S3_SCHEME, FILE_SCHEME)
 #: Seconds allowed to open a connection to the S3 endpoint (and to read one answer in a check).
 CONNECT_TIMEOUT_S = 3.0
 READ_TIMEOUT_S = 10.0
@@ -38,6 +41,14 @@ class StorageError(ConfigError):
 
 def is_s3(uri: str | os.PathLike) -> bool:
     return str(uri).startswith(S3_SCHEME)
+
+
+def check_uri(uri: str | os.PathLike) -> str:
+    """`uri` as a string if it is a plain path, `file://` or `s3://`; a StorageError naming it otherwise."""
+    text = str(uri)
+    if "://" in text and not text.startswith(SCHEMES):
+        raise StorageError(f"{text!r}: only local paths, file:// and s3:// URIs are supported")
+    return text
 
 
 def join(uri: str, *parts: str) -> str:
@@ -169,12 +180,16 @@ def _download(client, bucket: str, key: str, dest: Path) -> None:
 
 
 def fetch(uri: str | os.PathLike, dest: str | os.PathLike | None = None) -> str:
-    """A local file for `uri`: a local path as is; an s3:// object downloaded (atomically).
+    """A local file for `uri`: the one rule for every reader of a checkpoint or init-from file.
 
-    Without `dest` the copy goes to `<cache>/s3/<bucket>/<key>`: it keeps the object's key, so an
+    A plain path is returned as is; `file:///abs/path` gives `/abs/path` (the text after `file://`); an
+    `s3://bucket/key` object is downloaded (atomically); any other scheme is refused (StorageError).
+    Without `dest` the S3 copy goes to `<cache>/s3/<bucket>/<key>`: it keeps the object's key, so an
     error about the file (e.g. a checkpoint that fails its checksum) still says which object it is.
     """
-    uri = str(uri)
+    uri = check_uri(uri)
+    if uri.startswith(FILE_SCHEME):
+        return uri[len(FILE_SCHEME):]
     if not is_s3(uri):
         return uri
     bucket, key = split_s3(uri)

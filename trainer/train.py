@@ -14,11 +14,11 @@ from monai.data import CacheDataset, DataLoader
 from monai.transforms import Compose
 from tqdm.auto import tqdm
 
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from .checkpoint import Checkpoint
 from .config import ConfigError, TrainConfig
 from .data import DataError, list_dataset
 from .engine import make_loss, train_step, unwrap, validate_item
-from .network import build_network
+from .network import build_network, load_weights, read_checkpoint
 from .runtime import Runtime
 from .schedule import Budget, learning_rate
 from .transforms import augment_transforms, cache_transforms
@@ -73,10 +73,7 @@ def _restore(model, optimizer, scaler, ckpt: Checkpoint, cfg: TrainConfig, sourc
             f"checkpoint {source} was trained with profile {ckpt.profile!r}, this job uses {cfg.profile!r}: "
             f"pass --profile {ckpt.profile} or start from scratch"
         )
-    try:
-        unwrap(model).load_state_dict(ckpt.model)
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {source} does not fit profile {cfg.profile!r}: {str(exc).splitlines()[0]}") from None
+    load_weights(unwrap(model), ckpt, cfg.profile, source)
     if optimizer is not None and ckpt.optimizer:
         optimizer.load_state_dict(ckpt.optimizer)
     if scaler is not None and ckpt.scaler:
@@ -276,12 +273,7 @@ def train(cfg: TrainConfig, data_dir: str, runtime: Runtime) -> dict[str, Any]:
             where = f"epoch {start_epoch + 1}" + (f", step {first_step + 1}" if first_step else "")
             log.info("resumed at %s (best validation Dice %.4f)", where, best)
     elif cfg.init_from:
-        source = cfg.init_from
-        if "://" in source:  # object storage: a local copy first
-            from .storage import fetch
-
-            source = fetch(source)
-        _restore(model, None, None, load_checkpoint(source), cfg, repr(cfg.init_from))
+        _restore(model, None, None, read_checkpoint(cfg.init_from)[1], cfg, repr(cfg.init_from))
     runtime.start(cfg.to_dict() | {"data": str(data_dir)})
 
     train_ds, val_ds = build_datasets(cfg, data_dir, runtime.rank, runtime.world_size, progress=runtime.is_main)

@@ -40,34 +40,14 @@ from .settings import ServeArgs, read_token_file
 log = logging.getLogger("trainer.serve")
 
 
-def resolve_checkpoint(uri: str) -> str:
-    """A local path for a checkpoint URI: `s3://` objects are downloaded through `trainer.storage`."""
-    if uri.startswith("file://"):
-        return uri[len("file://"):]
-    if uri.startswith("s3://"):
-        from trainer import storage  # lazy: boto3 is needed only for s3://
-
-        return storage.fetch(uri)  # cached under the object's key, so the version keeps its name
-    return uri
-
-
 def load_predictor(uri: str, profile: str | None, device: str | None, click_radius: float | None = None):
     """The one `Predictor`, its version suffixed with a digest of the file (a retrained `best.pt` differs)."""
-    import hashlib
-
     import torch
 
     from trainer.predictor import Predictor
 
-    path = resolve_checkpoint(uri)
-    predictor = Predictor.from_checkpoint(path, profile=profile, device=torch.device(device) if device else None,
-                                          click_radius=click_radius)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    predictor.version = f"{predictor.version}+{h.hexdigest()[:10]}"
-    return predictor
+    return Predictor.from_checkpoint(uri, profile=profile, device=torch.device(device) if device else None,
+                                     click_radius=click_radius, digest=True)
 
 
 def redact(uri: str | None) -> str | None:

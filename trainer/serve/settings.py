@@ -90,9 +90,9 @@ class ServeArgs(BaseModel):
     @field_validator("checkpoint")
     @classmethod
     def _checkpoint_uri(cls, value: str) -> str:
-        if "://" in value and not value.startswith(("s3://", "file://")):
-            raise ValueError(f"checkpoint {value!r}: only local paths, file:// and s3:// URIs are supported")
-        return value
+        from trainer.storage import check_uri
+
+        return check_uri(value)  # a StorageError is a ValueError: pydantic reports it
 
     @field_validator("auth_token_env")
     @classmethod
