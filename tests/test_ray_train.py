@@ -21,8 +21,9 @@ from seaweed import start_seaweedfs
 
 from trainer.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from trainer.config import ConfigError, TrainConfig
+from trainer.faults import FaultSpec
 from trainer.network import build_network
-from trainer.ray_job import FaultSpec, RayJobConfig
+from trainer.ray_job import RayJobConfig
 from trainer.storage import StorageError, check_storage, fetch, join, split_s3, sync_dataset
 
 BUCKET = "ckpt"

@@ -355,7 +355,7 @@ class BundleInference:
 
     def _check(self, items: list[dict[str, Any]]) -> None:
         """Every image readable and every click inside it, before the model is loaded."""
-        from .predictor import validate_clicks
+        from .clicks import validate_clicks
 
         for item in items:
             path = Path(item["image"])
@@ -371,7 +371,7 @@ class BundleInference:
                 raise type(exc)(f"{path}: {exc}") from None
 
     def run(self) -> list[str]:
-        from .predictor import load_volume, write_mask
+        from .data import load_volume, write_mask
 
         items = [self.dataset[i] for i in range(len(self.dataset))]
         self._check(items)

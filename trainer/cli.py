@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+from typing import Any
 
 from .config import PROFILES, ConfigError, check_click_radius
 
@@ -19,8 +20,8 @@ EXIT_USER_ERROR = 2
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
+    from .clicks import ClickError
     from .data import DataError
-    from .predictor import ClickError
     from .train import TrainingDiverged
 
     return (ConfigError, DataError, CheckpointError, ClickError, TrainingDiverged, FileNotFoundError, NotADirectoryError)
@@ -132,10 +133,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_clicks(value: str | None) -> Any:
+    """`--clicks` value: inline JSON or the path of a JSON file."""
+    from pathlib import Path
+
+    from .clicks import ClickError
+
+    if value is None:
+        return None
+    text = value
+    if not value.lstrip().startswith("{"):
+        path = Path(value)
+        if not path.is_file():
+            raise ClickError(f"--clicks {value!r} is neither inline JSON nor an existing JSON file")
+        text = path.read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ClickError(f"--clicks is not valid JSON ({exc.msg} at char {exc.pos})") from None
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     import torch
 
-    from .predictor import Predictor, load_clicks, load_volume, validate_clicks
+    from .clicks import validate_clicks
+    from .data import load_volume, write_mask
+    from .predictor import Predictor
 
     clicks = load_clicks(args.clicks)
     image, affine = load_volume(args.image)
@@ -143,8 +166,6 @@ def cmd_infer(args: argparse.Namespace) -> int:
     device = torch.device(args.device) if args.device else None
     predictor = Predictor.from_checkpoint(args.checkpoint, profile=args.profile, device=device,
                                           click_radius=args.click_radius)
-    from .predictor import write_mask
-
     t0 = time.perf_counter()
     pred = predictor.predict(image, affine, clicks)
     write_mask(args.output, pred.mask, pred.affine)
@@ -153,6 +174,31 @@ def cmd_infer(args: argparse.Namespace) -> int:
         f"wrote {args.output}: {int(pred.mask.sum())} spleen voxels, shape {list(pred.mask.shape)}, "
         f"{n_clicks} click(s), {time.perf_counter() - t0:.2f}s"
     )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """`spleen-deepedit evaluate`: run `evaluate_checkpoint` with the parsed arguments."""
+    import torch
+
+    from .evaluate import evaluate_checkpoint
+
+    try:
+        device = torch.device(args.device) if args.device else None
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {args.device!r} is not a torch device ({exc})") from None
+    evaluate_checkpoint(
+        args.checkpoint,
+        args.data,
+        args.output,
+        split=args.split,
+        max_clicks=args.max_clicks,
+        profile=args.profile,
+        device=device,
+        metrics_log=args.metrics_log,
+        click_radius=args.click_radius,
+    )
+    print(f"report written to {args.output}", flush=True)
     return 0
 
 
@@ -219,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=sorted(PROFILES), default=None, help="override the checkpoint's profile")
     p.add_argument("--click-radius", type=_radius, default=None, help=CLICK_RADIUS_HELP)
     p.add_argument("--device", default=None)
-    p.set_defaults(func=_lazy("trainer.evaluate", "cmd_evaluate"))
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP with Ray Serve on a local Ray (see docs/serving.md)")
     p.add_argument("--checkpoint", required=True, help="checkpoint URI: local path, file:// or s3://")

@@ -186,3 +186,21 @@ def check_dataset(root: str | Path) -> Dataset:
     for path in ds.test:
         check_volume(path)
     return ds
+
+
+def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a 3D NIfTI as float32 + affine, rejecting non-3D and non-finite volumes with the file named.
+
+    The file is decompressed once: the array the check read is the one converted and returned.
+    """
+    data, img = read_volume(path)
+    return data.astype(np.float32, copy=False), img.affine
+
+
+def write_mask(path: str | Path, mask: np.ndarray, affine: np.ndarray, dtype=np.uint8) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(mask.astype(dtype, copy=False), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, str(path))

@@ -48,11 +48,13 @@ import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 
-from .clicks import Clicks, as_point, click_weight, empty_clicks, guidance_channels
+from .clicks import ClickError as ClickError  # re-exported: its old home
+from .clicks import Clicks, as_point, click_weight, empty_clicks, guidance_channels, validate_clicks
 from .config import CLICK_CHANNELS, Profile, check_click_radius
-from .data import DataError
+from .data import DataError, load_volume, write_mask
 from .engine import autocast
 from .network import LoadedModel, load_model
+from .network import infer_profile as infer_profile  # re-exported: its old home
 from .runtime import default_device
 from .transforms import inference_transforms
 
@@ -65,10 +67,6 @@ NUDGE_SIGMA_PER_RADIUS = 1.5
 NUDGE_MARGIN = 0.2
 #: Probabilities are clipped to [eps, 1 - eps] before taking logits (float32 rounds 1 - 1e-8 to 1).
 LOGIT_EPS = 1e-6
-
-
-class ClickError(ValueError):
-    """Clicks are malformed or outside the volume; the message names the value."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -97,65 +95,6 @@ class Prediction:
     mask: np.ndarray  # uint8, original array order
     affine: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def validate_clicks(clicks: Any, shape: tuple[int, ...]) -> Clicks:
-    """Check user clicks `{"spleen": [[i,j,k],...], "background": [...]}` against a volume shape."""
-    if clicks is None:
-        return {name: [] for name in CLICK_CHANNELS}
-    if not isinstance(clicks, Mapping):
-        raise ClickError(f"clicks must be an object like {{\"spleen\": [[i,j,k]], \"background\": []}}, got {type(clicks).__name__}")
-    unknown = sorted(set(clicks) - set(CLICK_CHANNELS))
-    if unknown:
-        raise ClickError(f"unknown click label(s) {unknown}: use {list(CLICK_CHANNELS)}")
-    out: Clicks = {}
-    for name in CLICK_CHANNELS:
-        points = clicks.get(name, [])
-        if not isinstance(points, (list, tuple)):
-            raise ClickError(f"clicks[{name!r}] must be a list of [i, j, k] points, got {type(points).__name__}")
-        checked = []
-        for n, p in enumerate(points):
-            if not isinstance(p, (list, tuple)) or len(p) != 3:
-                raise ClickError(f"clicks[{name!r}][{n}] = {p!r}: each click must be 3 integer voxel indices [i, j, k]")
-            if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in p):
-                raise ClickError(f"clicks[{name!r}][{n}] = {p!r}: voxel indices must be integers")
-            for axis, (v, size) in enumerate(zip(p, shape)):
-                if not 0 <= v < size:
-                    raise ClickError(
-                        f"clicks[{name!r}][{n}] = {list(p)} is outside the volume of shape {list(shape)} (axis {axis})"
-                    )
-            checked.append(as_point(p))
-        out[name] = checked
-    return out
-
-
-def load_clicks(value: str | None) -> Any:
-    """`--clicks` value: inline JSON or the path of a JSON file."""
-    import json
-
-    if value is None:
-        return None
-    text = value
-    if not value.lstrip().startswith("{"):
-        path = Path(value)
-        if not path.is_file():
-            raise ClickError(f"--clicks {value!r} is neither inline JSON nor an existing JSON file")
-        text = path.read_text()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ClickError(f"--clicks is not valid JSON ({exc.msg} at char {exc.pos})") from None
-
-
-def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read a 3D NIfTI as float32 + affine, rejecting non-3D and non-finite volumes with the file named.
-
-    The file is decompressed once: the array the check read is the one converted and returned.
-    """
-    from .data import read_volume
-
-    data, img = read_volume(path)
-    return data.astype(np.float32, copy=False), img.affine
 
 
 # dtypes torch.from_numpy shares without a copy and the chain's windowing handles directly.
@@ -528,10 +467,11 @@ def nudge(prob: torch.Tensor, points: GridPoints, sigma: float, margin: float = 
     return torch.sigmoid(torch.from_numpy(logit)).to(prob.device, prob.dtype)
 
 
-def write_mask(path: str | Path, mask: np.ndarray, affine: np.ndarray, dtype=np.uint8) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(mask.astype(dtype, copy=False), affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    nib.save(img, str(path))
+def __getattr__(name: str) -> Any:
+    """`load_clicks` lived here; it is the CLI's now (`trainer.cli`), imported on use so that inference
+    never imports the command line."""
+    if name == "load_clicks":
+        from .cli import load_clicks
+
+        return load_clicks
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
