@@ -215,3 +215,23 @@ def test_cli_bad_checkpoint_exits_2_naming_the_path(phantoms, tmp_path, capsys):
     assert code == 2
     assert len(err.splitlines()) == 1 and str(missing) in err and err.startswith("error:")
     assert not (tmp_path / "r").exists()  # nothing half-written
+
+
+def test_the_val_split_is_the_one_the_checkpoint_was_trained_with(phantoms, tmp_path):
+    """`train --val-fraction 0.5` then `evaluate --split val` scores the same 3 of 6 cases, not 0.2's 2."""
+    import torch
+
+    from trainer.checkpoint import Checkpoint, save_checkpoint
+    from trainer.config import TrainConfig, get_profile
+    from trainer.network import build_network
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(profile="tiny", val_fraction=0.5)
+    path = tmp_path / "c.pt"
+    save_checkpoint(Checkpoint(model=build_network(get_profile("tiny")).state_dict(), profile="tiny",
+                               config=cfg.to_dict()), path)
+    summary = evaluate_checkpoint(f"file://{path}", phantoms, tmp_path / "r", max_clicks=0)
+    assert summary["case_names"] == [Path(c["image"]).name.removesuffix(".nii.gz")
+                                     for c in select_cases(phantoms, "val", 0.5)]
+    assert summary["cases"] == 3
+    assert evaluate_checkpoint(path, phantoms, tmp_path / "r2", max_clicks=0, val_fraction=0.2)["cases"] == 2

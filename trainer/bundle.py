@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from . import env
 from .checkpoint import Checkpoint, save_state_dict
 from .config import CLICK_CHANNELS, PROFILES, ConfigError, Profile, TrainConfig, get_profile
 from .data import NIFTI_SUFFIXES, DataError, list_dataset
@@ -46,7 +47,7 @@ BUNDLE_PROFILE = "bundle"
 def local_device() -> torch.device:
     """`cuda:LOCAL_RANK` when CUDA is available (torchrun sets LOCAL_RANK; 0 otherwise), else CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", env.local_rank())
     return torch.device("cpu")
 
 

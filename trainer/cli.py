@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-from .config import PROFILES, ConfigError, check_click_radius
+from .config import DEFAULT_VAL_FRACTION, PROFILES, ConfigError, check_click_radius
 
 EXIT_USER_ERROR = 2
 
@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-data", help="check a Decathlon dataset's integrity before training")
     p.add_argument("--data", required=True, help="dataset directory (dataset.json or imagesTr/labelsTr)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="validation fraction shown in the summary")
+    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION, help="validation fraction shown in the summary")
     p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser("train", help="train DeepEdit (single process, or Ray Train with --ray)")

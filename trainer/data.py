@@ -11,6 +11,8 @@ from typing import cast
 import nibabel as nib
 import numpy as np
 
+from .config import DEFAULT_VAL_FRACTION
+
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
@@ -26,7 +28,7 @@ class Dataset:
     labelled: list[dict[str, str]]  # [{"image": path, "label": path}], sorted
     test: list[str]
 
-    def split(self, val_fraction: float = 0.2) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    def split(self, val_fraction: float = DEFAULT_VAL_FRACTION) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
         """Sorted split: the last ceil(val_fraction * N) cases (at least 1) validate.
 
         With MSD Task09 (41 cases) and the default 0.2 this is the bundle's split: first 32 train,

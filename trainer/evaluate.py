@@ -28,9 +28,10 @@ import numpy as np
 import torch
 
 from .clicks import Point, next_click
-from .config import CLICK_CHANNELS, ConfigError
+from .config import CLICK_CHANNELS, DEFAULT_VAL_FRACTION, ConfigError
 from .data import DataError, check_arrays, list_dataset, load_volume
 from .metrics import hd95_mm, mean_dice_with_background, spleen_dice
+from .network import load_model
 from .predictor import Predictor
 from .report import format_table, json_safe, read_metrics_log, summarize, write_per_case_csv, write_plots
 from .storage import fetch
@@ -141,7 +142,7 @@ def evaluate(predictor: Any, cases: Sequence[dict[str, str]], *, max_clicks: int
 # ----------------------------------------------------------------------------- cases
 
 
-def select_cases(data_dir: str | Path, split: str = "val", val_fraction: float = 0.2) -> list[dict[str, str]]:
+def select_cases(data_dir: str | Path, split: str = "val", val_fraction: float = DEFAULT_VAL_FRACTION) -> list[dict[str, str]]:
     """Labelled cases of a split: `val` (the training split's validation part), `test`
     (imagesTs with labels from labelsTs/ of the same file name) or `all` (every labelled case)."""
     if split not in SPLITS:
@@ -194,7 +195,7 @@ def evaluate_checkpoint(
     device: torch.device | None = None,
     metrics_log: str | Path | None = None,
     seed: int = 0,
-    val_fraction: float = 0.2,
+    val_fraction: float | None = None,
     click_radius: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on a dataset split and write the report into `output_dir`.
@@ -213,7 +214,8 @@ def evaluate_checkpoint(
         click_radius: click locality radius in grid voxels (default: the profile's; 0 = off).
         metrics_log: training `metrics.jsonl` to plot (default: `<checkpoint dir>/../metrics.jsonl`).
         seed: click-sampling seed.
-        val_fraction: validation fraction of the `val` split (as in training).
+        val_fraction: validation fraction of the `val` split; None: the one the checkpoint was trained
+            with (its stored config), else `DEFAULT_VAL_FRACTION` (a plain state_dict).
 
     Returns:
         The summary written to `summary.json` (nan as None).
@@ -221,10 +223,13 @@ def evaluate_checkpoint(
     if max_clicks < 0:
         raise ConfigError(f"max_clicks must be >= 0, got {max_clicks}")
     # Everything a user can get wrong is checked before the (long) evaluation starts.
-    cases = select_cases(data_dir, split, val_fraction)
     local = fetch(checkpoint)  # local, file:// or s3://: the training log is looked for beside the file
+    loaded = load_model(local, profile=profile)
+    if val_fraction is None:  # the split training validated on, not a restated default
+        val_fraction = float((loaded.checkpoint.config or {}).get("val_fraction") or DEFAULT_VAL_FRACTION)
+    cases = select_cases(data_dir, split, val_fraction)
     log_path, training = _training_log(local, metrics_log)
-    predictor = Predictor.from_checkpoint(local, profile=profile, device=device, click_radius=click_radius)
+    predictor = Predictor.from_loaded(loaded, device=device, click_radius=click_radius)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
 

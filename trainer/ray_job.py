@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from . import storage
+from . import env, storage
 from .checkpoint import Checkpoint, CheckpointError, digest, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .faults import FaultSpec, FaultyLoader
@@ -320,7 +320,7 @@ def fit(cfg: TrainConfig, data: str, job: RayJobConfig, *, loop: Callable[[dict[
 def job_config_from_args(args: argparse.Namespace) -> RayJobConfig:
     """CLI flags -> RayJobConfig. Defaults: storage `<output>/ray`, run name from the output folder."""
     output = Path(args.output).resolve()
-    run_name = args.run_name or os.environ.get("SPLEEN_DEEPEDIT_RUN_NAME") or output.name
+    run_name = args.run_name or env.run_name() or output.name
     return RayJobConfig(
         storage=args.storage or str(output / "ray"),
         run_name=run_name,

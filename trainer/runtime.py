@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import torch
 import yaml
 
+from . import env
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -124,7 +125,7 @@ class TorchDistributedRuntime(LocalRuntime):
     def __init__(self, output_dir: str | os.PathLike, device: torch.device | None = None):
         import torch.distributed as dist
 
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_rank = env.local_rank()
         if device is None:
             device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
         if device.type == "cuda":

@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from . import env
 from .config import ConfigError
 
 S3_SCHEME = "s3://"
@@ -71,7 +72,7 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 def endpoint() -> str:
     """The S3 endpoint in use, for messages (AWS itself when `AWS_ENDPOINT_URL` is unset)."""
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3 (default endpoint)"
+    return env.s3_endpoint() or "AWS S3 (default endpoint)"
 
 
 def s3_client(timeout_s: float = CONNECT_TIMEOUT_S):
@@ -162,8 +163,7 @@ def list_objects(uri: str) -> dict[str, dict]:
 
 def cache_root() -> Path:
     """Local cache for fetched objects and datasets (`SPLEEN_DEEPEDIT_CACHE`, else ~/.cache)."""
-    root = os.environ.get("SPLEEN_DEEPEDIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "spleen-deepedit")
-    return Path(root)
+    return Path(env.cache_dir())
 
 
 def _download(client, bucket: str, key: str, dest: Path) -> None:

@@ -38,6 +38,8 @@ from .sessions import SessionStore
 from .settings import ServeArgs, read_token_file
 
 log = logging.getLogger("trainer.serve")
+#: The batching defaults of ServeArgs (their one home), for the `@serve.batch` decorator below.
+_SERVE_DEFAULTS = {name: ServeArgs.model_fields[name].default for name in ("max_batch_size", "batch_wait_timeout_s")}
 
 
 def load_predictor(uri: str, profile: str | None, device: str | None, click_radius: float | None = None):
@@ -303,7 +305,8 @@ class ServiceCore:
     async def encode(self, mask: np.ndarray, affine: np.ndarray, extension: str, dtype: str, watch: Stopwatch) -> bytes:
         return await watch.run("encode", encode_mask, mask, affine, extension, dtype)
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
+    # Placeholders: __init__ sets both from the ServeArgs in use (set_max_batch_size / set_batch_wait_timeout_s).
+    @serve.batch(max_batch_size=_SERVE_DEFAULTS["max_batch_size"], batch_wait_timeout_s=_SERVE_DEFAULTS["batch_wait_timeout_s"])
     async def _forward_batch(self, predictors: list, prepared: list, net_clicks: list, exact: list) -> list:
         """Concurrent requests' forwards as one batch (grouped by model, should a swap split them)."""
         self.metrics.batch_size.observe(len(prepared))
