@@ -96,3 +96,21 @@ def test_the_validation_fraction_has_one_home():
     import inspect
 
     assert inspect.signature(Dataset.split).parameters["val_fraction"].default == DEFAULT_VAL_FRACTION
+
+
+def test_the_serve_limits_start_from_serve_args():
+    """The codecs' limits and the ingress guard's placeholders are ServeArgs' defaults, not copies."""
+    import dataclasses
+
+    from trainer.serve.codecs import VolumeLimits
+    from trainer.serve.ingress import RUNTIME
+    from trainer.serve.settings import ServeArgs
+
+    defaults = {name: field.default for name, field in ServeArgs.model_fields.items()}
+    limits = VolumeLimits()
+    for field in dataclasses.fields(limits):
+        if field.name in defaults:
+            assert getattr(limits, field.name) == defaults[field.name], field.name
+    assert RUNTIME.max_upload_bytes == defaults["max_upload_bytes"]
+    assert RUNTIME.max_json_bytes == defaults["max_json_bytes"]
+    assert RUNTIME.auth_limiter.per_min == defaults["auth_token_rate_per_min"]

@@ -35,11 +35,11 @@ from .errors import ApiError, scrub
 from .inputs import check_clicks
 from .metrics import create_metrics
 from .sessions import SessionStore
-from .settings import ServeArgs, read_token_file
+from .settings import ServeArgs, read_token_file, serve_default
 
 log = logging.getLogger("trainer.serve")
 #: The batching defaults of ServeArgs (their one home), for the `@serve.batch` decorator below.
-_SERVE_DEFAULTS = {name: ServeArgs.model_fields[name].default for name in ("max_batch_size", "batch_wait_timeout_s")}
+_SERVE_DEFAULTS = {name: serve_default(name) for name in ("max_batch_size", "batch_wait_timeout_s")}
 
 
 def load_predictor(uri: str, profile: str | None, device: str | None, click_radius: float | None = None):

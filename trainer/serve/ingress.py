@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import ApiError
 from .inputs import parse_json as _parse_json_bounded
+from .settings import serve_default
 
 log = logging.getLogger("trainer.serve")
 
@@ -124,11 +125,11 @@ class _Runtime:
     """What the guard needs from the replica; set by `configure` in the deployment's `__init__`."""
 
     tokens: TokenSource = TokenSource()
-    max_upload_bytes: int = 512 * 1024 * 1024
-    max_json_bytes: int = 64 * 1024
+    max_upload_bytes: int = serve_default("max_upload_bytes")
+    max_json_bytes: int = serve_default("max_json_bytes")
     cors_origins: tuple[str, ...] = ()
     metrics: Any = None
-    auth_limiter: RateLimiter = RateLimiter(10)
+    auth_limiter: RateLimiter = RateLimiter(serve_default("auth_token_rate_per_min"))
 
     @property
     def token(self) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -131,3 +132,8 @@ class ServeArgs(BaseModel):
 
     def user_config(self) -> dict[str, str | None]:
         return {"checkpoint": self.checkpoint, "profile": self.profile}
+
+
+def serve_default(name: str) -> Any:
+    """The default of one `ServeArgs` field: the one home of every serve setting's default."""
+    return ServeArgs.model_fields[name].default
