@@ -21,6 +21,8 @@ import json
 import sys
 from pathlib import Path
 
+from trainer.config import PROFILES
+
 EXIT_USER_ERROR = 2
 #: The training chart shipped in the package (k8s/charts -> ../charts in a checkout, package data in the
 #: wheel), so `submit -f values.yaml` works from any directory.
@@ -88,7 +90,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("name", help="RayService name")
     p.add_argument("--checkpoint", required=True, help="s3://bucket/run/checkpoint_epoch_NNNN/checkpoint.pt (or an absolute path)")
     p.add_argument("--app", default=None, help="Serve application name (default: the one with the DeepEdit deployment)")
-    p.add_argument("--profile", default=None, choices=("bundle", "cpu", "tiny"), help="override the checkpoint's profile")
+    p.add_argument("--profile", default=None, choices=sorted(PROFILES), help="override the checkpoint's profile")
     p.add_argument("--wait", action="store_true", help="wait until the operator has applied it and the application is RUNNING")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait with --wait")
     p.add_argument("--interval", type=float, default=5.0, help="seconds between polls with --wait")
@@ -150,13 +152,14 @@ def _status(api, namespace: str, args: argparse.Namespace) -> int:
     if args.kind == "rayservice":
         from .rayservices import get_service_status
 
-        status = get_service_status(api, args.name, namespace)
-    else:
-        from .rayjobs import get_status
+        service = get_service_status(api, args.name, namespace)
+        print(json.dumps(service.as_dict()) if args.json else service.line())
+        return 0
+    from .rayjobs import get_status
 
-        status = get_status(api, args.name, namespace, pods=True)
+    status = get_status(api, args.name, namespace, pods=True)
     print(json.dumps(status.as_dict()) if args.json else status.line())
-    if not args.json and getattr(status, "pending", None):
+    if not args.json and status.pending:
         print("pending pods:\n" + "\n".join(f"  {line}" for line in status.pending))
     return 0
 

@@ -4,6 +4,8 @@ Insufficient nvidia.com/gpu`, or a container's waiting reason such as ImagePullB
 
 from __future__ import annotations
 
+from functools import partial
+
 from .retry import retrying
 
 #: Labels that select a RayJob's pods: KubeRay's cluster label, and the submitter Job's pods.
@@ -32,7 +34,7 @@ def pending_pods(api, namespace: str, *, cluster: str | None, job: str) -> list[
         if "{cluster}" in selector and not cluster:
             continue
         label = selector.format(cluster=cluster, job=job)
-        for pod in retrying(lambda: core.list_namespaced_pod(namespace, label_selector=label, _request_timeout=15)).items:
+        for pod in retrying(partial(core.list_namespaced_pod, namespace, label_selector=label, _request_timeout=15)).items:
             if pod.metadata.name not in seen and (pod.status.phase or "Pending") == "Pending":
                 seen.add(pod.metadata.name)
                 pods.append(pod)

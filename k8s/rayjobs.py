@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -74,14 +75,14 @@ def connect(kubeconfig: str | None = None, context: str | None = None, namespace
 
 def api_error(exc: Exception, what: str) -> K8sError:
     """A readable K8sError from a kubernetes `ApiException` (status + the API server's message)."""
-    status = getattr(exc, "status", None)
+    status: int | None = getattr(exc, "status", None)
     try:
         message = json.loads(getattr(exc, "body", "") or "{}").get("message", "")
     except (ValueError, AttributeError):
         message = ""
     hint = {404: " (not found: check the name and --namespace)",
             409: " (already exists: pick another release name or delete the old one)",
-            403: " (forbidden: your account lacks RBAC permission)"}.get(status, "")
+            403: " (forbidden: your account lacks RBAC permission)"}.get(status or 0, "")
     return K8sError(f"{what}: HTTP {status} {message or getattr(exc, 'reason', '')}{hint}".rstrip(), status)
 
 
@@ -323,7 +324,7 @@ def list_jobs_and_services(api, namespace: str) -> list[dict[str, str]]:
     rows = []
     for plural, kind in (("rayjobs", "RayJob"), ("rayservices", "RayService")):
         try:
-            listing = retrying(lambda: custom_objects(api).list_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, plural))
+            listing = retrying(partial(custom_objects(api).list_namespaced_custom_object, RAY_GROUP, RAY_VERSION, namespace, plural))
         except ApiException as exc:
             raise api_error(exc, f"listing {plural} in {namespace}") from None
         for obj in listing.get("items", []):

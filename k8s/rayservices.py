@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .rayjobs import RAY_GROUP, RAY_VERSION, K8sError, custom_objects, api_error
+from .rayjobs import RAY_GROUP, RAY_VERSION, K8sError, api_error, custom_objects
 
 DEPLOYMENT = "DeepEdit"
 #: What the Serve app accepts (trainer/serve/settings.py ServeArgs): an s3:// key, file:// or an absolute path.
@@ -109,7 +109,7 @@ def service_status(obj: dict, app: str | None = None) -> ServiceStatus:
     active = (status.get("activeServiceStatus") or {}).get("applicationStatuses") or {}
     try:
         application = _application(yaml.safe_load(obj["spec"]["serveConfigV2"]) or {}, app)
-        deployment = next((d for d in application.get("deployments") or [] if d.get("name") == DEPLOYMENT), {})
+        deployment: dict[str, Any] = next((d for d in application.get("deployments") or [] if d.get("name") == DEPLOYMENT), {})
         checkpoint = (deployment.get("user_config") or {}).get("checkpoint") or (application.get("args") or {}).get("checkpoint")
     except K8sError:
         checkpoint = None

@@ -25,9 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+import hostile_inputs as hi  # noqa: E402
 import numpy as np  # noqa: E402
 
-import hostile_inputs as hi  # noqa: E402
 from trainer.serve.errors import ApiError  # noqa: E402
 
 BEFORE_COMMIT = "d8af4db"

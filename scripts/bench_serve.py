@@ -112,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import httpx
+    import loadtest
     import torch
 
-    import loadtest
     from trainer.checkpoint import Checkpoint, save_checkpoint
     from trainer.config import get_profile
     from trainer.network import build_network

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_charts import (  # noqa: E402  (same folder; pytest puts it on sys.path)
     ANNOTATE_REQUIRED,
     IMAGE,
@@ -481,8 +480,9 @@ def _selects(selector: dict | None, labels: dict) -> bool:
             return False
     for expr in selector.get("matchExpressions") or []:
         key, op, values = expr["key"], expr["operator"], expr.get("values") or []
-        if not {"In": lambda: labels.get(key) in values, "NotIn": lambda: labels.get(key) not in values,
-                "Exists": lambda: key in labels, "DoesNotExist": lambda: key not in labels}[op]():
+        matches = {"In": labels.get(key) in values, "NotIn": labels.get(key) not in values,
+                   "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        if not matches:
             return False
     return True
 

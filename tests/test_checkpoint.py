@@ -71,3 +71,50 @@ def test_bundle_state_dict_loads_into_the_predictor(tmp_path):
     assert predictor.profile.name == "bundle"
     for k, v in net.state_dict().items():
         torch.testing.assert_close(predictor.model.state_dict()[k], v)
+
+
+# ----------------------------------------------------------------------------- one URI rule, one loader
+
+
+def test_fetch_turns_plain_paths_and_file_uris_into_local_files(tmp_path):
+    from trainer.storage import StorageError, fetch
+
+    path = tmp_path / "c.pt"
+    assert fetch(path) == str(path)
+    assert fetch(f"file://{path}") == str(path)
+    for uri in ("http://example.invalid/c.pt", "gs://bucket/c.pt"):
+        with pytest.raises(StorageError, match=r"only local paths, file:// and s3:// URIs"):
+            fetch(uri)
+
+
+def test_every_checkpoint_reader_takes_file_uris(tmp_path):
+    """Predictor (infer, evaluate), the server's loader and train's init-from share one rule."""
+    from trainer.config import TrainConfig
+    from trainer.network import load_model, read_checkpoint
+    from trainer.serve.core import load_predictor
+    from trainer.train import _restore
+
+    path = tmp_path / "c.pt"
+    save_checkpoint(_ckpt(), path)
+    uri = f"file://{path}"
+    predictor = Predictor.from_checkpoint(uri, device=torch.device("cpu"))
+    assert predictor.profile.name == "tiny" and predictor.version == "c.pt@epoch4"
+    served = load_predictor(uri, None, "cpu")
+    assert served.version.startswith("c.pt@epoch4+") and len(served.version) == len("c.pt@epoch4+") + 10
+    assert load_model(path, digest=True).version == served.version
+    model = build_network(get_profile("tiny"))
+    _restore(model, None, None, read_checkpoint(uri)[1], TrainConfig(profile="tiny"), repr(uri))
+    for k, v in load_checkpoint(path).model.items():
+        torch.testing.assert_close(model.state_dict()[k], v)
+
+
+def test_the_loader_names_the_profile_that_fits(tmp_path):
+    from trainer.config import ConfigError
+    from trainer.network import load_model
+
+    path = tmp_path / "c.pt"
+    save_checkpoint(_ckpt(), path)
+    with pytest.raises(ConfigError, match="holds weights of profile 'tiny'.*pass --profile tiny"):
+        load_model(path, profile="cpu", check_fit=True)
+    with pytest.raises(CheckpointError, match="does not fit profile 'cpu'"):
+        load_model(path, profile="cpu")

@@ -65,10 +65,11 @@ def test_channel_order_is_ct_spleen_background():
 
 def _phantom_masks(seed=0, size=32):
     """Network-resolution spleen and body masks from a real synthetic case."""
-    from trainer.synth import generate_case
-    from trainer.transforms import preprocess_transforms
     from monai.data import MetaTensor
     from monai.transforms import Compose
+
+    from trainer.synth import generate_case
+    from trainer.transforms import preprocess_transforms
 
     case = generate_case(np.random.default_rng(seed))
     chain = Compose(preprocess_transforms((size,) * 3, ["image", "label"]))

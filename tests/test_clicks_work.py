@@ -89,7 +89,7 @@ def test_a_background_click_does_not_add_spleen(trained):
     predictor, cases = trained
     raw = Predictor(predictor.model, predictor.profile, device=torch.device("cpu"), click_radius=0)
     added, spleen = [], 0
-    for i, (name, image, affine, label) in enumerate(cases):
+    for i, (_name, image, affine, label) in enumerate(cases):
         rng = np.random.default_rng(100 + i)
         auto = raw.predict(image, affine).mask.astype(bool)
         spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))

@@ -251,3 +251,23 @@ def test_evaluate_dicom_series_images_score_like_their_nifti(phantoms, tmp_path)
         image2, _, label2 = _load_case(with_dicom_images([pair])[0])
         assert label2.sum() == label.sum() > 0
         np.testing.assert_array_equal(np.sort(image2[label2]), np.sort(image[label]))
+
+
+def test_the_val_split_is_the_one_the_checkpoint_was_trained_with(phantoms, tmp_path):
+    """`train --val-fraction 0.5` then `evaluate --split val` scores the same 3 of 6 cases, not 0.2's 2."""
+    import torch
+
+    from trainer.checkpoint import Checkpoint, save_checkpoint
+    from trainer.config import TrainConfig, get_profile
+    from trainer.network import build_network
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(profile="tiny", val_fraction=0.5)
+    path = tmp_path / "c.pt"
+    save_checkpoint(Checkpoint(model=build_network(get_profile("tiny")).state_dict(), profile="tiny",
+                               config=cfg.to_dict()), path)
+    summary = evaluate_checkpoint(f"file://{path}", phantoms, tmp_path / "r", max_clicks=0)
+    assert summary["case_names"] == [Path(c["image"]).name.removesuffix(".nii.gz")
+                                     for c in select_cases(phantoms, "val", 0.5)]
+    assert summary["cases"] == 3
+    assert evaluate_checkpoint(path, phantoms, tmp_path / "r2", max_clicks=0, val_fraction=0.2)["cases"] == 2

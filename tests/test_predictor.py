@@ -1,7 +1,6 @@
 """The predictor: click mapping through orientation and resize (spec §5), geometry of the output."""
 
 import dataclasses
-import json
 
 import nibabel as nib
 import numpy as np

@@ -16,12 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from seaweed import free_port as _free_port, start_seaweedfs
+from seaweed import free_port as _free_port
+from seaweed import start_seaweedfs
 
 from trainer.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from trainer.config import ConfigError, TrainConfig
+from trainer.faults import FaultSpec
 from trainer.network import build_network
-from trainer.ray_job import FaultSpec, RayJobConfig
+from trainer.ray_job import RayJobConfig
 from trainer.storage import StorageError, check_storage, fetch, join, split_s3, sync_dataset
 
 BUCKET = "ckpt"
@@ -214,7 +216,7 @@ STORAGE = f"s3://{BUCKET}/runs"
 @pytest.fixture(scope="module")
 def ray_cluster(s3_env):
     """Two raylets on loopback (1 CPU each) with the dashboard; the test process is the driver."""
-    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray")
     import ray._private.ray_constants
     import ray._private.utils
     from ray.cluster_utils import Cluster

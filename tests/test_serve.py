@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import gzip
-import io
 import json
 import os
 import shutil
@@ -20,11 +19,11 @@ import tempfile
 import threading
 import time
 
+import hostile_inputs as hi
 import numpy as np
 import pytest
-from seaweed import free_port as _free_port, start_seaweedfs, stop_process, weed_binary
-
-import hostile_inputs as hi
+from seaweed import free_port as _free_port
+from seaweed import start_seaweedfs, stop_process, weed_binary
 
 TOKEN_ENV = "DEEPEDIT_TEST_TOKEN"
 TOKEN = "test-token-7c1f0e-0123456789abcdef0123"

@@ -13,10 +13,10 @@ import struct
 import threading
 import time
 
+import hostile_inputs as hi
 import numpy as np
 import pytest
 
-import hostile_inputs as hi
 from trainer.serve.codecs import VolumeLimits, _inflate, decode_nifti, read_header
 from trainer.serve.errors import ApiError
 from trainer.serve.inputs import check_clicks, parse_json
@@ -161,7 +161,8 @@ def test_memory_budget_waits_then_503():
 # ----------------------------------------------------------------------------- Hypothesis fuzzing
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 DATATYPES = [2, 4, 8, 16, 64, 256, 512, 768, 1024, 1280, 1536, 32, 128, 2304, 1, 0, 9999]
 finite = st.floats(-1e6, 1e6, allow_nan=False)

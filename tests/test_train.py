@@ -38,11 +38,11 @@ def test_training_beats_an_untrained_model(trained_tiny):
 
 def test_metrics_log_and_checkpoints(trained_tiny):
     _, out, metrics = trained_tiny
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [l["epoch"] for l in lines] == list(range(1, 13))
-    for l in lines:
-        assert l["loss"] > 0 and 0 <= l["train_dice"] <= 1 and l["samples_per_s"] > 0
-    assert [l["val_dice"] is not None for l in lines] == [(e % 4 == 0) for e in range(1, 13)]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == list(range(1, 13))
+    for r in lines:
+        assert r["loss"] > 0 and 0 <= r["train_dice"] <= 1 and r["samples_per_s"] > 0
+    assert [r["val_dice"] is not None for r in lines] == [(e % 4 == 0) for e in range(1, 13)]
     last = load_checkpoint(out / "checkpoints" / "last.pt")
     assert last.epoch == 11 and last.optimizer and last.config["profile"] == "tiny"
     assert (out / "config.yaml").is_file()
@@ -74,7 +74,7 @@ def test_a_diverged_run_stops_with_a_clear_error_and_keeps_its_last_checkpoint(t
     cfg = TrainConfig(profile="tiny", epochs=6, learning_rate=1e30, val_every=1, cache_workers=1, amp=False)
     with pytest.raises(TrainingDiverged, match=r"epoch 4: 25 of the last 26 steps had a non-finite loss or gradient.*Lower --learning-rate"):
         train(cfg, str(tiny_dataset), LocalRuntime(tmp_path))
-    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [l["steps"] for l in lines] == [1, 0, 0]  # epoch 1 made one step, epochs 2-3 none
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["steps"] for r in lines] == [1, 0, 0]  # epoch 1 made one step, epochs 2-3 none
     assert math.isnan(lines[1]["loss"])  # not a loss of 0
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt").epoch == 2

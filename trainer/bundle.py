@@ -19,18 +19,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_state_dict
+from . import env
+from .checkpoint import Checkpoint, save_state_dict
 from .config import CLICK_CHANNELS, PROFILES, ConfigError, Profile, TrainConfig, get_profile
 from .data import NIFTI_SUFFIXES, DataError, list_dataset
+from .network import check_fits, load_model, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ BUNDLE_PROFILE = "bundle"
 def local_device() -> torch.device:
     """`cuda:LOCAL_RANK` when CUDA is available (torchrun sets LOCAL_RANK; 0 otherwise), else CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", env.local_rank())
     return torch.device("cpu")
 
 
@@ -194,21 +197,6 @@ def _read_datalist(path: Path) -> Any:
 # ----------------------------------------------------------------------------- weights
 
 
-def _check_fits(ckpt: Checkpoint, profile: Profile, source: str | os.PathLike) -> None:
-    """Refuse weights of another profile with the `--profile` that fits them."""
-    from .predictor import infer_profile
-
-    try:
-        fit = infer_profile(ckpt)
-    except CheckpointError:
-        return  # no profile matches: load_state_dict reports the mismatch
-    if fit.name != profile.name:
-        raise ConfigError(
-            f"{str(source)!r} holds weights of profile {fit.name!r} but this run uses profile {profile.name!r}: "
-            f"pass --profile {fit.name}"
-        )
-
-
 class _ExportBestModel:
     """Wraps a Runtime: the best model is also written as a plain state_dict (`models/model.pt`).
 
@@ -314,7 +302,7 @@ class BundleEvaluation:
     def run(self) -> dict[str, Any]:
         from .evaluate import evaluate_checkpoint
 
-        _check_fits(load_checkpoint(self.checkpoint), self.profile, self.checkpoint)
+        check_fits(read_checkpoint(self.checkpoint)[1], self.profile, self.checkpoint)
         metrics_log = Path(self.output_dir) / "metrics.jsonl"
         optional = {"max_clicks": self.max_clicks} if self.max_clicks is not None else {}
         summary = evaluate_checkpoint(
@@ -338,19 +326,9 @@ def load_predictor(*, network: torch.nn.Module, checkpoint: str, profile: str | 
     our checkpoints) into `network` (the config's `network_def`) and wrap it in the one Predictor."""
     from .predictor import Predictor
 
-    prof = resolve_profile(profile)
-    ckpt = load_checkpoint(checkpoint)
-    _check_fits(ckpt, prof, checkpoint)
-    try:
-        network.load_state_dict(ckpt.model)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"checkpoint {str(checkpoint)!r} does not fit profile {prof.name!r}: {str(exc).splitlines()[0]}"
-        ) from None
-    # A plain state_dict carries no settings: the Predictor's guidance sigma is then the training default.
-    extra = {"sigma": float(ckpt.config["guidance_sigma"])} if ckpt.config.get("guidance_sigma") else {}
-    version = f"{Path(checkpoint).name}" + ("(state_dict)" if ckpt.plain_state_dict else f"@epoch{ckpt.epoch + 1}")
-    return Predictor(network, prof, device=device, version=version, **extra)
+    # A plain state_dict carries no settings: the Predictor's guidance sigma is then the profile's.
+    loaded = load_model(checkpoint, profile=resolve_profile(profile).name, network=network, check_fit=True)
+    return Predictor.from_loaded(loaded, device=device)
 
 
 class BundleInference:
@@ -378,14 +356,14 @@ class BundleInference:
 
     def _check(self, items: list[dict[str, Any]]) -> None:
         """Every image readable and every click inside it, before the model is loaded."""
-        from .predictor import validate_clicks
+        from .clicks import validate_clicks
 
         for item in items:
             path = Path(item["image"])
             if not path.is_file():
                 raise DataError(f"image {str(path)!r} does not exist")
             try:
-                shape = nib.load(str(path)).shape
+                shape = cast(nib.Nifti1Image, nib.load(str(path))).shape
             except Exception as exc:  # nibabel raises many types for corrupt files
                 raise DataError(f"{path}: cannot be read as NIfTI ({type(exc).__name__}: {exc})") from None
             try:
@@ -394,9 +372,9 @@ class BundleInference:
                 raise type(exc)(f"{path}: {exc}") from None
 
     def run(self) -> list[str]:
-        from .predictor import load_volume, write_mask
+        from .data import load_volume, write_mask
 
-        items = list(self.dataset)
+        items = [self.dataset[i] for i in range(len(self.dataset))]
         self._check(items)
         predictor = self.predictor()
         written = []

@@ -11,17 +11,17 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
+from typing import Any
 
-from .config import PROFILES, ConfigError, check_click_radius
+from .config import DEFAULT_VAL_FRACTION, PROFILES, ConfigError, check_click_radius
 
 EXIT_USER_ERROR = 2
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
+    from .clicks import ClickError
     from .data import DataError
-    from .predictor import ClickError
     from .train import TrainingDiverged
 
     return (ConfigError, DataError, CheckpointError, ClickError, TrainingDiverged, FileNotFoundError, NotADirectoryError)
@@ -139,10 +139,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_clicks(value: str | None) -> Any:
+    """`--clicks` value: inline JSON or the path of a JSON file."""
+    from pathlib import Path
+
+    from .clicks import ClickError
+
+    if value is None:
+        return None
+    text = value
+    if not value.lstrip().startswith("{"):
+        path = Path(value)
+        if not path.is_file():
+            raise ClickError(f"--clicks {value!r} is neither inline JSON nor an existing JSON file")
+        text = path.read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ClickError(f"--clicks is not valid JSON ({exc.msg} at char {exc.pos})") from None
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     import torch
 
-    from .predictor import Predictor, load_clicks, validate_clicks, load_volume
+    from .clicks import validate_clicks
+    from .data import load_volume, write_mask
+    from .predictor import Predictor
 
     from .dicom import is_dicom_source  # pydicom itself loads only for a DICOM input
 
@@ -162,8 +184,6 @@ def cmd_infer(args: argparse.Namespace) -> int:
     device = torch.device(args.device) if args.device else None
     predictor = Predictor.from_checkpoint(args.checkpoint, profile=args.profile, device=device,
                                           click_radius=args.click_radius)
-    from .predictor import write_mask
-
     t0 = time.perf_counter()
     pred = predictor.predict(image, affine, clicks)
     if fmt == "dcm":
@@ -177,6 +197,32 @@ def cmd_infer(args: argparse.Namespace) -> int:
         f"wrote {args.output}: {int(pred.mask.sum())} spleen voxels, shape {list(pred.mask.shape)}, "
         f"{n_clicks} click(s), {time.perf_counter() - t0:.2f}s"
     )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """`spleen-deepedit evaluate`: run `evaluate_checkpoint` with the parsed arguments."""
+    import torch
+
+    from .evaluate import evaluate_checkpoint
+
+    try:
+        device = torch.device(args.device) if args.device else None
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {args.device!r} is not a torch device ({exc})") from None
+    evaluate_checkpoint(
+        args.checkpoint,
+        args.data,
+        args.output,
+        split=args.split,
+        max_clicks=args.max_clicks,
+        profile=args.profile,
+        device=device,
+        metrics_log=args.metrics_log,
+        click_radius=args.click_radius,
+        dicom=args.dicom,
+    )
+    print(f"report written to {args.output}", flush=True)
     return 0
 
 
@@ -201,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-data", help="check a Decathlon dataset's integrity before training")
     p.add_argument("--data", required=True, help="dataset directory (dataset.json or imagesTr/labelsTr)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="validation fraction shown in the summary")
+    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION, help="validation fraction shown in the summary")
     p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser("train", help="train DeepEdit (single process, or Ray Train with --ray)")
@@ -211,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=None, help="epochs (default: the profile's)")
     p.add_argument("--config", default=None, help="YAML file of training settings (flags override it)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last.pt")
-    p.add_argument("--init-from", default=None, help="start from this checkpoint (ours or a bundle model.pt)")
+    p.add_argument("--init-from", default=None, help="start from this checkpoint (ours or a bundle model.pt): path, file:// or s3://")
     p.add_argument("--max-train-seconds", type=float, default=None, help="wall-time budget in seconds: stop at the first step past it (validate, checkpoint); the cosine schedule anneals over it")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--val-fraction", type=float, default=None)
@@ -228,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("infer", help="segment one CT volume (NIfTI or DICOM series), optionally with clicks")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file (ours, or a bundle model.pt)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint (ours, or a bundle model.pt): path, file:// or s3://")
     p.add_argument("--image", required=True, help="input .nii/.nii.gz, or a DICOM CT series: a folder or a .zip (see docs/dicom.md)")
     p.add_argument("--clicks", default=None, help='JSON or JSON file: {"spleen": [[i,j,k]], "background": [[i,j,k]]} (original voxel indices)')
     p.add_argument("--output", required=True, help="output mask: .nii.gz (uint8, original geometry) or, with --format dcm, a DICOM SEG file")
@@ -240,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser("evaluate", help="Dice versus number of simulated clicks on a dataset split")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file (ours, or a bundle model.pt)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint (ours, or a bundle model.pt): path, file:// or s3://")
     p.add_argument("--data", required=True, help="dataset directory")
     p.add_argument("--output", required=True, help="report directory: per_case.csv, summary.json, PNG plots")
     p.add_argument("--max-clicks", type=int, default=10, help="simulated corrective clicks after the automatic pass")
@@ -251,10 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--dicom", action="store_true",
                    help="read each image from its DICOM series, DATA/dicom/<imagesTr|imagesTs>/<case>/ (as `synth --dicom` writes it)")
-    p.set_defaults(func=_lazy("trainer.evaluate", "cmd_evaluate"))
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP with Ray Serve on a local Ray (see docs/serving.md)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint URI: local path or s3://")
+    p.add_argument("--checkpoint", required=True, help="checkpoint URI: local path, file:// or s3://")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--click-radius", type=_radius, default=None, help=CLICK_RADIUS_HELP)

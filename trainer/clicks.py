@@ -14,7 +14,9 @@ Points are integer voxel indices `(i, j, k)` in the network-resolution grid.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -22,7 +24,15 @@ from scipy import ndimage
 from .config import CLICK_CHANNELS
 
 Point = tuple[int, int, int]
+#: A volume's shape as numpy gives it (3D here; numpy types shapes as tuples of any length).
+Shape = tuple[int, ...]
 Clicks = dict[str, list[Point]]
+
+
+def as_point(values) -> Point:
+    """Three numbers (a list, an array row) as an integer voxel index."""
+    i, j, k = (int(v) for v in values)
+    return i, j, k
 
 
 def empty_clicks() -> Clicks:
@@ -47,12 +57,12 @@ def gaussian_kernel_1d(sigma: float, truncated: float = 4.0) -> np.ndarray:
     return np.clip(out, 0, None).astype(np.float32)
 
 
-def _window(point: Point, shape: tuple[int, int, int], tail: int) -> tuple[slice, ...]:
+def _window(point: Sequence[int], shape: Shape, tail: int) -> tuple[slice, ...]:
     """The box of `tail` voxels on each side of `point`, clipped to the volume."""
     return tuple(slice(max(v - tail, 0), min(v + tail + 1, n)) for v, n in zip(point, shape))
 
 
-def encode_guidance(points, shape: tuple[int, int, int], sigma: float = 3.0) -> np.ndarray:
+def encode_guidance(points, shape: Shape, sigma: float = 3.0) -> np.ndarray:
     """One guidance channel: Gaussian blobs at the clicks, min-max normalised to [0, 1].
 
     Equal (within float rounding) to MONAI's `AddGuidanceSignalDeepEditd._get_signal`: a 1.0 at each
@@ -83,12 +93,12 @@ def encode_guidance(points, shape: tuple[int, int, int], sigma: float = 3.0) -> 
     return signal
 
 
-def guidance_channels(clicks: Clicks, shape: tuple[int, int, int], sigma: float = 3.0) -> np.ndarray:
+def guidance_channels(clicks: Clicks, shape: Shape, sigma: float = 3.0) -> np.ndarray:
     """The click channels of the network input, shape (2, *shape): spleen, then background."""
     return np.stack([encode_guidance(clicks.get(name, []), shape, sigma) for name in CLICK_CHANNELS])
 
 
-def click_weight(points, shape: tuple[int, int, int], radius: float, *, scales=None, truncate: float = 4.0) -> np.ndarray:
+def click_weight(points, shape: Shape, radius: float, *, scales=None, truncate: float = 4.0) -> np.ndarray:
     """How strongly a voxel is "near a click": max over clicks of scale * exp(-d^2 / (2 radius^2)).
 
     d is the Euclidean distance in voxels to the click, which may lie between voxels (fractional
@@ -116,7 +126,7 @@ def click_weight(points, shape: tuple[int, int, int], radius: float, *, scales=N
 # --------------------------------------------------------------------------- sampling
 
 
-def _sample_deep_point(region: np.ndarray, rng: np.random.Generator) -> tuple[int, ...] | None:
+def _sample_deep_point(region: np.ndarray, rng: np.random.Generator) -> tuple[Any, ...] | None:
     """Sample a voxel of `region` with probability proportional to exp(d) - 1.
 
     d is the chessboard distance to the region's edge (as MONAI's `distance_transform_cdt`), which
@@ -137,7 +147,7 @@ def _sample_deep_point(region: np.ndarray, rng: np.random.Generator) -> tuple[in
     else:
         choice = flat[rng.choice(len(flat), p=weights / total)]
     local = np.unravel_index(choice, crop.shape)
-    return tuple(int(l + s.start) for l, s in zip(local, box))
+    return tuple(int(i + s.start) for i, s in zip(local, box))
 
 
 def _seeds_in_slice(mask2d: np.ndarray, rng: np.random.Generator, max_components: int = 5) -> list[tuple[int, int]]:
@@ -281,3 +291,75 @@ def body_mask(image01: np.ndarray, threshold: float = 0.1) -> np.ndarray:
     for z in range(mask.shape[2]):
         mask[:, :, z] = ndimage.binary_fill_holes(mask[:, :, z])
     return mask
+
+
+# ----------------------------------------------------------------------------- evaluation clicks
+
+
+def next_click(mask: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[str, Point] | None:
+    """The corrective click a user would make next, or None when the mask is exact.
+
+    A user clicks on the biggest mistake: the largest connected piece of missed spleen (label and not
+    mask; a "spleen" click) or of over-segmentation (mask and not label; a "background" click), not
+    a scattered union of thin boundary slivers. The voxel is sampled deep inside that piece, with
+    probability proportional to exp(d) - 1 (d: chessboard distance to its edge), as the training
+    clicks are (spec §4). Ties go to the missed spleen.
+    """
+    mask = mask.astype(bool, copy=False)
+    label = label.astype(bool, copy=False)
+    missed = _largest_piece(label & ~mask)
+    extra = _largest_piece(mask & ~label)
+    n_missed, n_extra = int(missed.sum()), int(extra.sum())
+    if n_missed == 0 and n_extra == 0:
+        return None
+    name, region = ("spleen", missed) if n_missed >= n_extra else ("background", extra)
+    point = _sample_deep_point(region, rng)
+    return name, as_point(point)  # the region is not empty: a point
+
+
+def _largest_piece(region: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of a boolean mask (the mask itself if it has one or none)."""
+    from scipy import ndimage
+
+    comps, n = ndimage.label(region, structure=np.ones((3, 3, 3), bool))
+    if n <= 1:
+        return region
+    sizes = np.bincount(comps.ravel())[1:]
+    return comps == int(np.argmax(sizes)) + 1
+
+
+# ----------------------------------------------------------------------------- user clicks
+
+
+class ClickError(ValueError):
+    """Clicks are malformed or outside the volume; the message names the value."""
+
+
+def validate_clicks(clicks: Any, shape: tuple[int, ...]) -> Clicks:
+    """Check user clicks `{"spleen": [[i,j,k],...], "background": [...]}` against a volume shape."""
+    if clicks is None:
+        return {name: [] for name in CLICK_CHANNELS}
+    if not isinstance(clicks, Mapping):
+        raise ClickError(f"clicks must be an object like {{\"spleen\": [[i,j,k]], \"background\": []}}, got {type(clicks).__name__}")
+    unknown = sorted(set(clicks) - set(CLICK_CHANNELS))
+    if unknown:
+        raise ClickError(f"unknown click label(s) {unknown}: use {list(CLICK_CHANNELS)}")
+    out: Clicks = {}
+    for name in CLICK_CHANNELS:
+        points = clicks.get(name, [])
+        if not isinstance(points, (list, tuple)):
+            raise ClickError(f"clicks[{name!r}] must be a list of [i, j, k] points, got {type(points).__name__}")
+        checked = []
+        for n, p in enumerate(points):
+            if not isinstance(p, (list, tuple)) or len(p) != 3:
+                raise ClickError(f"clicks[{name!r}][{n}] = {p!r}: each click must be 3 integer voxel indices [i, j, k]")
+            if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in p):
+                raise ClickError(f"clicks[{name!r}][{n}] = {p!r}: voxel indices must be integers")
+            for axis, (v, size) in enumerate(zip(p, shape)):
+                if not 0 <= v < size:
+                    raise ClickError(
+                        f"clicks[{name!r}][{n}] = {list(p)} is outside the volume of shape {list(shape)} (axis {axis})"
+                    )
+            checked.append(as_point(p))
+        out[name] = checked
+    return out

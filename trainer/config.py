@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,9 @@ HU_MAX: float = 250.0
 LABEL_RESIZE_MODES: tuple[str, ...] = ("nearest", "area")
 #: How inference resizes the network's answer back to the scan (Profile.upsample).
 UPSAMPLE_MODES: tuple[str, ...] = ("area", "probability", "logit")
+#: Share of the sorted labelled cases (the last ones) that validate: training's split, and the `val`
+#: split `evaluate` scores when the checkpoint does not say which fraction it was trained with.
+DEFAULT_VAL_FRACTION: float = 0.2
 
 
 class ConfigError(ValueError):
@@ -243,7 +246,7 @@ class TrainConfig:
     lr_anneal_fraction: float = 0.2
     label_resize: str | None = None
     batch_size: int = 1
-    val_fraction: float = 0.2
+    val_fraction: float = DEFAULT_VAL_FRACTION
     val_every: int = 1
     click_prob_train: float = 0.4
     click_prob_val: float = 1.0
@@ -263,7 +266,6 @@ class TrainConfig:
     init_from: str | None = None
     max_train_seconds: float = 0.0
     deterministic: bool = False
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         get_profile(self.profile)
@@ -339,13 +341,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML/JSON-safe dict (stored in checkpoints and metrics logs)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        return out
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> TrainConfig:
         """Build from a dict, rejecting unknown keys with a message that lists the valid ones."""
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(
@@ -356,7 +357,7 @@ class TrainConfig:
         except TypeError as exc:  # wrong type that dataclasses cannot coerce
             raise ConfigError(f"{source}: {exc}") from None
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         """A copy with the given fields changed (None values are ignored)."""
         values = self.to_dict()
         values.update({k: v for k, v in changes.items() if v is not None})

@@ -6,9 +6,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
+
+from .config import DEFAULT_VAL_FRACTION
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -25,7 +28,7 @@ class Dataset:
     labelled: list[dict[str, str]]  # [{"image": path, "label": path}], sorted
     test: list[str]
 
-    def split(self, val_fraction: float = 0.2) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    def split(self, val_fraction: float = DEFAULT_VAL_FRACTION) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
         """Sorted split: the last ceil(val_fraction * N) cases (at least 1) validate.
 
         With MSD Task09 (41 cases) and the default 0.2 this is the bundle's split: first 32 train,
@@ -131,7 +134,7 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     """
     path = Path(path)
     try:
-        img = nib.load(str(path))
+        img = cast(nib.Nifti1Image, nib.load(str(path)))
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise DataError(f"{path}: cannot be read as NIfTI ({type(exc).__name__}: {exc})") from None
@@ -185,3 +188,21 @@ def check_dataset(root: str | Path) -> Dataset:
     for path in ds.test:
         check_volume(path)
     return ds
+
+
+def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a 3D NIfTI as float32 + affine, rejecting non-3D and non-finite volumes with the file named.
+
+    The file is decompressed once: the array the check read is the one converted and returned.
+    """
+    data, img = read_volume(path)
+    return data.astype(np.float32, copy=False), img.affine
+
+
+def write_mask(path: str | Path, mask: np.ndarray, affine: np.ndarray, dtype=np.uint8) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(mask.astype(dtype, copy=False), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, str(path))

@@ -18,7 +18,15 @@ import numpy as np
 import torch
 from monai.losses import DiceCELoss
 
-from .clicks import Clicks, apply_click_budget, corrective_clicks, empty_clicks, guidance_channels, initial_seeds, merge_clicks
+from .clicks import (
+    Clicks,
+    apply_click_budget,
+    corrective_clicks,
+    empty_clicks,
+    guidance_channels,
+    initial_seeds,
+    merge_clicks,
+)
 from .config import TrainConfig
 from .metrics import spleen_dice
 from .transforms import label_mask
@@ -76,7 +84,7 @@ def spleen_mask(logits: torch.Tensor) -> torch.Tensor:
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside DDP (no-grad click forwards must not go through DDP's reducer)."""
-    return model.module if hasattr(model, "module") else model
+    return getattr(model, "module", model)
 
 
 def network_input(image: torch.Tensor, clicks: list[Clicks], sigma: float) -> torch.Tensor:

@@ -1,18 +1,26 @@
-"""DynUNet factory: the bundle's exact network (spec §1), with smaller named profiles for CPUs."""
+"""The network: the DynUNet factory (the bundle's exact network, spec §1, with smaller named profiles for
+CPUs) and the one model loader (checkpoint URI -> checkpoint -> profile -> network -> version)."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
 from monai.networks.nets import DynUNet
 
-from .config import CLICK_CHANNELS, LABELS, Profile
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from .config import CLICK_CHANNELS, LABELS, PROFILES, ConfigError, Profile, get_profile
 
 IN_CHANNELS = 1 + len(CLICK_CHANNELS)  # CT + spleen clicks + background clicks
 OUT_CHANNELS = len(LABELS)  # background, spleen
 
 # The bundle's arguments (spec §1); module names are MONAI's so a bundle state_dict loads as is.
-KERNEL_SIZE = [3, 3, 3, 3, 3, 3]
-STRIDES = [1, 2, 2, 2, 2, [2, 2, 1]]
-UPSAMPLE_KERNEL_SIZE = [2, 2, 2, 2, [2, 2, 1]]
+KERNEL_SIZE: list[int] = [3, 3, 3, 3, 3, 3]
+STRIDES: list[int | list[int]] = [1, 2, 2, 2, 2, [2, 2, 1]]
+UPSAMPLE_KERNEL_SIZE: list[int | list[int]] = [2, 2, 2, 2, [2, 2, 1]]
 
 
 def build_network(profile: Profile) -> DynUNet:
@@ -41,3 +49,97 @@ def filters_of_state_dict(state_dict: dict) -> tuple[int, ...]:
         i += 1
     bottleneck = state_dict["bottleneck.conv1.conv.weight"].shape[0]
     return (first, *downs, bottleneck)
+
+
+#: The filters of MONAI's default DynUNet (a profile with `filters: None`, the bundle's).
+DEFAULT_FILTERS = (32, 64, 128, 256, 320, 320)
+
+
+def infer_profile(ckpt: Checkpoint, requested: str | None = None) -> Profile:
+    """The profile of a checkpoint: stored in ours; matched by filters for a plain state_dict."""
+    if requested is not None:
+        return get_profile(requested)
+    if ckpt.profile is not None:
+        return get_profile(ckpt.profile)
+    filters = filters_of_state_dict(ckpt.model)
+    for profile in PROFILES.values():
+        expected = profile.filters if profile.filters is not None else DEFAULT_FILTERS
+        if tuple(expected) == tuple(filters):
+            return profile
+    raise CheckpointError(f"no profile has DynUNet filters {filters}: pass the profile explicitly")
+
+
+def check_fits(ckpt: Checkpoint, profile: Profile, source: str | os.PathLike) -> None:
+    """Refuse weights of another profile with the `--profile` that fits them."""
+    try:
+        fit = infer_profile(ckpt)
+    except CheckpointError:
+        return  # no profile matches: load_state_dict reports the mismatch
+    if fit.name != profile.name:
+        raise ConfigError(
+            f"{str(source)!r} holds weights of profile {fit.name!r} but this run uses profile {profile.name!r}: "
+            f"pass --profile {fit.name}"
+        )
+
+
+def load_weights(model: torch.nn.Module, ckpt: Checkpoint, profile: str, source: str) -> None:
+    """`ckpt`'s weights into `model`; a CheckpointError naming `source` and `profile` if they do not fit."""
+    try:
+        model.load_state_dict(ckpt.model)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {source} does not fit profile {profile!r}: {str(exc).splitlines()[0]}") from None
+
+
+def read_checkpoint(uri: str | os.PathLike) -> tuple[str, Checkpoint]:
+    """The local path of `uri` (plain, file:// or s3://, see `trainer.storage.fetch`) and its checkpoint."""
+    from .storage import fetch
+
+    path = fetch(uri)
+    return path, load_checkpoint(path)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The first 10 hex digits of the file's SHA-256 (a retrained `best.pt` has the same name)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:10]
+
+
+def model_version(path: str | os.PathLike, ckpt: Checkpoint, *, digest: bool = False) -> str:
+    """What a loaded model calls itself: `best.pt@epoch12`, or `model.pt(state_dict)` for plain weights,
+    with `+<file digest>` when `digest` (the server's, so a replaced file shows)."""
+    name = Path(path).name
+    version = f"{name}(state_dict)" if ckpt.plain_state_dict else f"{name}@epoch{ckpt.epoch + 1}"
+    return f"{version}+{file_digest(path)}" if digest else version
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A network with a checkpoint's weights, and where they came from."""
+
+    model: torch.nn.Module
+    profile: Profile
+    checkpoint: Checkpoint
+    version: str
+
+
+def load_model(uri: str | os.PathLike, *, profile: str | None = None, network: torch.nn.Module | None = None,
+               digest: bool = False, check_fit: bool = False) -> LoadedModel:
+    """The one model loader: URI -> local file -> checkpoint -> profile -> network with its weights -> version.
+
+    Args:
+        uri: a local path, `file://` or `s3://` URI of one of our checkpoints or a plain state_dict.
+        profile: the profile name; None: the one stored in the checkpoint, else matched by filters.
+        network: the module to load into (the bundle's `network_def`); None builds the profile's.
+        digest: append the file's digest to the version.
+        check_fit: refuse (ConfigError) weights whose own profile is not `profile`, naming the right one.
+    """
+    path, ckpt = read_checkpoint(uri)
+    prof = infer_profile(ckpt, profile)
+    if check_fit:
+        check_fits(ckpt, prof, uri)
+    model = network if network is not None else build_network(prof)
+    load_weights(model, ckpt, prof.name, repr(str(path)))
+    return LoadedModel(model=model, profile=prof, checkpoint=ckpt, version=model_version(path, ckpt, digest=digest))

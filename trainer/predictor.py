@@ -39,9 +39,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -49,18 +50,18 @@ import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from .clicks import Clicks, click_weight, empty_clicks, guidance_channels
-from .config import CLICK_CHANNELS, PROFILES, Profile, check_click_radius, get_profile
-from .data import DataError
+from .clicks import ClickError as ClickError  # re-exported: its old home
+from .clicks import Clicks, as_point, click_weight, empty_clicks, guidance_channels, validate_clicks
+from .config import CLICK_CHANNELS, Profile, check_click_radius
+from .data import DataError, load_volume, write_mask
 from .engine import autocast
-from .network import build_network, filters_of_state_dict
+from .network import LoadedModel, load_model
+from .network import infer_profile as infer_profile  # re-exported: its old home
 from .runtime import default_device
 from .transforms import inference_transforms
 
-
 #: Clicks as exact (fractional) network-grid coordinates, for the nudge (see the module docstring).
-GridPoints = dict[str, list[tuple[float, float, float]]]
+GridPoints = dict[str, list[tuple[float, ...]]]
 #: Width of the nudge per unit of click radius (R 2 -> sigma 3 grid voxels: chosen on the held-out
 #: set of the demo; sigma 2 left a fall of 0.002 in the mean).
 NUDGE_SIGMA_PER_RADIUS = 1.5
@@ -70,19 +71,15 @@ NUDGE_MARGIN = 0.2
 LOGIT_EPS = 1e-6
 
 
-class ClickError(ValueError):
-    """Clicks are malformed or outside the volume; the message names the value."""
-
-
 @dataclass(kw_only=True, slots=True)
 class Prepared:
     """A preprocessed volume, reusable across clicks (what an interactive session caches)."""
 
     image: torch.Tensor  # (1, 1, S, S, S) float32 in [0, 1], RAS, network grid
-    orig_shape: tuple[int, int, int]
+    orig_shape: tuple[int, ...]  # 3D
     orig_affine: np.ndarray
     to_ras: np.ndarray  # nibabel orientation transform original -> RAS
-    ras_shape: tuple[int, int, int]
+    ras_shape: tuple[int, ...]  # 3D
     index_to_ras: np.ndarray  # 4x4: original voxel index -> RAS-ordered voxel index
     # The automatic (no-click) probability (1, S, S, S) on the CPU, and the predictor that made it:
     # click locality blends clicked passes with it, and a reloaded model must not reuse it.
@@ -100,79 +97,6 @@ class Prediction:
     mask: np.ndarray  # uint8, original array order
     affine: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def infer_profile(ckpt: Checkpoint, requested: str | None = None) -> Profile:
-    """The profile of a checkpoint: stored in ours; matched by filters for a plain state_dict."""
-    if requested is not None:
-        return get_profile(requested)
-    if ckpt.profile is not None:
-        return get_profile(ckpt.profile)
-    filters = filters_of_state_dict(ckpt.model)
-    for profile in PROFILES.values():
-        expected = profile.filters if profile.filters is not None else (32, 64, 128, 256, 320, 320)
-        if tuple(expected) == tuple(filters):
-            return profile
-    raise CheckpointError(f"no profile has DynUNet filters {filters}: pass the profile explicitly")
-
-
-def validate_clicks(clicks: Any, shape: tuple[int, int, int]) -> Clicks:
-    """Check user clicks `{"spleen": [[i,j,k],...], "background": [...]}` against a volume shape."""
-    if clicks is None:
-        return {name: [] for name in CLICK_CHANNELS}
-    if not isinstance(clicks, Mapping):
-        raise ClickError(f"clicks must be an object like {{\"spleen\": [[i,j,k]], \"background\": []}}, got {type(clicks).__name__}")
-    unknown = sorted(set(clicks) - set(CLICK_CHANNELS))
-    if unknown:
-        raise ClickError(f"unknown click label(s) {unknown}: use {list(CLICK_CHANNELS)}")
-    out: Clicks = {}
-    for name in CLICK_CHANNELS:
-        points = clicks.get(name, [])
-        if not isinstance(points, (list, tuple)):
-            raise ClickError(f"clicks[{name!r}] must be a list of [i, j, k] points, got {type(points).__name__}")
-        checked = []
-        for n, p in enumerate(points):
-            if not isinstance(p, (list, tuple)) or len(p) != 3:
-                raise ClickError(f"clicks[{name!r}][{n}] = {p!r}: each click must be 3 integer voxel indices [i, j, k]")
-            if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in p):
-                raise ClickError(f"clicks[{name!r}][{n}] = {p!r}: voxel indices must be integers")
-            for axis, (v, size) in enumerate(zip(p, shape)):
-                if not 0 <= v < size:
-                    raise ClickError(
-                        f"clicks[{name!r}][{n}] = {list(p)} is outside the volume of shape {list(shape)} (axis {axis})"
-                    )
-            checked.append(tuple(int(v) for v in p))
-        out[name] = checked
-    return out
-
-
-def load_clicks(value: str | None) -> Any:
-    """`--clicks` value: inline JSON or the path of a JSON file."""
-    import json
-
-    if value is None:
-        return None
-    text = value
-    if not value.lstrip().startswith("{"):
-        path = Path(value)
-        if not path.is_file():
-            raise ClickError(f"--clicks {value!r} is neither inline JSON nor an existing JSON file")
-        text = path.read_text()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ClickError(f"--clicks is not valid JSON ({exc.msg} at char {exc.pos})") from None
-
-
-def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read a 3D NIfTI as float32 + affine, rejecting non-3D and non-finite volumes with the file named.
-
-    The file is decompressed once: the array the check read is the one converted and returned.
-    """
-    from .data import read_volume
-
-    data, img = read_volume(path)
-    return data.astype(np.float32, copy=False), img.affine
 
 
 # dtypes torch.from_numpy shares without a copy and the chain's windowing handles directly.
@@ -259,22 +183,18 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, profile: str | None = None, device: torch.device | None = None,
-                        amp: bool | None = None, click_radius: float | None = None) -> "Predictor":
-        if str(path).startswith("s3://"):  # object storage: a local copy through trainer.storage
-            from .storage import fetch
+                        amp: bool | None = None, click_radius: float | None = None, digest: bool = False) -> Predictor:
+        """A Predictor for a checkpoint at a local path, `file://` or `s3://` URI (`network.load_model`)."""
+        loaded = load_model(path, profile=profile, digest=digest)
+        return cls.from_loaded(loaded, device=device, amp=amp, click_radius=click_radius)
 
-            path = fetch(str(path))
-        ckpt = load_checkpoint(path)
-        prof = infer_profile(ckpt, profile)
-        model = build_network(prof)
-        try:
-            model.load_state_dict(ckpt.model)
-        except RuntimeError as exc:
-            raise CheckpointError(f"checkpoint {str(path)!r} does not fit profile {prof.name!r}: {str(exc).splitlines()[0]}") from None
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel, *, device: torch.device | None = None, amp: bool | None = None,
+                    click_radius: float | None = None) -> Predictor:
         # Our checkpoints store the training's setting (None: the profile's default).
-        sigma = (ckpt.config or {}).get("guidance_sigma") or prof.guidance_sigma
-        version = f"{Path(path).name}@epoch{ckpt.epoch + 1}" if not ckpt.plain_state_dict else f"{Path(path).name}(state_dict)"
-        return cls(model, prof, device=device, amp=amp, sigma=sigma, click_radius=click_radius, version=version)
+        sigma = (loaded.checkpoint.config or {}).get("guidance_sigma") or loaded.profile.guidance_sigma
+        return cls(loaded.model, loaded.profile, device=device, amp=amp, sigma=sigma, click_radius=click_radius,
+                   version=loaded.version)
 
     # ----------------------------------------------------------------- stages
 
@@ -315,7 +235,7 @@ class Predictor:
                 idx = [_zoo_ras_index(p, prepared).astype(int) for p in points]
             else:
                 idx = [np.rint(_ras_index(p, prepared)).astype(int) for p in points]
-            out[name] = [tuple(int(v) for v in np.multiply(i, factor).astype(int)) for i in idx]
+            out[name] = [as_point(np.multiply(i, factor).astype(int)) for i in idx]
         return out
 
     def grid_points(self, clicks: Clicks, prepared: Prepared) -> GridPoints:
@@ -395,10 +315,10 @@ class Predictor:
         click, and all of each connected piece of `changed` (what the clicked pass adds, or removes)
         that contains a click, so a click in a missed spleen or in a false-positive blob takes the
         whole of it. With `opening`, thin parts of `changed` are opened away first."""
-        device, changed = changed.device, changed.cpu().numpy()
-        weight = click_weight(points, changed.shape, self.click_radius)
-        if changed.any():
-            self._take_clicked_pieces(weight, points, changed, opening)
+        device, region = changed.device, changed.cpu().numpy()
+        weight = click_weight(points, region.shape, self.click_radius)
+        if region.any():
+            self._take_clicked_pieces(weight, points, region, opening)
         return torch.from_numpy(weight).to(device)
 
     @staticmethod
@@ -438,12 +358,13 @@ class Predictor:
         if not bool(fg.any()):
             return mask
         mode = "area" if self.profile.upsample == "area" else "trilinear"
-        windows = [
+        found = [
             _upsample_window(fg.any(dim=tuple(d for d in range(3) if d != axis)), fine, mode)
             for axis, fine in enumerate(prepared.ras_shape)
         ]
-        if any(w is None for w in windows):
+        if any(w is None for w in found):
             return mask
+        windows = [w for w in found if w is not None]
         coarse, level = p[(slice(None), *(w[0] for w in windows))], 0.5
         if self.profile.upsample == "logit" and len(p) == 1:
             coarse, level = torch.logit(coarse.clamp(LOGIT_EPS, 1 - LOGIT_EPS)), 0.0
@@ -511,7 +432,7 @@ def _zoo_ras_index(point, prepared: Prepared) -> np.ndarray:
     return (to_ras @ np.array([*point, 1.0]))[:3]
 
 
-def _has_clicks(clicks: Clicks) -> bool:
+def _has_clicks(clicks: Mapping[str, list]) -> bool:
     return any(len(points) for points in clicks.values())
 
 
@@ -548,10 +469,11 @@ def nudge(prob: torch.Tensor, points: GridPoints, sigma: float, margin: float = 
     return torch.sigmoid(torch.from_numpy(logit)).to(prob.device, prob.dtype)
 
 
-def write_mask(path: str | Path, mask: np.ndarray, affine: np.ndarray, dtype=np.uint8) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(mask.astype(dtype, copy=False), affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    nib.save(img, str(path))
+def __getattr__(name: str) -> Any:
+    """`load_clicks` lived here; it is the CLI's now (`trainer.cli`), imported on use so that inference
+    never imports the command line."""
+    if name == "load_clicks":
+        from .cli import load_clicks
+
+        return load_clicks
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,9 +27,10 @@ from typing import Any
 
 import torch
 
-from . import storage
+from . import env, storage
 from .checkpoint import Checkpoint, CheckpointError, digest, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
+from .faults import FaultSpec, FaultyLoader
 from .runtime import LocalRuntime
 
 log = logging.getLogger(__name__)
@@ -91,77 +91,6 @@ class RayJobConfig:
     @property
     def run_uri(self) -> str:
         return storage.join(self.storage, self.run_name)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class FaultSpec:
-    """A failure injected by tests (see `RayJobConfig.fault`)."""
-
-    rank: int
-    epoch: int
-    step: int = 0
-    mode: str = "raise"
-
-    @classmethod
-    def parse(cls, text: str) -> "FaultSpec":
-        try:
-            fields = dict(part.split("=", 1) for part in text.split(","))
-            spec = cls(rank=int(fields.pop("rank")), epoch=int(fields.pop("epoch")),
-                       step=int(fields.pop("step", 0)), mode=fields.pop("mode", "raise"))
-        except (KeyError, ValueError):
-            raise ConfigError(f"fault must look like 'rank=1,epoch=1,step=0,mode=raise', got {text!r}") from None
-        if fields or spec.mode not in ("raise", "kill"):
-            raise ConfigError(f"fault {text!r}: unknown keys {sorted(fields)} or mode not raise/kill")
-        return spec
-
-
-def _wait_until_committed(epoch: int, timeout_s: float = 60.0) -> None:
-    """Wait until Ray's controller has registered the checkpoint of `epoch` (1-based) in storage.
-
-    Ray restores only checkpoints its controller has registered (it polls the workers every ~2 s);
-    one uploaded just before a crash is redone. Waiting makes the injected fault deterministic.
-    """
-    import time
-
-    import ray.train
-
-    ctx = ray.train.get_context().get_storage()
-    snapshot = f"{ctx.experiment_fs_path}/checkpoint_manager_snapshot.json"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with ctx.storage_filesystem.open_input_stream(snapshot) as f:
-                if f"checkpoint_epoch_{epoch:04d}" in f.read().decode():
-                    return
-        except (FileNotFoundError, OSError):
-            pass
-        time.sleep(0.5)
-
-
-class _FaultyLoader:
-    """Wraps a DataLoader; fails at one step of one epoch (tests of in-run recovery only)."""
-
-    def __init__(self, loader, runtime: "RayRuntime", fault: FaultSpec):
-        self._loader, self._runtime, self._fault = loader, runtime, fault
-
-    def __getattr__(self, name: str):  # sampler, dataset, batch_size ... of the real loader
-        return getattr(self._loader, name)
-
-    def __len__(self) -> int:
-        return len(self._loader)
-
-    def __iter__(self):
-        f, rt = self._fault, self._runtime
-        armed = rt.rank == f.rank and rt.epoch == f.epoch and rt.start_epoch < f.epoch
-        for step, batch in enumerate(self._loader):
-            if armed and step == f.step:
-                if f.epoch > 0:
-                    _wait_until_committed(f.epoch)
-                log.warning("injected fault: rank %d, epoch %d, step %d (%s)", rt.rank, f.epoch, f.step, f.mode)
-                if f.mode == "kill":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                raise RuntimeError(f"injected fault at rank {rt.rank}, epoch {f.epoch}, step {f.step}")
-            yield batch
 
 
 class _TrainGauges:
@@ -230,7 +159,7 @@ class RayRuntime(LocalRuntime):
 
         # The engine moves each batch itself (dicts with click metadata, not just tensors).
         loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
-        return _FaultyLoader(loader, self, self._fault) if self._fault else loader
+        return FaultyLoader(loader, self, self._fault) if self._fault else loader
 
     def set_epoch(self, loader, epoch: int) -> None:
         self.epoch = epoch
@@ -302,7 +231,8 @@ class RayRuntime(LocalRuntime):
             ray.train.report(report, checkpoint=None)
             return
         self._history.append(metrics)
-        self._gauges.update(metrics)
+        if self._gauges is not None:  # set on the main rank, the only one that gets here
+            self._gauges.update(metrics)
         with tempfile.TemporaryDirectory(prefix="deepedit-ckpt-", ignore_cleanup_errors=True) as tmp:
             save_checkpoint(checkpoint, os.path.join(tmp, CHECKPOINT_FILE))
             with open(os.path.join(tmp, METRICS_FILE), "w") as f:
@@ -390,7 +320,7 @@ def fit(cfg: TrainConfig, data: str, job: RayJobConfig, *, loop: Callable[[dict[
 def job_config_from_args(args: argparse.Namespace) -> RayJobConfig:
     """CLI flags -> RayJobConfig. Defaults: storage `<output>/ray`, run name from the output folder."""
     output = Path(args.output).resolve()
-    run_name = args.run_name or os.environ.get("SPLEEN_DEEPEDIT_RUN_NAME") or output.name
+    run_name = args.run_name or env.run_name() or output.name
     return RayJobConfig(
         storage=args.storage or str(output / "ray"),
         run_name=run_name,

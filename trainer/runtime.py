@@ -9,16 +9,37 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import yaml
 
+from . import env
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+class Runtime(Protocol):
+    """What `trainer.train.train` needs from where it runs: one process, torch.distributed, Ray Train."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool: ...
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module: ...
+    def prepare_loader(self, loader: Any) -> Any: ...
+    def set_epoch(self, loader: Any, epoch: int) -> None: ...
+    def all_reduce_sum(self, values: list[float]) -> list[float]: ...
+    def all_true(self, ok: bool) -> bool: ...
+    def resume_checkpoint(self, resume: bool) -> Checkpoint | None: ...
+    def start(self, config: dict[str, Any]) -> None: ...
+    def on_epoch_end(self, *, metrics: dict[str, Any], checkpoint: Checkpoint, is_best: bool) -> None: ...
+    def finish(self) -> None: ...
 
 
 class LocalRuntime:
@@ -55,7 +76,7 @@ class LocalRuntime:
 
     def set_epoch(self, loader, epoch: int) -> None:
         sampler = getattr(loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
+        if sampler is not None and hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
@@ -104,7 +125,7 @@ class TorchDistributedRuntime(LocalRuntime):
     def __init__(self, output_dir: str | os.PathLike, device: torch.device | None = None):
         import torch.distributed as dist
 
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_rank = env.local_rank()
         if device is None:
             device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
         if device.type == "cuda":

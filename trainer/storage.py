@@ -18,12 +18,16 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
+from . import env
 from .config import ConfigError
 
 S3_SCHEME = "s3://"
+FILE_SCHEME = "file://"
+#: What a checkpoint or init-from location may be besides a plain local path.
+SCHEMES = (S3_SCHEME, FILE_SCHEME)
 #: Seconds allowed to open a connection to the S3 endpoint (and to read one answer in a check).
 CONNECT_TIMEOUT_S = 3.0
 READ_TIMEOUT_S = 10.0
@@ -38,6 +42,14 @@ class StorageError(ConfigError):
 
 def is_s3(uri: str | os.PathLike) -> bool:
     return str(uri).startswith(S3_SCHEME)
+
+
+def check_uri(uri: str | os.PathLike) -> str:
+    """`uri` as a string if it is a plain path, `file://` or `s3://`; a StorageError naming it otherwise."""
+    text = str(uri)
+    if "://" in text and not text.startswith(SCHEMES):
+        raise StorageError(f"{text!r}: only local paths, file:// and s3:// URIs are supported")
+    return text
 
 
 def join(uri: str, *parts: str) -> str:
@@ -60,7 +72,7 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 def endpoint() -> str:
     """The S3 endpoint in use, for messages (AWS itself when `AWS_ENDPOINT_URL` is unset)."""
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3 (default endpoint)"
+    return env.s3_endpoint() or "AWS S3 (default endpoint)"
 
 
 def s3_client(timeout_s: float = CONNECT_TIMEOUT_S):
@@ -151,8 +163,7 @@ def list_objects(uri: str) -> dict[str, dict]:
 
 def cache_root() -> Path:
     """Local cache for fetched objects and datasets (`SPLEEN_DEEPEDIT_CACHE`, else ~/.cache)."""
-    root = os.environ.get("SPLEEN_DEEPEDIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "spleen-deepedit")
-    return Path(root)
+    return Path(env.cache_dir())
 
 
 def _download(client, bucket: str, key: str, dest: Path) -> None:
@@ -169,12 +180,16 @@ def _download(client, bucket: str, key: str, dest: Path) -> None:
 
 
 def fetch(uri: str | os.PathLike, dest: str | os.PathLike | None = None) -> str:
-    """A local file for `uri`: a local path as is; an s3:// object downloaded (atomically).
+    """A local file for `uri`: the one rule for every reader of a checkpoint or init-from file.
 
-    Without `dest` the copy goes to `<cache>/s3/<bucket>/<key>`: it keeps the object's key, so an
+    A plain path is returned as is; `file:///abs/path` gives `/abs/path` (the text after `file://`); an
+    `s3://bucket/key` object is downloaded (atomically); any other scheme is refused (StorageError).
+    Without `dest` the S3 copy goes to `<cache>/s3/<bucket>/<key>`: it keeps the object's key, so an
     error about the file (e.g. a checkpoint that fails its checksum) still says which object it is.
     """
-    uri = str(uri)
+    uri = check_uri(uri)
+    if uri.startswith(FILE_SCHEME):
+        return uri[len(FILE_SCHEME):]
     if not is_s3(uri):
         return uri
     bucket, key = split_s3(uri)

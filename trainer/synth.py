@@ -245,6 +245,8 @@ def generate_case(
     target_ml = float(math.exp(rng.uniform(math.log(50), math.log(600))))
     base_axes = np.array([rng.uniform(0.45, 0.7), rng.uniform(0.8, 1.1), rng.uniform(1.0, 1.5)])
     crescent = rng.random() < 0.6
+    cut_offset: np.ndarray | None
+    cut_axes: np.ndarray | None
     if crescent:
         cut_offset = np.array([base_axes[0] * rng.uniform(0.9, 1.3), base_axes[1] * rng.uniform(0.1, 0.4), 0.0])
         cut_axes = base_axes * np.array([rng.uniform(0.8, 1.1), rng.uniform(0.6, 0.8), rng.uniform(0.6, 0.85)])

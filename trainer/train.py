@@ -14,19 +14,19 @@ from monai.data import CacheDataset, DataLoader
 from monai.transforms import Compose
 from tqdm.auto import tqdm
 
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from .checkpoint import Checkpoint
 from .config import ConfigError, TrainConfig
 from .data import DataError, list_dataset
 from .engine import make_loss, train_step, unwrap, validate_item
-from .network import build_network
-from .runtime import LocalRuntime
+from .network import build_network, load_weights, read_checkpoint
+from .runtime import Runtime
 from .schedule import Budget, learning_rate
 from .transforms import augment_transforms, cache_transforms
 
 log = logging.getLogger(__name__)
 
 
-def _data_error_in(exc: BaseException) -> DataError | None:
+def _data_error_in(exc: BaseException | None) -> DataError | None:
     """MONAI wraps errors raised inside transforms in RuntimeError("applying transform ..."); find ours."""
     while exc is not None:
         if isinstance(exc, DataError):
@@ -52,6 +52,7 @@ def build_datasets(cfg: TrainConfig, data_dir: str, rank: int = 0, world_size: i
 
 def _build_datasets(cfg: TrainConfig, data_dir: str, rank: int, world_size: int, progress: bool):
     ds = list_dataset(data_dir)
+    val_items: list[dict[str, Any]]
     train_items, val_items = ds.split(cfg.val_fraction)
     val_items = [dict(item, index=i) for i, item in enumerate(val_items)][rank::world_size]
     cache = cache_transforms(cfg)
@@ -72,10 +73,7 @@ def _restore(model, optimizer, scaler, ckpt: Checkpoint, cfg: TrainConfig, sourc
             f"checkpoint {source} was trained with profile {ckpt.profile!r}, this job uses {cfg.profile!r}: "
             f"pass --profile {ckpt.profile} or start from scratch"
         )
-    try:
-        unwrap(model).load_state_dict(ckpt.model)
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {source} does not fit profile {cfg.profile!r}: {str(exc).splitlines()[0]}") from None
+    load_weights(unwrap(model), ckpt, cfg.profile, source)
     if optimizer is not None and ckpt.optimizer:
         optimizer.load_state_dict(ckpt.optimizer)
     if scaler is not None and ckpt.scaler:
@@ -182,7 +180,7 @@ def make_loader(train_ds, cfg: TrainConfig, rank: int, world_size: int) -> DataL
     """
     from torch.utils.data.distributed import DistributedSampler
 
-    sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
+    sampler: DistributedSampler[Any] = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
     return DataLoader(
         train_ds,
         batch_size=cfg.batch_size,
@@ -205,7 +203,7 @@ def seed_epoch(loader, cfg: TrainConfig, rank: int, epoch: int) -> None:
     from monai.data.utils import set_rnd
 
     sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
+    if sampler is not None and hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
     seed = stream_seed(cfg.seed, rank, epoch)
     generator = getattr(loader, "generator", None)
@@ -267,7 +265,7 @@ def _validate(model, val_ds, cfg, runtime) -> float:
     return total / count if count else float("nan")
 
 
-def train(cfg: TrainConfig, data_dir: str, runtime: LocalRuntime) -> dict[str, Any]:
+def train(cfg: TrainConfig, data_dir: str, runtime: Runtime) -> dict[str, Any]:
     """Train `cfg` on the Decathlon dataset at `data_dir`; returns the last epoch's metrics.
 
     Checkpoints, metrics and resumption go through `runtime`.
@@ -277,7 +275,7 @@ def train(cfg: TrainConfig, data_dir: str, runtime: LocalRuntime) -> dict[str, A
         use_deterministic_kernels()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    model = build_network(cfg.profile_spec)
+    model: torch.nn.Module = build_network(cfg.profile_spec)
     model = runtime.prepare_model(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp)
@@ -291,12 +289,7 @@ def train(cfg: TrainConfig, data_dir: str, runtime: LocalRuntime) -> dict[str, A
             where = f"epoch {start_epoch + 1}" + (f", step {first_step + 1}" if first_step else "")
             log.info("resumed at %s (best validation Dice %.4f)", where, best)
     elif cfg.init_from:
-        source = cfg.init_from
-        if "://" in source:  # object storage: a local copy first
-            from .storage import fetch
-
-            source = fetch(source)
-        _restore(model, None, None, load_checkpoint(source), cfg, repr(cfg.init_from))
+        _restore(model, None, None, read_checkpoint(cfg.init_from)[1], cfg, repr(cfg.init_from))
     runtime.start(cfg.to_dict() | {"data": str(data_dir)})
 
     train_ds, val_ds = build_datasets(cfg, data_dir, runtime.rank, runtime.world_size, progress=runtime.is_main)
@@ -328,7 +321,7 @@ def train(cfg: TrainConfig, data_dir: str, runtime: LocalRuntime) -> dict[str, A
         if (epoch + 1) % cfg.val_every == 0 or last_epoch or over_time:
             val_dice = _validate(model, val_ds, cfg, runtime)
         is_best = val_dice is not None and val_dice > best
-        if is_best:
+        if is_best and val_dice is not None:
             best = val_dice
         metrics = {
             "epoch": epoch + 1,

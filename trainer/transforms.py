@@ -12,7 +12,7 @@ costs a fraction of the bundle's full-resolution work and memory.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np
@@ -104,13 +104,14 @@ def _area_axis(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     width = int(count.max())
     shape = [1] * x.ndim
     shape[dim] = size
-    out = None
+    out: torch.Tensor | None = None
     for t in range(width):
         idx = torch.clamp(start + t, max=n - 1)
         part = x.index_select(dim, idx)
         if t and bool((count <= t).any()):
             part = part * (count > t).to(part.dtype).view(shape)
         out = part if out is None else out.add_(part)
+    assert out is not None  # width >= 1: every bin holds at least one input
     return out.div_(count.to(out.dtype).view(shape))
 
 

@@ -189,7 +189,8 @@ class DeepEditService(MonaiLabelRoutes, ServiceCore):
 
 def build_app(args: ServeArgs) -> Application:
     """Typed application builder for `serve run trainer.serve.app:build_app` and RayService configs."""
-    return DeepEditService.options(
+    # @serve.deployment made the class a Deployment; mypy keeps a class's type through decorators.
+    return DeepEditService.options(  # type: ignore[attr-defined]
         num_replicas=args.num_replicas,
         ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
         max_ongoing_requests=args.max_ongoing_requests,

@@ -87,13 +87,12 @@ def _raise_if_failed(app_name: str) -> None:
 
 def check_checkpoint_uri(uri: str) -> None:
     """Fail before starting Ray: a missing local file, or an unreachable S3 endpoint or bucket."""
+    from trainer import storage
     from trainer.checkpoint import CheckpointError
 
-    if uri.startswith("s3://"):
-        from trainer import storage
-
+    if storage.is_s3(uri):
         storage.check_storage(uri)  # seconds, with a message that says what to set
-    elif not os.path.isfile(uri.removeprefix("file://")):
+    elif not os.path.isfile(storage.fetch(uri)):  # local or file://: the path, nothing fetched
         raise CheckpointError(f"checkpoint {uri!r} does not exist: pass the path of a .pt file written by training")
 
 

@@ -69,7 +69,7 @@ class DeepEditClient:
         t0 = time.perf_counter()
         return _mask(self.http.post("/v1/segment", content=_read(volume), params=params), t0)
 
-    def session(self, volume: str | os.PathLike | bytes) -> "Session":
+    def session(self, volume: str | os.PathLike | bytes) -> Session:
         r = self.http.post("/v1/sessions", content=_read(volume))
         if r.status_code != 201:
             raise RuntimeError(f"POST /v1/sessions: {r.status_code} {r.text[:300]}")
@@ -92,7 +92,7 @@ class Session:
     def close(self) -> None:
         self.client.http.delete(f"/v1/sessions/{self.id}")
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc) -> None:

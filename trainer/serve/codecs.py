@@ -23,11 +23,13 @@ import math
 import re
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 
 from .errors import ApiError
+from .settings import serve_default
 
 GZIP_MAGIC = b"\x1f\x8b"
 #: File extensions a mask can be written as (MONAI Label's `result_extension`).
@@ -62,12 +64,12 @@ class VolumeLimits:
             files have one per 64 KiB).
     """
 
-    max_voxels: int = 512 * 512 * 1024
-    max_dim: int = 2048
+    max_voxels: int = serve_default("max_voxels")
+    max_dim: int = serve_default("max_dim")
     min_dim: int = 2
-    max_volume_bytes: int = 1024**3
-    max_extension_bytes: int = 1024 * 1024
-    max_gzip_members: int = 4096
+    max_volume_bytes: int = serve_default("max_volume_bytes")
+    max_extension_bytes: int = serve_default("max_extension_bytes")
+    max_gzip_members: int = serve_default("max_gzip_members")
 
     def __post_init__(self) -> None:
         values = (self.max_voxels, self.max_dim, self.min_dim, self.max_volume_bytes, self.max_gzip_members)
@@ -79,7 +81,7 @@ class VolumeLimits:
 class NiftiPlan:
     """What a checked header declares: enough to price the request before decoding it."""
 
-    header: object  # nib.Nifti1Header or nib.Nifti2Header (extensions not read)
+    header: Any  # nib.Nifti1Header or nib.Nifti2Header (extensions not read)
     shape: tuple[int, int, int]
     dtype: np.dtype
     offset: int

@@ -29,46 +29,28 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from . import ingress
 from .codecs import NiftiPlan, VolumeLimits, decode_volume, encode_mask, read_header
 from .errors import ApiError, scrub
 from .inputs import check_clicks
 from .metrics import create_metrics
 from . import series
 from .sessions import SessionStore
-from .settings import ServeArgs, read_token_file
-from . import ingress
+from .settings import ServeArgs, read_token_file, serve_default
 
 log = logging.getLogger("trainer.serve")
-
-
-def resolve_checkpoint(uri: str) -> str:
-    """A local path for a checkpoint URI: `s3://` objects are downloaded through `trainer.storage`."""
-    if uri.startswith("file://"):
-        return uri[len("file://"):]
-    if uri.startswith("s3://"):
-        from trainer import storage  # lazy: boto3 is needed only for s3://
-
-        return storage.fetch(uri)  # cached under the object's key, so the version keeps its name
-    return uri
+#: The batching defaults of ServeArgs (their one home), for the `@serve.batch` decorator below.
+_SERVE_DEFAULTS = {name: serve_default(name) for name in ("max_batch_size", "batch_wait_timeout_s")}
 
 
 def load_predictor(uri: str, profile: str | None, device: str | None, click_radius: float | None = None):
     """The one `Predictor`, its version suffixed with a digest of the file (a retrained `best.pt` differs)."""
-    import hashlib
-
     import torch
 
     from trainer.predictor import Predictor
 
-    path = resolve_checkpoint(uri)
-    predictor = Predictor.from_checkpoint(path, profile=profile, device=torch.device(device) if device else None,
-                                          click_radius=click_radius)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    predictor.version = f"{predictor.version}+{h.hexdigest()[:10]}"
-    return predictor
+    return Predictor.from_checkpoint(uri, profile=profile, device=torch.device(device) if device else None,
+                                     click_radius=click_radius, digest=True)
 
 
 def redact(uri: str | None) -> str | None:
@@ -354,7 +336,8 @@ class ServiceCore:
     async def encode(self, mask: np.ndarray, affine: np.ndarray, extension: str, dtype: str, watch: Stopwatch) -> bytes:
         return await watch.run("encode", encode_mask, mask, affine, extension, dtype)
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
+    # Placeholders: __init__ sets both from the ServeArgs in use (set_max_batch_size / set_batch_wait_timeout_s).
+    @serve.batch(max_batch_size=_SERVE_DEFAULTS["max_batch_size"], batch_wait_timeout_s=_SERVE_DEFAULTS["batch_wait_timeout_s"])
     async def _forward_batch(self, predictors: list, prepared: list, net_clicks: list, exact: list) -> list:
         """Concurrent requests' forwards as one batch (grouped by model, should a swap split them)."""
         self.metrics.batch_size.observe(len(prepared))

@@ -20,7 +20,8 @@ import logging
 import os
 import time
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import ApiError
 from .inputs import parse_json as _parse_json_bounded
+from .settings import serve_default
 
 log = logging.getLogger("trainer.serve")
 
@@ -61,6 +63,8 @@ class TokenSource:
             self._stamp = self._stat()
 
     def _stat(self) -> tuple | None:
+        if self._path is None:
+            return None
         try:
             st = os.stat(self._path)
         except OSError:
@@ -68,7 +72,7 @@ class TokenSource:
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def get(self) -> str | None:
-        if self._path is not None and time.monotonic() - self._checked >= TOKEN_RECHECK_S:
+        if self._path is not None and self._reader is not None and time.monotonic() - self._checked >= TOKEN_RECHECK_S:
             self._checked = time.monotonic()
             stamp = self._stat()
             if stamp != self._stamp:
@@ -121,11 +125,11 @@ class _Runtime:
     """What the guard needs from the replica; set by `configure` in the deployment's `__init__`."""
 
     tokens: TokenSource = TokenSource()
-    max_upload_bytes: int = 512 * 1024 * 1024
-    max_json_bytes: int = 64 * 1024
+    max_upload_bytes: int = serve_default("max_upload_bytes")
+    max_json_bytes: int = serve_default("max_json_bytes")
     cors_origins: tuple[str, ...] = ()
     metrics: Any = None
-    auth_limiter: RateLimiter = RateLimiter(10)
+    auth_limiter: RateLimiter = RateLimiter(serve_default("auth_token_rate_per_min"))
 
     @property
     def token(self) -> str | None:

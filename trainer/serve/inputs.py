@@ -88,7 +88,7 @@ def parse_json(text: str | bytes | None, what: str, max_bytes: int) -> Any:
 
 def check_clicks(clicks: Any, shape: tuple[int, int, int], max_per_label: int) -> dict[str, list[tuple[int, int, int]]]:
     """Capped, validated, de-duplicated clicks (original voxel indices), or 400 naming the problem."""
-    from trainer.predictor import ClickError, validate_clicks
+    from trainer.clicks import ClickError, validate_clicks
 
     if isinstance(clicks, dict):
         for name, points in clicks.items():

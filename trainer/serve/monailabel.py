@@ -13,7 +13,7 @@ import json
 import re
 import secrets
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
@@ -68,7 +68,15 @@ def _session_info(session_id: str, entry, ttl: float) -> dict[str, Any]:
             "create_ts": int(now - (entry.last_used - entry.created)), "last_access_ts": int(now)}
 
 
-class MonaiLabelRoutes:
+# A mixin of the deployment class: it uses ServiceCore's state, which the type checker sees through this
+# base; at run time the deployment inherits both (FastAPI's class-based views need plain methods here).
+if TYPE_CHECKING:
+    from .core import ServiceCore as _Service
+else:
+    _Service = object
+
+
+class MonaiLabelRoutes(_Service):
     """Route methods mixed into the deployment class (they use `ServiceCore`'s stages)."""
 
     @api.get("/info/")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -91,9 +91,9 @@ class ServeArgs(BaseModel):
     @field_validator("checkpoint")
     @classmethod
     def _checkpoint_uri(cls, value: str) -> str:
-        if "://" in value and not value.startswith(("s3://", "file://")):
-            raise ValueError(f"checkpoint {value!r}: only local paths, file:// and s3:// URIs are supported")
-        return value
+        from trainer.storage import check_uri
+
+        return check_uri(value)  # a StorageError is a ValueError: pydantic reports it
 
     @field_validator("auth_token_env")
     @classmethod
@@ -103,7 +103,7 @@ class ServeArgs(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _batching_fits(self) -> "ServeArgs":
+    def _batching_fits(self) -> ServeArgs:
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(
                 f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least max_batch_size "
@@ -112,7 +112,7 @@ class ServeArgs(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _one_token_source(self) -> "ServeArgs":
+    def _one_token_source(self) -> ServeArgs:
         if self.auth_token_env is not None and self.auth_token_file is not None:
             raise ValueError("give auth_token_env or auth_token_file, not both")
         return self
@@ -132,3 +132,8 @@ class ServeArgs(BaseModel):
 
     def user_config(self) -> dict[str, str | None]:
         return {"checkpoint": self.checkpoint, "profile": self.profile}
+
+
+def serve_default(name: str) -> Any:
+    """The default of one `ServeArgs` field: the one home of every serve setting's default."""
+    return ServeArgs.model_fields[name].default
