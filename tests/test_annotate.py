@@ -17,8 +17,17 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.annotate import (ROW_DEFAULTS, AnnotateConfig, ReviewThresholds, annotate, case_stats, finished_rows,
-                              group_cases, mask_uri, row_uri)
+from trainer.annotate import (
+    ROW_DEFAULTS,
+    AnnotateConfig,
+    ReviewThresholds,
+    annotate,
+    case_stats,
+    finished_rows,
+    group_cases,
+    mask_uri,
+    row_uri,
+)
 from trainer.checkpoint import Checkpoint, save_checkpoint
 from trainer.config import ConfigError, get_profile
 from trainer.network import build_network

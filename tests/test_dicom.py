@@ -288,12 +288,12 @@ def test_seg_reads_back_references_source_and_passes_dciodvfy(tmp_path):
 
 
 def test_infer_cli_dicom_in_seg_out_matches_nifti_path(tmp_path, capsys):
+    import torch
+
     from trainer.checkpoint import Checkpoint, save_checkpoint
     from trainer.cli import main
     from trainer.config import get_profile
     from trainer.network import build_network
-
-    import torch
 
     torch.manual_seed(0)
     ckpt = tmp_path / "tiny.pt"

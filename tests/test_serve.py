@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import gzip
+import io
 import json
 import os
 import shutil

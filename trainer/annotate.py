@@ -31,9 +31,10 @@ import os
 import pickle
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -164,7 +165,8 @@ def group_cases(rel_paths: list[str]) -> list[dict[str, Any]]:
         cases[folder + "/"] = {"source": folder, "kind": "dicom_dir", "keys": json.dumps(files)}
     from .data import DataError
 
-    out, seen = [], {}
+    out: list[dict[str, Any]] = []
+    seen: dict[str, str] = {}
     for key in sorted(cases):
         case_id = _case_id(cases[key]["source"])
         if case_id in seen:
@@ -304,9 +306,9 @@ class Forward:
         t0 = time.perf_counter()
         states = [pickle.loads(r[PAYLOAD]) for r in rows]
         prob = self.predictor.forward([_prepared(s["prepared"]) for s in states], [empty_clicks() for _ in rows])
-        prob = prob.detach().float().cpu().numpy()
+        probs = prob.detach().float().cpu().numpy()
         each = (time.perf_counter() - t0) / len(rows)
-        for r, s, p in zip(rows, states, prob):
+        for r, s, p in zip(rows, states, probs):
             s["prob"] = p
             s["prepared"]["image"] = None  # not needed any more: keep the object store light
             r.update({PAYLOAD: _dump(s), "forward_s": each})

@@ -304,7 +304,7 @@ class BundleEvaluation:
 
         check_fits(read_checkpoint(self.checkpoint)[1], self.profile, self.checkpoint)
         metrics_log = Path(self.output_dir) / "metrics.jsonl"
-        optional = {"max_clicks": self.max_clicks} if self.max_clicks is not None else {}
+        optional: dict[str, Any] = {"max_clicks": self.max_clicks} if self.max_clicks is not None else {}
         summary = evaluate_checkpoint(
             self.checkpoint,
             self.dataset_dir,

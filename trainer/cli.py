@@ -164,9 +164,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     from .clicks import validate_clicks
     from .data import load_volume, write_mask
-    from .predictor import Predictor
-
     from .dicom import is_dicom_source  # pydicom itself loads only for a DICOM input
+    from .predictor import Predictor
 
     clicks = load_clicks(args.clicks)
     fmt = args.format or ("dcm" if str(args.output).lower().endswith(".dcm") else "nii.gz")
@@ -186,7 +185,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
                                           click_radius=args.click_radius)
     t0 = time.perf_counter()
     pred = predictor.predict(image, affine, clicks)
-    if fmt == "dcm":
+    if series is not None:  # fmt == "dcm" (checked above)
         from .dicom import SegInfo, write_seg
 
         write_seg(args.output, pred.mask, series, SegInfo(model_version=predictor.version))
@@ -314,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_annotate_parser(sub)
 
-    from k8s.cli import add_parser as add_k8s_parser  # argparse only; the kubernetes client loads when a k8s command runs
+    from k8s.cli import (
+        add_parser as add_k8s_parser,  # argparse only; the kubernetes client loads when a k8s command runs
+    )
 
     add_k8s_parser(sub)
     return parser

@@ -29,13 +29,15 @@ pydicom and highdicom are imported only when a function here runs, so `import tr
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, NamedTuple, Sequence
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -102,7 +104,7 @@ class SeriesLimits:
 class SeriesMeta:
     """What a DICOM series keeps besides its voxels: the sorted slice headers (no pixel data), for the SEG."""
 
-    datasets: list["Dataset"]
+    datasets: list[Dataset]
     names: list[str]  # the file name of each sorted slice (for messages)
     transfer_syntax: str
     spacing: tuple[float, float, float]  # column, row, slice spacing in mm
@@ -121,7 +123,7 @@ class DicomVolume(NamedTuple):
 # ----------------------------------------------------------------------------- sources
 
 #: One file of a series: its name and a function opening it as a binary stream.
-Member = tuple[str, int, Callable[[], BinaryIO]]
+Member = tuple[str, int, Callable[[], IO[bytes]]]
 
 
 def _ignored(name: str) -> bool:
@@ -129,12 +131,16 @@ def _ignored(name: str) -> bool:
     return any(p.startswith(".") or p == "__MACOSX" for p in parts) or parts[-1] in IGNORED_NAMES
 
 
+def _open_file(path: Path) -> IO[bytes]:
+    return open(path, "rb")
+
+
 def _dir_members(root: Path) -> list[Member]:
     out: list[Member] = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
         if not _ignored(rel):
-            out.append((rel, path.stat().st_size, lambda p=path: open(p, "rb")))
+            out.append((rel, path.stat().st_size, functools.partial(_open_file, path)))
     return out
 
 
@@ -144,7 +150,7 @@ def _zip_members(zf: zipfile.ZipFile, label: str) -> list[Member]:
         if info.is_dir() or _ignored(info.filename):
             continue
         # ZipExtFile never yields more than the declared file_size, so the sizes summed below bound the reads.
-        out.append((info.filename, info.file_size, lambda i=info: zf.open(i)))
+        out.append((info.filename, info.file_size, functools.partial(zf.open, info)))
     if not out:
         raise DicomError("empty_upload", f"{label} holds no files: zip the .dcm files of one CT series")
     return out
@@ -191,7 +197,7 @@ def _check_counts(members: Sequence[Member], label: str, limits: SeriesLimits) -
                          "upload one series at a time", 413)
 
 
-def _with_transfer_syntax(ds: "Dataset") -> "Dataset":
+def _with_transfer_syntax(ds: Dataset) -> Dataset:
     """A dataset read without file meta (a raw PACS export, no `DICM` preamble) gets the transfer
     syntax its encoding was read in, so its pixels can be decoded."""
     from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -203,7 +209,7 @@ def _with_transfer_syntax(ds: "Dataset") -> "Dataset":
     return ds
 
 
-def _read_header(pydicom, name: str, opener: Callable[[], BinaryIO]) -> "Dataset":
+def _read_header(pydicom, name: str, opener: Callable[[], IO[bytes]]) -> Dataset:
     from pydicom.errors import InvalidDicomError
 
     not_dicom = DicomError("not_dicom", f"{name} is not a DICOM file (no DICOM header): upload only the .dcm files of "
@@ -244,7 +250,7 @@ def _check_decodable(ts: str, name: str) -> None:
                          "pip install 'spleen-deepedit[dicom]'", 415)
 
 
-def _floats(ds: "Dataset", keyword: str, n: int, name: str) -> np.ndarray:
+def _floats(ds: Dataset, keyword: str, n: int, name: str) -> np.ndarray:
     value = ds.get(keyword)
     try:
         arr = np.asarray([float(v) for v in value], dtype=np.float64)
@@ -256,7 +262,7 @@ def _floats(ds: "Dataset", keyword: str, n: int, name: str) -> np.ndarray:
     return arr
 
 
-def _check_slice(ds: "Dataset", name: str) -> None:
+def _check_slice(ds: Dataset, name: str) -> None:
     modality = str(ds.get("Modality", ""))
     if modality not in SUPPORTED_MODALITIES:
         raise DicomError("unsupported_modality", f"{name} has modality {modality or 'none'!r}: the model segments CT "
@@ -277,7 +283,7 @@ def _check_slice(ds: "Dataset", name: str) -> None:
                          "regular grid: resample the series to an untilted grid (e.g. with dcm2niix) first")
 
 
-def _one_series(headers: list[tuple[str, "Dataset"]], label: str) -> None:
+def _one_series(headers: list[tuple[str, Dataset]], label: str) -> None:
     series: dict[str, list[str]] = {}
     for name, ds in headers:
         series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(name)
@@ -287,7 +293,7 @@ def _one_series(headers: list[tuple[str, "Dataset"]], label: str) -> None:
                          "(one folder or zip per series)")
 
 
-def _geometry(headers: list[tuple[str, "Dataset"]], limits: SeriesLimits, label: str):
+def _geometry(headers: list[tuple[str, Dataset]], limits: SeriesLimits, label: str):
     """Sort the slices along the normal and check the grid; -> (order, LPS affine, spacing)."""
     name0, ds0 = headers[0]
     iop = _floats(ds0, "ImageOrientationPatient", 6, name0)
@@ -357,7 +363,7 @@ def _geometry(headers: list[tuple[str, "Dataset"]], limits: SeriesLimits, label:
     return order, lps, (float(spacing[1]), float(spacing[0]), float(np.linalg.norm(lps[:3, 2])))
 
 
-def _decode(pydicom, name: str, opener: Callable[[], BinaryIO], shape: tuple[int, int]) -> tuple[np.ndarray, "Dataset"]:
+def _decode(pydicom, name: str, opener: Callable[[], IO[bytes]], shape: tuple[int, int]) -> tuple[np.ndarray, Dataset]:
     try:
         with opener() as f:
             ds = _with_transfer_syntax(pydicom.dcmread(f, force=True))  # the header pass vetted the file
@@ -482,9 +488,9 @@ def upload_members(data: bytes | Sequence[tuple[str, bytes]], label: str = "the 
     A zip stays open while its members are read (the archive lives in memory; nothing to close)."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         if bytes(data[:4]) == ZIP_MAGIC:
-            return _zip_members(_open_zip(data, label), label)
+            return _zip_members(_open_zip(bytes(data), label), label)
         data = [("upload.dcm", bytes(data))]
-    return [(name, len(blob), lambda d=blob: io.BytesIO(d)) for name, blob in data if not _ignored(name)]
+    return [(name, len(blob), functools.partial(io.BytesIO, blob)) for name, blob in data if not _ignored(name)]
 
 
 def read_files(files: Iterable[tuple[str, bytes]], limits: SeriesLimits | None = None,
@@ -518,7 +524,7 @@ def _package_version() -> str:
         return "0+unknown"
 
 
-def seg_dataset(mask: np.ndarray, meta: SeriesMeta, info: SegInfo) -> "Dataset":
+def seg_dataset(mask: np.ndarray, meta: SeriesMeta, info: SegInfo) -> Dataset:
     """A binary DICOM Segmentation of `mask` (same `[column, row, slice]` grid as the series read).
 
     The SEG is a new series in the source's study, references every source slice, and carries one
@@ -576,7 +582,7 @@ _SITE_ATTRIBUTES = ("InstitutionName", "InstitutionAddress", "InstitutionalDepar
 _KEEP_OPTIONAL = frozenset({"PatientIdentityRemoved"})
 
 
-def _drop_optional_copies(seg: "Dataset") -> None:
+def _drop_optional_copies(seg: Dataset) -> None:
     """Remove the patient and study attributes the standard does not require of a SEG.
 
     highdicom copies every root attribute of the source's Patient and Study modules (Type 3 ones such
@@ -634,9 +640,9 @@ def read_volume_any(source: str | os.PathLike, limits: SeriesLimits | None = Non
     if is_dicom_source(source):
         vol = read_series(source, limits)
         return vol.image, vol.affine, vol.meta
-    from .predictor import load_volume
+    from .data import load_volume
 
-    image, affine = load_volume(source)
+    image, affine = load_volume(Path(source))
     return image, affine, None
 
 
@@ -656,7 +662,7 @@ def write_ct_series(out_dir: str | os.PathLike, image: np.ndarray, affine: np.nd
     """
     _import_pydicom()  # a clear error without the dicom extra
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -719,10 +725,10 @@ def write_dicom_dataset(root: str | os.PathLike, syntax: str = "uncompressed") -
     if syntax not in SYNTH_SYNTAXES:
         raise DicomError("bad_syntax", f"--dicom {syntax!r}: use one of {sorted(SYNTH_SYNTAXES)}")
     root = Path(root)
-    out = []
+    out: list[Path] = []
     for folder in ("imagesTr", "imagesTs"):
         for path in sorted((root / folder).glob("*.nii.gz")) if (root / folder).is_dir() else []:
-            img = nib.load(path)
+            img: Any = nib.load(path)
             target = root / "dicom" / folder / path.name[: -len(".nii.gz")]
             write_ct_series(target, np.asanyarray(img.dataobj), img.affine, transfer_syntax=SYNTH_SYNTAXES[syntax],
                             seed=len(out))

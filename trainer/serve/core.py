@@ -29,12 +29,11 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from . import ingress
+from . import ingress, series
 from .codecs import NiftiPlan, VolumeLimits, decode_volume, encode_mask, read_header
 from .errors import ApiError, scrub
 from .inputs import check_clicks
 from .metrics import create_metrics
-from . import series
 from .sessions import SessionStore
 from .settings import ServeArgs, read_token_file, serve_default
 
@@ -361,7 +360,7 @@ class ServiceCore:
 
     # ------------------------------------------------------------------ sessions
 
-    async def open_session(self, data: bytes, watch: Stopwatch, image_id: str | None = None,
+    async def open_session(self, data: bytes | list[tuple[str, bytes]], watch: Stopwatch, image_id: str | None = None,
                            owner: str = "anon") -> tuple[str, dict]:
         """Upload -> cached Prepared; returns (session id or image id, info).
 
