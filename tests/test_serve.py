@@ -16,9 +16,11 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import hostile_inputs as hi
 import numpy as np
@@ -886,6 +888,28 @@ def test_hostile_corpus_each_4xx_within_2s_and_service_fine_after(service, clien
     assert info["limits"]["memory_budget_bytes"] == LIMITS["memory_budget_bytes"]
 
 
+#: 8 threads posting the bomb files of a folder until a stop file appears (200 each at most); prints
+#: the statuses as JSON.
+_BOMBER = """
+import json, os, sys, threading, httpx
+url, token, sid, folder, stop = sys.argv[1:6]
+bombs = [open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder)) if n.endswith(".bin")]
+statuses = []
+def run(i):
+    with httpx.Client(base_url=url, headers={"Authorization": "Bearer " + token}, timeout=60) as b:
+        for n in range(200):
+            if os.path.exists(stop):
+                return
+            payload = bombs[(i + n) % len(bombs)]
+            path = "/v1/sessions/" + sid + "/segment" if payload[:1] == b"[" else "/v1/segment"
+            statuses.append(b.post(path, content=payload).status_code)
+threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(json.dumps(statuses))
+"""
+
+
 @pytest.mark.serve
 @pytest.mark.slow
 def test_mixed_load_bombs_do_not_slow_a_normal_client(service, case, volume):
@@ -912,28 +936,23 @@ def test_mixed_load_bombs_do_not_slow_a_normal_client(service, case, volume):
 
         clicks(2)  # warm
         unloaded = clicks(12)
-        stop = threading.Event()
-        statuses: list[int] = []
-
-        def bomber(i: int) -> None:
-            with httpx.Client(base_url=service[0], headers=headers, timeout=60) as b:
-                n = 0
-                while not stop.is_set() and n < 200:  # bounded
-                    payload = bombs[(i + n) % len(bombs)]
-                    url = f"/v1/sessions/{sid}/segment" if payload[:1] == b"[" else "/v1/segment"
-                    statuses.append(b.post(url, content=payload).status_code)
-                    n += 1
-
-        threads = [threading.Thread(target=bomber, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
+        # The 8 bomb clients run in another process (8 threads, as from one other machine): in this
+        # process their threads would hold the GIL the measured client needs, which is no property
+        # of the server. They still share the 2 CPUs with the server.
+        work = Path(tempfile.mkdtemp(prefix="bombs-"))
+        for i, payload in enumerate(bombs):
+            (work / f"{i}.bin").write_bytes(payload)
+        stop_file = work / "stop"
+        bombers = subprocess.Popen([sys.executable, "-c", _BOMBER, service[0], TOKEN, sid, str(work), str(stop_file)],
+                                   stdout=subprocess.PIPE, text=True)
         try:
-            time.sleep(0.5)
+            time.sleep(1.0)
             loaded = clicks(20)
         finally:
-            stop.set()
-            for t in threads:
-                t.join(timeout=60)
+            stop_file.touch()
+            out, _ = bombers.communicate(timeout=120)
+            shutil.rmtree(work, ignore_errors=True)
+        statuses = json.loads(out)
     p95 = lambda xs: sorted(xs)[max(0, int(np.ceil(0.95 * len(xs))) - 1)]  # noqa: E731
     assert statuses and all(400 <= s < 500 for s in statuses), sorted(set(statuses))
     assert p95(loaded) <= 3 * p95(unloaded) + 0.05, (p95(loaded), p95(unloaded))

@@ -185,7 +185,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
                                           click_radius=args.click_radius)
     t0 = time.perf_counter()
     pred = predictor.predict(image, affine, clicks)
-    if series is not None:  # fmt == "dcm" (checked above)
+    if fmt == "dcm" and series is not None:  # a dcm request without a series was refused above
         from .dicom import SegInfo, write_seg
 
         write_seg(args.output, pred.mask, series, SegInfo(model_version=predictor.version))
