@@ -28,8 +28,8 @@ def test_each_rank_draws_its_own_augmentation(tiny_dataset):
     assert all(torch.equal(a, b) for a, b in zip(rank0, _draws(loaders[0], cfg, 0, 0)))
     assert not all(torch.equal(a, b) for a, b in zip(rank0, _draws(loaders[0], cfg, 0, 1)))
     # The two ranks' shares of an epoch do not overlap.
-    for rank, loader in enumerate(loaders):
-        seed_epoch(loader, cfg, rank, 2)
+    for loader in loaders:
+        loader.sampler.set_epoch(2)
     shares = [set(iter(loader.sampler)) for loader in loaders]
     assert not shares[0] & shares[1] and len(shares[0] | shares[1]) == len(train_ds)
 

@@ -229,10 +229,11 @@ class Predictor:
         # The model zoo's arithmetic (ResizeGuidanceMultipleLabelDeepEditd): the index times the float
         # factor grid / scan, truncated, so a click on an exact multiple lands where the bundle puts it.
         factor = np.divide(self.profile.spatial_size, prepared.ras_shape)
+        zoo_to_ras = _zoo_index_to_ras(prepared) if self.profile.zoo_click_arithmetic else None
         out: Clicks = {}
         for name, points in clicks.items():
             if self.profile.zoo_click_arithmetic:
-                idx = [_zoo_ras_index(p, prepared).astype(int) for p in points]
+                idx = [(zoo_to_ras @ np.array([*p, 1.0]))[:3].astype(int) for p in points]
             else:
                 idx = [np.rint(_ras_index(p, prepared)).astype(int) for p in points]
             out[name] = [as_point(np.multiply(i, factor).astype(int)) for i in idx]
@@ -424,12 +425,11 @@ def _ras_index(point, prepared: Prepared) -> np.ndarray:
     return (prepared.index_to_ras @ np.array([*point, 1.0]))[:3]
 
 
-def _zoo_ras_index(point, prepared: Prepared) -> np.ndarray:
-    """The model zoo's RAS index of a click, as floats: `inv(A_ras) @ A_orig @ p`, with A_ras the affine
-    MONAI's Orientationd gives (A_orig @ the reorientation), in float64 as it computes it."""
+def _zoo_index_to_ras(prepared: Prepared) -> np.ndarray:
+    """The model zoo's original index -> RAS index map, as floats: `inv(A_ras) @ A_orig`, with A_ras
+    the affine MONAI's Orientationd gives (A_orig @ the reorientation), in float64 as it computes it."""
     xform = nib.orientations.inv_ornt_aff(prepared.to_ras, prepared.orig_shape)
-    to_ras = np.linalg.inv(prepared.orig_affine @ xform) @ prepared.orig_affine
-    return (to_ras @ np.array([*point, 1.0]))[:3]
+    return np.linalg.inv(prepared.orig_affine @ xform) @ prepared.orig_affine
 
 
 def _has_clicks(clicks: Mapping[str, list]) -> bool:

@@ -192,7 +192,8 @@ def make_loader(train_ds, cfg: TrainConfig, rank: int, world_size: int) -> DataL
 
 
 def seed_epoch(loader, cfg: TrainConfig, rank: int, epoch: int) -> None:
-    """Make the epoch's shuffle and augmentation streams functions of (seed, rank, epoch) alone.
+    """Make the epoch's augmentation streams functions of (seed, rank, epoch) alone (the shuffle is
+    the sampler's, set by `Runtime.set_epoch`).
 
     Each rank draws its own augmentation (MONAI's DataLoader re-seeds the dataset from torch's
     global generator, which is seeded alike on every rank: every rank drew the same flips), and a
@@ -202,9 +203,6 @@ def seed_epoch(loader, cfg: TrainConfig, rank: int, epoch: int) -> None:
     """
     from monai.data.utils import set_rnd
 
-    sampler = getattr(loader, "sampler", None)
-    if sampler is not None and hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
     seed = stream_seed(cfg.seed, rank, epoch)
     generator = getattr(loader, "generator", None)
     if generator is not None:
