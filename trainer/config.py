@@ -70,6 +70,11 @@ class Profile:
         second_click_voxels: training's corrective clicks: an error region larger than this many
             grid voxels gets a second click, as MONAI's DeepEdit does above 50 voxels at 128^3; 0:
             one click per error region (the small grids, where most regions are that small).
+        window_prob: default share of training samples that are click-centred refinement windows
+            instead of whole-scan resizes (`trainer.refine`); checkpoints trained with windows > 0
+            refine clicks at inference. 0 for `bundle`: the model zoo's behaviour.
+        window_mm: a refinement window's extent at its finest, on every axis: the grid over it gives
+            the window spacing (cpu: 128 mm over 64x64x32 = 2x2x4 mm).
     """
 
     name: str
@@ -87,6 +92,8 @@ class Profile:
     cuda_fp16_inference: bool = False
     zoo_click_arithmetic: bool = False
     second_click_voxels: int = 0
+    window_prob: float = 0.0
+    window_mm: float = 128.0
 
     def __post_init__(self) -> None:
         # DynUNet strides (1,2,2,2,2,(2,2,1)) downsample x and y by 32 and z by 16.
@@ -150,6 +157,8 @@ PROFILES: dict[str, Profile] = {
         # closely: validation split, same model, Dice 0.9165 -> 0.9227; 400 fresh phantoms 0.902 ->
         # 0.908 (docs/evaluation.md, row S).
         upsample="logit",
+        # Half the samples are refinement windows: see docs/evaluation.md (click-centred refinement).
+        window_prob=0.5,
         description="demo profile for a laptop CPU: DynUNet 16..96 filters at 64x64x32",
     ),
     "tiny": Profile(
@@ -234,6 +243,9 @@ class TrainConfig:
             nothing to resume.
         max_train_seconds: wall-time budget of the training loop: the job stops at the first step past
             it, validates and writes its checkpoint (0: no limit).
+        window_prob: share of training samples drawn as click-centred refinement windows
+            (`trainer.refine.RandWindowd`); None takes the profile's default (0 for `bundle`).
+        window_mm: refinement windows' extent at their finest (mm); None takes the profile's.
         deterministic: deterministic kernels (`torch.use_deterministic_algorithms`, no cuDNN
             autotuning; the bundle's `set_determinism`): GPU runs repeat to the last digit, slower.
             CPU fp32 runs are reproducible without it.
@@ -266,6 +278,8 @@ class TrainConfig:
     init_from: str | None = None
     max_train_seconds: float = 0.0
     deterministic: bool = False
+    window_prob: float | None = None
+    window_mm: float | None = None
 
     def __post_init__(self) -> None:
         get_profile(self.profile)
@@ -285,7 +299,7 @@ class TrainConfig:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.val_every < 1:
             raise ConfigError(f"val_every must be at least 1, got {self.val_every}")
-        for name in ("click_prob_train", "click_prob_val", "flip_prob", "rot90_prob", "shift_prob", "edge_cut_prob"):
+        for name in ("click_prob_train", "click_prob_val", "flip_prob", "rot90_prob", "shift_prob", "edge_cut_prob", "window_prob"):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -299,6 +313,8 @@ class TrainConfig:
             raise ConfigError(f"guidance_sigma must be positive, got {self.guidance_sigma}")
         if self.cache_workers < 1 or self.loader_workers < 0:
             raise ConfigError("cache_workers must be >= 1 and loader_workers >= 0")
+        if self.window_mm is not None and not (self.window_mm > 0 and math.isfinite(self.window_mm)):
+            raise ConfigError(f"window_mm must be a positive number of millimetres, got {self.window_mm}")
         if self.max_train_seconds < 0:
             raise ConfigError(f"max_train_seconds must be >= 0, got {self.max_train_seconds}")
 
@@ -330,6 +346,14 @@ class TrainConfig:
     @property
     def edge_cut_probability(self) -> float:
         return self._or_profile("edge_cut_prob")
+
+    @property
+    def window_probability(self) -> float:
+        return self._or_profile("window_prob")
+
+    @property
+    def window_extent_mm(self) -> float:
+        return self._or_profile("window_mm")
 
     @property
     def sigma(self) -> float:

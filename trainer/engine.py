@@ -8,11 +8,9 @@ made per sample (spec §7.5: the bundle zeroed only batch item 0).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -23,39 +21,13 @@ from .clicks import (
     apply_click_budget,
     corrective_clicks,
     empty_clicks,
-    guidance_channels,
     initial_seeds,
     merge_clicks,
 )
 from .config import TrainConfig
 from .metrics import spleen_dice
+from .network import autocast, cpu_has_bf16, network_input, spleen_mask  # noqa: F401  (re-exported: their old home)
 from .transforms import label_mask
-
-
-@lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively here (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def autocast(device: torch.device, enabled: bool):
-    """Mixed precision: fp16 autocast on CUDA (paired with a GradScaler), bf16 on CPUs with native
-    bf16, fp32 elsewhere or when disabled.
-
-    bf16 on CPU: forward+backward 1.9x faster at 64x64x32 (0.19 vs 0.36 s per step on 2 cores),
-    so a 10-minute budget trains 76 epochs instead of 43. Its kernels are not bit-reproducible,
-    and ~2 % of steps got an inf/NaN gradient (measured in a 76-epoch run): `train_step` skips those,
-    as GradScaler does on CUDA; without that skip the weights went NaN in 1 of 3 tiny runs. Pass
-    `amp=False` (`--no-amp`) for fp32, reproducible to the last digit across runs.
-    """
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    if enabled and device.type == "cpu" and cpu_has_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def make_loss() -> DiceCELoss:
@@ -73,25 +45,9 @@ def loss_target(label: torch.Tensor) -> torch.Tensor:
     return torch.cat([1.0 - spleen, spleen], dim=1)
 
 
-def spleen_mask(logits: torch.Tensor) -> torch.Tensor:
-    """(B, 2, X, Y, Z) logits -> (B, X, Y, Z) bool: argmax over (background, spleen), ties to background.
-
-    A comparison instead of `argmax(dim=1)`: identical result, ~1000x faster on CPU (argmax over
-    the channel dimension of a 2x128^3 tensor took 0.5 s on 2 threads).
-    """
-    return logits[:, 1] > logits[:, 0]
-
-
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside DDP (no-grad click forwards must not go through DDP's reducer)."""
     return getattr(model, "module", model)
-
-
-def network_input(image: torch.Tensor, clicks: list[Clicks], sigma: float) -> torch.Tensor:
-    """(B, 1, X, Y, Z) image + per-sample clicks -> (B, 3, X, Y, Z): CT, spleen, background."""
-    shape = tuple(image.shape[-3:])
-    guidance = np.stack([guidance_channels(c, shape, sigma) for c in clicks])
-    return torch.cat([image, torch.from_numpy(guidance).to(image.device, image.dtype)], dim=1)
 
 
 @torch.no_grad()
@@ -115,6 +71,7 @@ def simulate_clicks(
     rngs: list[np.random.Generator],
     cfg: TrainConfig,
     click_prob: float,
+    always: list[bool] | None = None,
 ) -> list[Clicks]:
     """The clicks each sample of the batch trains (or is scored) with.
 
@@ -126,12 +83,14 @@ def simulate_clicks(
         rngs: one generator per sample.
         cfg: job settings (rounds, budget, sigma, amp).
         click_prob: probability of a click iteration (else automatic: no clicks).
+        always: per sample, a click iteration whatever `click_prob` (refinement windows: inference
+            runs a window only around clicks).
     """
     batch = image.shape[0]
     clicks = [empty_clicks() for _ in range(batch)]
     rounds = [0] * batch
     for b, rng in enumerate(rngs):
-        if rng.random() < click_prob:
+        if rng.random() < click_prob or (always is not None and always[b]):
             clicks[b] = initial_seeds(label[b], body[b], rng)
             rounds[b] = int(rng.integers(1, cfg.max_click_rounds + 1))
     for r in range(max(rounds, default=0)):
@@ -193,7 +152,9 @@ def train_step(
     target = loss_target(batch["label"].to(device, non_blocking=True))
     label_np = label_mask(batch["label"][:, 0]).numpy()
     body_np = batch["body"][:, 0].numpy().astype(bool)
-    clicks = simulate_clicks(model, image, label_np, body_np, rngs, cfg, cfg.click_prob_train)
+    windows = batch.get("window")
+    always = None if windows is None else [bool(w) for w in windows.reshape(-1).tolist()]
+    clicks = simulate_clicks(model, image, label_np, body_np, rngs, cfg, cfg.click_prob_train, always)
     x = network_input(image, clicks, cfg.sigma)
     model.train()
     optimizer.zero_grad(set_to_none=True)

@@ -53,6 +53,9 @@ class CaseResult:
             and the final mask are), nan where undefined (an empty mask).
         clicks: the click added to reach each count, as (label, (i, j, k)); None at 0 clicks and after
             the mask became exact (later counts repeat the last values).
+        piece_voxels: per click count, the size of the error piece the click was placed in (None at 0
+            clicks and after the mask became exact).
+        piece_fixed: per click count, the fraction of that piece the click's mask got right.
         seconds: wall time spent on the case.
     """
 
@@ -61,6 +64,8 @@ class CaseResult:
     dice_with_background: list[float] = field(default_factory=list)
     hd95_mm: list[float | None] = field(default_factory=list)
     clicks: list[tuple[str, Point] | None] = field(default_factory=list)
+    piece_voxels: list[int | None] = field(default_factory=list)
+    piece_fixed: list[float | None] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -141,15 +146,30 @@ def evaluate_case(predictor: Any, pair: dict[str, str], *, max_clicks: int, rng:
             result.spleen_dice.append(result.spleen_dice[-1])
             result.dice_with_background.append(result.dice_with_background[-1])
         else:
+            piece = None
             if click is not None:
+                piece = error_piece(mask, label, click)
                 clicks[click[0]].append(click[1])
                 mask = predictor.predict_prepared(prepared, clicks).mask
             result.spleen_dice.append(float(spleen_dice(mask, label)[0]))
             result.dice_with_background.append(float(mean_dice_with_background(mask, label)[0]))
         result.clicks.append(click)
+        result.piece_voxels.append(None if piece is None else int(piece.sum()))
+        result.piece_fixed.append(None if piece is None else float((mask[piece] > 0).mean() if click[0] == "spleen"
+                                                                    else (mask[piece] == 0).mean()))
         result.hd95_mm.append(hd95_mm(mask, label, spacing) if count in (0, max_clicks) else None)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def error_piece(mask: np.ndarray, label: np.ndarray, click: tuple[str, Point]) -> np.ndarray:
+    """The connected piece of the error a click was placed in (missed spleen for a spleen click,
+    over-segmentation for a background click), 26-connected, as a boolean mask."""
+    from scipy import ndimage
+
+    error = (label & ~(mask > 0)) if click[0] == "spleen" else ((mask > 0) & ~label)
+    pieces, _ = ndimage.label(error, structure=np.ones((3, 3, 3), bool))
+    return pieces == pieces[tuple(click[1])]
 
 
 def evaluate(predictor: Any, cases: Sequence[dict[str, str]], *, max_clicks: int, seed: int = 0) -> list[CaseResult]:

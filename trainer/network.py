@@ -3,15 +3,19 @@ CPUs) and the one model loader (checkpoint URI -> checkpoint -> profile -> netwo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 from monai.networks.nets import DynUNet
 
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from .clicks import Clicks, guidance_channels
 from .config import CLICK_CHANNELS, LABELS, PROFILES, ConfigError, Profile, get_profile
 
 IN_CHANNELS = 1 + len(CLICK_CHANNELS)  # CT + spleen clicks + background clicks
@@ -143,3 +147,48 @@ def load_model(uri: str | os.PathLike, *, profile: str | None = None, network: t
     model = network if network is not None else build_network(prof)
     load_weights(model, ckpt, prof.name, repr(str(path)))
     return LoadedModel(model=model, profile=prof, checkpoint=ckpt, version=model_version(path, ckpt, digest=digest))
+
+
+# ----------------------------------------------------------------------------- model I/O
+
+
+@lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively here (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast(device: torch.device, enabled: bool):
+    """Mixed precision: fp16 autocast on CUDA (paired with a GradScaler), bf16 on CPUs with native
+    bf16, fp32 elsewhere or when disabled.
+
+    bf16 on CPU: forward+backward 1.9x faster at 64x64x32 (0.19 vs 0.36 s per step on 2 cores),
+    so a 10-minute budget trains 76 epochs instead of 43. Its kernels are not bit-reproducible,
+    and ~2 % of steps got an inf/NaN gradient (measured in a 76-epoch run): `train_step` skips those,
+    as GradScaler does on CUDA; without that skip the weights went NaN in 1 of 3 tiny runs. Pass
+    `amp=False` (`--no-amp`) for fp32, reproducible to the last digit across runs.
+    """
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    if enabled and device.type == "cpu" and cpu_has_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def spleen_mask(logits: torch.Tensor) -> torch.Tensor:
+    """(B, 2, X, Y, Z) logits -> (B, X, Y, Z) bool: argmax over (background, spleen), ties to background.
+
+    A comparison instead of `argmax(dim=1)`: identical result, ~1000x faster on CPU (argmax over
+    the channel dimension of a 2x128^3 tensor took 0.5 s on 2 threads).
+    """
+    return logits[:, 1] > logits[:, 0]
+
+
+def network_input(image: torch.Tensor, clicks: list[Clicks], sigma: float) -> torch.Tensor:
+    """(B, 1, X, Y, Z) image + per-sample clicks -> (B, 3, X, Y, Z): CT, spleen, background."""
+    shape = tuple(image.shape[-3:])
+    guidance = np.stack([guidance_channels(c, shape, sigma) for c in clicks])
+    return torch.cat([image, torch.from_numpy(guidance).to(image.device, image.dtype)], dim=1)

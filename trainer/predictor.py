@@ -1,38 +1,23 @@
 """The one predictor: image + clicks -> spleen mask in the original geometry (spec §5).
 
-Used by `infer`, evaluation, the MONAI bundle and the Ray Serve deployment, so they cannot drift.
+Used by `infer`, evaluation, the MONAI bundle, batch annotation and the Ray Serve deployment, so they
+cannot drift. Stages: `preprocess` (the one chain, `trainer.transforms`, to the network grid; with
+refinement also the fine volume of `trainer.refine`), `map_clicks`, `forward` (batched), `windows`
+(refinement: one click-centred window per volume with clicks), `postprocess` (back to the scan).
+
 Clicks are voxel indices of the original file's array; they are mapped through the reorientation to
 RAS (`inv(A_ras) @ A_orig`) and scaled to the network grid (index times grid / scan, truncated), as
 the bundle does. The `bundle` profile then does what the model zoo's `inference.json` does, to the
 voxel (tests/test_model_zoo_parity.py): both softmax channels resized back in `area` mode (its
 `Invertd` of `Resized(mode="area")`), the reorientation undone, argmax. Profiles with
-`upsample: logit` (`cpu`, `tiny`) interpolate the spleen logit trilinearly instead, which varies
-smoothly where the probability saturates: with the same model the mask follows the boundary more
-closely (validation split: missed spleen 7.5 -> 7.2 % and extra 9.6 -> 8.6 % of the spleen, Dice
-0.9165 -> 0.9227; docs/evaluation.md, row S).
+`upsample: logit` (`cpu`, `tiny`) interpolate the spleen logit trilinearly instead, which follows the
+boundary more closely (docs/evaluation.md, row S).
 
-Click locality (profiles `cpu` and `tiny`; off for `bundle`, which matches the model zoo): a click
-edits the mask near itself and nowhere else. The network answers a click with its whole output, and
-a small model trained for minutes also moves the boundary tens of millimetres away (measured: the
-median changed voxel lay 20-35 mm from the click, a third to two thirds of the changes wrong), so
-corrective clicks on a good mask cost about as much as they fixed. With `click_radius` R > 0 the
-returned probability is the automatic one plus, near spleen clicks, what the clicked pass adds, and
-minus, near background clicks, what it removes, weighted by exp(-d^2 / 2R^2) (d in grid voxels):
-`p = a + w_spleen * max(c - a, 0) - w_background * max(a - c, 0)`. The weight is also 1 on the whole
-connected piece of the change that contains the click (for spleen clicks after an opening, so a
-shell one or two voxels thick, the boundary moving out all round, is not a piece): a click in a
-wholly missed spleen takes all of it, a click in a false-positive blob removes all of it. A spleen
-click can only add spleen, a background click only remove it, as users expect. The automatic pass
-is cached in the `Prepared` volume, so an interactive session pays for it once.
-
-Then the nudge: most remaining errors of a good mask are sheets thinner than one grid voxel along the
-boundary, which the network's answer to a click seldom flips (measured: a spleen click fixed 0-10
-voxels of a 1400-voxel missed sheet). So, where the clicked voxel (its exact, fractional grid
-position) still has the wrong label, the logit is shifted near it, by a Gaussian of width
-1.5 R, just far enough that the clicked voxel crosses the threshold by `NUDGE_MARGIN`: the boundary
-moves locally through the click, as a user dragging it would move it. Each click then gets its own
-label (with `upsample: logit`; up to interpolation otherwise), and the mean Dice stops falling from one
-click to the next (docs/evaluation.md, row S).
+How clicks act: with refinement (checkpoints trained with windows, `trainer.refine`) the whole-scan
+pass stays the automatic one, cached in the `Prepared` volume, and the clicks are answered by one
+window around them at a fine spacing, blended into the mask; without it, by the whole-scan pass with
+click locality and the nudge (`trainer.locality`, profiles `cpu` and `tiny`; off for `bundle`, which
+matches the model zoo).
 """
 
 from __future__ import annotations
@@ -50,25 +35,17 @@ import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 
+from . import refine as rf
 from .clicks import ClickError as ClickError  # re-exported: its old home
-from .clicks import Clicks, as_point, click_weight, empty_clicks, guidance_channels, validate_clicks
-from .config import CLICK_CHANNELS, Profile, check_click_radius
+from .clicks import Clicks, as_point, empty_clicks, guidance_channels, validate_clicks
+from .config import Profile, check_click_radius
 from .data import DataError, load_volume, write_mask
-from .engine import autocast
-from .network import LoadedModel, load_model
+from .locality import LOGIT_EPS, GridPoints, has_clicks, localize
+from .locality import nudge as nudge  # re-exported: its old home
+from .network import LoadedModel, autocast, load_model
 from .network import infer_profile as infer_profile  # re-exported: its old home
 from .runtime import default_device
 from .transforms import inference_transforms
-
-#: Clicks as exact (fractional) network-grid coordinates, for the nudge (see the module docstring).
-GridPoints = dict[str, list[tuple[float, ...]]]
-#: Width of the nudge per unit of click radius (R 2 -> sigma 3 grid voxels: chosen on the held-out
-#: set of the demo; sigma 2 left a fall of 0.002 in the mean).
-NUDGE_SIGMA_PER_RADIUS = 1.5
-#: How far past the threshold a nudged click lands, in logit units (0.2: probability 0.55).
-NUDGE_MARGIN = 0.2
-#: Probabilities are clipped to [eps, 1 - eps] before taking logits (float32 rounds 1 - 1e-8 to 1).
-LOGIT_EPS = 1e-6
 
 
 @dataclass(kw_only=True, slots=True)
@@ -85,11 +62,20 @@ class Prepared:
     # click locality blends clicked passes with it, and a reloaded model must not reuse it.
     auto_prob: torch.Tensor | None = None
     auto_owner: object | None = None
+    # Refinement's fine volume (F...) float16, RAS (`trainer.refine`); None without refinement.
+    fine: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
-        extra = 0 if self.auto_prob is None else self.auto_prob.element_size() * self.auto_prob.nelement()
-        return self.image.element_size() * self.image.nelement() + extra
+        return sum(t.element_size() * t.nelement() for t in (self.image, self.auto_prob, self.fine) if t is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class WindowAnswer:
+    """The network's answer on a refinement window: its box of the fine volume and the spleen logit (G...)."""
+
+    window: rf.Window
+    logit: torch.Tensor
 
 
 @dataclass(kw_only=True, slots=True)
@@ -162,13 +148,16 @@ class Predictor:
             CUDA for `bundle`, as the model zoo; fp32 otherwise).
         sigma: Gaussian sigma of the click maps (default: the profile's).
         click_radius: click locality radius in grid voxels, 0 = off (default: the profile's; see
-            the module docstring).
+            `trainer.locality`). Refinement turns it off.
         version: a label for the loaded weights (checkpoint digest or path).
+        refine: answer clicks with a click-centred window at a fine spacing (`trainer.refine`);
+            for checkpoints trained with windows (`from_loaded` decides from the checkpoint).
+        window_mm: the window's extent at its finest (default: the profile's `window_mm`).
     """
 
     def __init__(self, model: torch.nn.Module, profile: Profile, *, device: torch.device | None = None,
                  amp: bool | None = None, sigma: float | None = None, click_radius: float | None = None,
-                 version: str = "unknown"):
+                 version: str = "unknown", refine: bool = False, window_mm: float | None = None):
         self.device = device or default_device()
         self.model = model.to(self.device).eval()
         self.profile = profile
@@ -176,25 +165,33 @@ class Predictor:
         # CUDA, and nothing on a CPU (its autocast is CUDA's), so the bundle profile does the same.
         self.amp = (profile.cuda_fp16_inference and self.device.type == "cuda") if amp is None else bool(amp)
         self.sigma = sigma if sigma is not None else profile.guidance_sigma
-        self.click_radius = check_click_radius(profile.click_radius if click_radius is None else click_radius)
+        self.refine = bool(refine)
+        radius = profile.click_radius if click_radius is None else click_radius
+        self.click_radius = 0.0 if self.refine else check_click_radius(radius)
+        self.window_spacing = rf.window_spacing(profile.spatial_size, window_mm or profile.window_mm)
         self.version = version
         self._pre = inference_transforms(profile.spatial_size)
         self._token = object()  # identifies this predictor's cached automatic passes
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, profile: str | None = None, device: torch.device | None = None,
-                        amp: bool | None = None, click_radius: float | None = None, digest: bool = False) -> Predictor:
+                        amp: bool | None = None, click_radius: float | None = None, digest: bool = False,
+                        refine: bool | None = None) -> Predictor:
         """A Predictor for a checkpoint at a local path, `file://` or `s3://` URI (`network.load_model`)."""
         loaded = load_model(path, profile=profile, digest=digest)
-        return cls.from_loaded(loaded, device=device, amp=amp, click_radius=click_radius)
+        return cls.from_loaded(loaded, device=device, amp=amp, click_radius=click_radius, refine=refine)
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, *, device: torch.device | None = None, amp: bool | None = None,
-                    click_radius: float | None = None) -> Predictor:
+                    click_radius: float | None = None, refine: bool | None = None) -> Predictor:
+        """refine None: refine when the checkpoint was trained with windows (never a model-zoo `model.pt`)."""
+        config = loaded.checkpoint.config or {}
         # Our checkpoints store the training's setting (None: the profile's default).
-        sigma = (loaded.checkpoint.config or {}).get("guidance_sigma") or loaded.profile.guidance_sigma
+        sigma = config.get("guidance_sigma") or loaded.profile.guidance_sigma
+        if refine is None:
+            refine = trained_with_windows(config, loaded.profile)
         return cls(loaded.model, loaded.profile, device=device, amp=amp, sigma=sigma, click_radius=click_radius,
-                   version=loaded.version)
+                   version=loaded.version, refine=refine, window_mm=config.get("window_mm"))
 
     # ----------------------------------------------------------------- stages
 
@@ -213,9 +210,14 @@ class Predictor:
         # index_to_ras maps an original voxel index to its index in the RAS-ordered array.
         index_to_ras = np.linalg.inv(nib.orientations.inv_ornt_aff(ornt, image.shape))
         meta = MetaTensor(_as_channel_tensor(image), affine=torch.as_tensor(affine))
-        out = self._pre({"image": meta})["image"]
-        tensor = out.as_tensor() if isinstance(out, MetaTensor) else torch.as_tensor(out)
+        window_hu, *to_grid = self._pre.transforms
+        windowed = window_hu({"image": meta})
+        out = windowed
+        for transform in to_grid:
+            out = transform(out)
+        tensor = out["image"].as_tensor() if isinstance(out["image"], MetaTensor) else torch.as_tensor(out["image"])
         return Prepared(
+            fine=rf.fine_volume(windowed["image"], self.window_spacing) if self.refine else None,
             image=tensor[None].float().contiguous(),
             orig_shape=tuple(int(s) for s in image.shape),
             orig_affine=affine,
@@ -256,12 +258,7 @@ class Predictor:
     def network(self, prepared: list[Prepared], net_clicks: list[Clicks]) -> torch.Tensor:
         """The network's batched answer on the network grid: (B, 1, S, S, S) spleen probability, or
         with `upsample: area` (B, 2, S, S, S), the softmax of (background, spleen) as the model zoo keeps it."""
-        size = tuple(self.profile.spatial_size)
-        guidance = np.stack([guidance_channels(c, size, self.sigma) for c in net_clicks])
-        image = torch.cat([p.image for p in prepared]).to(self.device)
-        x = torch.cat([image, torch.from_numpy(guidance).to(self.device)], dim=1)
-        with autocast(self.device, self.amp):
-            logits = self.model(x)
+        logits = self._logits(torch.cat([p.image for p in prepared]), net_clicks)
         if self.profile.upsample == "area":
             # The model zoo's postprocessing: softmax of the network's output as it is (fp16 under its
             # CUDA AMP), both channels kept, so the argmax after the resize breaks ties as it does.
@@ -270,79 +267,95 @@ class Predictor:
         logits = logits.float()
         return torch.sigmoid(logits[:, 1:2] - logits[:, 0:1])
 
+    def _logits(self, image: torch.Tensor, clicks: list[Clicks]) -> torch.Tensor:
+        """(B, 1, G...) images + one click set each -> (B, 2, G...) raw network output."""
+        size = tuple(image.shape[-3:])
+        guidance = np.stack([guidance_channels(c, size, self.sigma) for c in clicks])
+        x = torch.cat([image.to(self.device), torch.from_numpy(guidance).to(self.device)], dim=1)
+        with autocast(self.device, self.amp):
+            return self.model(x)
+
     @torch.no_grad()
     def forward(self, prepared: list[Prepared], net_clicks: list[Clicks],
                 exact: list[GridPoints] | None = None) -> torch.Tensor:
-        """Batched prediction -> (B, 1, S, S, S) spleen probability, with click locality applied.
+        """Batched whole-scan prediction -> (B, 1, S, S, S) spleen probability (or (B, 2, ...), see `network`).
 
-        Volumes with clicks whose automatic pass is not cached yet get it in the same batch. `exact`
-        (from `grid_points`, one per volume) turns on the nudge; without it clicks act only through
-        the network.
+        With refinement: the automatic pass, cached per volume (clicks act through `windows`). Else with
+        click locality: the clicked pass edited near the clicks (`trainer.locality`); volumes with clicks
+        whose automatic pass is not cached yet get it in the same batch. `exact` (from `grid_points`,
+        one per volume) turns on the nudge.
         """
+        if self.refine:
+            return self._automatic(prepared)
         if self.click_radius <= 0:
             return self.network(prepared, net_clicks)
-        if self.profile.upsample == "area":  # click locality blends spleen probabilities
-            return self._local(prepared, net_clicks, exact, lambda *a: self.network(*a)[:, 1:2])
-        return self._local(prepared, net_clicks, exact, self.network)
-
-    def _local(self, prepared, net_clicks, exact, network) -> torch.Tensor:
-        """`forward` with click locality and the nudge; `network` gives (B, 1, S, S, S) probabilities."""
-        cached = [p.auto_prob is not None and p.auto_owner is self._token for p in prepared]
-        missing = [b for b, c in enumerate(net_clicks) if _has_clicks(c) and not cached[b]]
-        prob = network(list(prepared) + [prepared[b] for b in missing],
-                       list(net_clicks) + [empty_clicks() for _ in missing])
+        cached = [self._cached(p) for p in prepared]
+        missing = [b for b, c in enumerate(net_clicks) if has_clicks(c) and not cached[b]]
+        prob = self.network(list(prepared) + [prepared[b] for b in missing],
+                            list(net_clicks) + [empty_clicks() for _ in missing])
         for row, b in enumerate(missing, start=len(prepared)):
             self._cache_auto(prepared[b], prob[row])
         out = prob[: len(prepared)].clone()
+        channel = 1 if self.profile.upsample == "area" else 0  # click locality blends spleen probabilities
         for b, (p, c) in enumerate(zip(prepared, net_clicks)):
-            if not _has_clicks(c):
+            if not has_clicks(c):
                 self._cache_auto(p, out[b])
                 continue
-            auto = p.auto_prob.to(out.device)[0]
-            clicked = out[b, 0]
-            gain, loss = (clicked - auto).clamp(min=0), (auto - clicked).clamp(min=0)
-            result = auto.clone()
-            if c.get("spleen"):
-                result += self._click_weight(c["spleen"], (clicked > 0.5) & (auto <= 0.5), opening=True) * gain
-            if c.get("background"):
-                result -= self._click_weight(c["background"], (auto > 0.5) & (clicked <= 0.5), opening=False) * loss
-            if exact is not None:
-                result = nudge(result, exact[b], NUDGE_SIGMA_PER_RADIUS * self.click_radius)
-            out[b, 0] = result
+            assert p.auto_prob is not None  # cached above
+            auto = p.auto_prob.to(out.device)
+            spleen = localize(auto[channel], out[b, channel], c, None if exact is None else exact[b], self.click_radius)
+            out[b, channel] = spleen
+            if len(out[b]) == 2:
+                out[b, 0] = 1 - spleen
         return out
 
-    def _click_weight(self, points: list, changed: torch.Tensor, *, opening: bool) -> torch.Tensor:
-        """Where clicks of one label may change the mask: a Gaussian of `click_radius` around each
-        click, and all of each connected piece of `changed` (what the clicked pass adds, or removes)
-        that contains a click, so a click in a missed spleen or in a false-positive blob takes the
-        whole of it. With `opening`, thin parts of `changed` are opened away first."""
-        device, region = changed.device, changed.cpu().numpy()
-        weight = click_weight(points, region.shape, self.click_radius)
-        if region.any():
-            self._take_clicked_pieces(weight, points, region, opening)
-        return torch.from_numpy(weight).to(device)
+    def _automatic(self, prepared: list[Prepared]) -> torch.Tensor:
+        todo = [b for b, p in enumerate(prepared) if not self._cached(p)]
+        if todo:
+            prob = self.network([prepared[b] for b in todo], [empty_clicks() for _ in todo])
+            for row, b in enumerate(todo):
+                self._cache_auto(prepared[b], prob[row])
+        return torch.stack([p.auto_prob for p in prepared if p.auto_prob is not None]).to(self.device)
 
-    @staticmethod
-    def _take_clicked_pieces(weight: np.ndarray, points: list, changed: np.ndarray, opening: bool) -> None:
-        from scipy import ndimage
-
-        cube = np.ones((3, 3, 3), bool)
-        # For spleen clicks, an opening first: a shell one or two voxels thick (the clicked pass moving
-        # the boundary out all round) is not a piece; a missed spleen is thick and stays. Background
-        # clicks take their piece as it is: opened, it left 21 % of false-positive blobs instead of
-        # 8 % (tests/test_clicks_work.py's check), for falls of at most 0.0006 (docs/evaluation.md).
-        pieces, _ = ndimage.label(ndimage.binary_opening(changed, cube) if opening else changed, structure=cube)
-        voxels = [tuple(min(max(int(v), 0), n - 1) for v, n in zip(q, changed.shape)) for q in points]
-        hit = {int(pieces[v]) for v in voxels} - {0}
-        if hit:
-            weight[np.isin(pieces, sorted(hit))] = 1.0
+    def _cached(self, prepared: Prepared) -> bool:
+        return prepared.auto_prob is not None and prepared.auto_owner is self._token
 
     def _cache_auto(self, prepared: Prepared, prob: torch.Tensor) -> None:
         prepared.auto_prob = prob.detach().to("cpu", torch.float32).clone()
         prepared.auto_owner = self._token
 
-    def postprocess(self, prob: torch.Tensor, prepared: Prepared) -> np.ndarray:
+    @torch.no_grad()
+    def windows(self, prepared: list[Prepared], clicks: list[Clicks]) -> list[WindowAnswer | None]:
+        """Refinement: one window per volume around all its clicks, answered in one batched forward.
+
+        `clicks` are validated original voxel indices (`validate_clicks`). None where a volume has no
+        clicks or the predictor does not refine.
+        """
+        out: list[WindowAnswer | None] = [None] * len(prepared)
+        todo = [b for b, c in enumerate(clicks) if self.refine and has_clicks(c)]
+        if not todo:
+            return out
+        grid = self.profile.spatial_size
+        images, guidance, boxes = [], [], []
+        for b in todo:
+            p = prepared[b]
+            if p.fine is None:
+                raise ValueError("this volume was prepared without refinement: prepare it with the refining predictor")
+            fine_pts = {name: rf.scan_to_fine(np.array([_ras_index(q, p) for q in pts]).reshape(-1, 3),
+                                              p.ras_shape, p.fine.shape) for name, pts in clicks[b].items()}
+            window = rf.window_around(np.concatenate(list(fine_pts.values())), grid)
+            images.append(rf.crop(p.fine, window, grid))
+            guidance.append({name: rf.to_window(pts, window, grid) for name, pts in fine_pts.items()})
+            boxes.append(window)
+        logits = self._logits(torch.stack(images), guidance).float().cpu()
+        for row, b in enumerate(todo):
+            out[b] = WindowAnswer(window=boxes[row], logit=logits[row, 1] - logits[row, 0])
+        return out
+
+    def postprocess(self, prob: torch.Tensor, prepared: Prepared, window: WindowAnswer | None = None) -> np.ndarray:
         """(1, S, S, S) probability (or (2, S, S, S) softmax) -> uint8 mask in the original array order.
+
+        With a refinement `window`, its answer replaces the mask inside its box (`refine.blend_into`).
 
         Equal to `F.interpolate(prob, ras_shape, mode) > 0.5`, reoriented back (up to float rounding at
         values within ~1e-7 of 0.5), with mode `area` for `upsample: area` (the model zoo's `Invertd`
@@ -351,20 +364,32 @@ class Predictor:
         few % of the volume. With `upsample: logit` the logit is interpolated and thresholded at 0 (the
         same box: a trilinear value of logits <= 0 cannot exceed 0 either).
         """
-        p = prob.detach().float().reshape(-1, *prob.shape[-3:])
+        p = prob.detach().float().cpu().reshape(-1, *prob.shape[-3:])
         # Fortran order, as NIfTI stores voxels (x fastest): writing it skips a full-volume transpose.
         mask = np.zeros(prepared.orig_shape, np.uint8, order="F")
+        self._place_global(mask, p, prepared)
+        if window is not None and prepared.fine is not None:
+            spleen = p[1] if len(p) == 2 else p[0]
+            # The whole-scan logit (two channels: log p1 - log p0, the same quantity).
+            glogit = (torch.log(p[1].clamp_min(LOGIT_EPS)) - torch.log(p[0].clamp_min(LOGIT_EPS)) if len(p) == 2
+                      else torch.logit(spleen.clamp(LOGIT_EPS, 1 - LOGIT_EPS)))
+            refined = rf.blend_into(glogit, window.logit, window.window, prepared.ras_shape, tuple(prepared.fine.shape))
+            if refined is not None:
+                _place_ras(mask, refined[1], refined[0], prepared)
+        return mask
+
+    def _place_global(self, mask: np.ndarray, p: torch.Tensor, prepared: Prepared) -> None:
         # Two channels (background, spleen): the argmax, ties to background, as the model zoo's AsDiscrete.
         fg = p[1] > p[0] if len(p) == 2 else p[0] > 0.5
         if not bool(fg.any()):
-            return mask
+            return
         mode = "area" if self.profile.upsample == "area" else "trilinear"
         found = [
             _upsample_window(fg.any(dim=tuple(d for d in range(3) if d != axis)), fine, mode)
             for axis, fine in enumerate(prepared.ras_shape)
         ]
         if any(w is None for w in found):
-            return mask
+            return
         windows = [w for w in found if w is not None]
         coarse, level = p[(slice(None), *(w[0] for w in windows))], 0.5
         if self.profile.upsample == "logit" and len(p) == 1:
@@ -373,17 +398,8 @@ class Predictor:
         up = F.interpolate(coarse[None], size=size, mode=mode, **({} if mode == "area" else {"align_corners": False}))[0]
         up = up[(slice(None), *(w[2] for w in windows))]
         crop = (up[1] > up[0] if len(up) == 2 else up[0] > level).cpu().numpy().view(np.uint8)
-        # Back to the original array order: reorient the crop and place it at the box's original indices.
-        back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), prepared.to_ras)
-        crop = nib.orientations.apply_orientation(crop, back)
-        box = []
-        for ras_axis, flip in prepared.to_ras:
-            fine, keep = windows[int(ras_axis)][1], windows[int(ras_axis)][2]
-            j0, j1 = fine.start + keep.start, fine.start + keep.stop
-            n = prepared.ras_shape[int(ras_axis)]
-            box.append(slice(n - j1, n - j0) if flip < 0 else slice(j0, j1))
-        mask[tuple(box)] = crop
-        return mask
+        ras_box = [slice(w[1].start + w[2].start, w[1].start + w[2].stop) for w in windows]
+        _place_ras(mask, crop, ras_box, prepared)
 
     # ----------------------------------------------------------------- one call
 
@@ -394,10 +410,14 @@ class Predictor:
         t1 = time.perf_counter()
         prob = self.forward([prepared], [net_clicks], [self.grid_points(checked, prepared)])
         t2 = time.perf_counter()
-        mask = self.postprocess(prob[0], prepared)
+        window = self.windows([prepared], [checked])[0]
         t3 = time.perf_counter()
-        return Prediction(mask=mask, affine=prepared.orig_affine,
-                          timings={"clicks": t1 - t0, "forward": t2 - t1, "postprocess": t3 - t2})
+        mask = self.postprocess(prob[0], prepared, window)
+        t4 = time.perf_counter()
+        timings = {"clicks": t1 - t0, "forward": t2 - t1, "window": t3 - t2, "postprocess": t4 - t3}
+        if window is None:
+            del timings["window"]
+        return Prediction(mask=mask, affine=prepared.orig_affine, timings=timings)
 
     def predict(self, image: np.ndarray, affine: np.ndarray, clicks: Any = None) -> Prediction:
         # Validate clicks before spending time on preprocessing.
@@ -420,6 +440,26 @@ class Predictor:
         return pred
 
 
+def _place_ras(mask: np.ndarray, crop: np.ndarray, ras_box, prepared: Prepared) -> None:
+    """Write `crop`, a box of the RAS-ordered scan, into `mask` (original array order)."""
+    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), prepared.to_ras)
+    crop = nib.orientations.apply_orientation(crop, back)
+    box = []
+    for ras_axis, flip in prepared.to_ras:
+        sl, n = ras_box[int(ras_axis)], prepared.ras_shape[int(ras_axis)]
+        box.append(slice(n - sl.stop, n - sl.start) if flip < 0 else sl)
+    mask[tuple(box)] = crop
+
+
+def trained_with_windows(config: Mapping[str, Any], profile: Profile) -> bool:
+    """Whether a checkpoint's stored training config drew refinement windows (absent: an older or
+    model-zoo checkpoint, which never did; None: the profile's default)."""
+    if "window_prob" not in config:
+        return False
+    value = config["window_prob"]
+    return bool((profile.window_prob if value is None else value) > 0)
+
+
 def _ras_index(point, prepared: Prepared) -> np.ndarray:
     """An original voxel index -> its index in the RAS-ordered array (float; exact integers)."""
     return (prepared.index_to_ras @ np.array([*point, 1.0]))[:3]
@@ -430,43 +470,6 @@ def _zoo_index_to_ras(prepared: Prepared) -> np.ndarray:
     the affine MONAI's Orientationd gives (A_orig @ the reorientation), in float64 as it computes it."""
     xform = nib.orientations.inv_ornt_aff(prepared.to_ras, prepared.orig_shape)
     return np.linalg.inv(prepared.orig_affine @ xform) @ prepared.orig_affine
-
-
-def _has_clicks(clicks: Mapping[str, list]) -> bool:
-    return any(len(points) for points in clicks.values())
-
-
-def nudge(prob: torch.Tensor, points: GridPoints, sigma: float, margin: float = NUDGE_MARGIN) -> torch.Tensor:
-    """Shift the logit near each click whose voxel still has the wrong label, so that it has the
-    right one by `margin` (see the module docstring).
-
-    Args:
-        prob: (S, S, S) spleen probability on the network grid.
-        points: clicks as fractional grid coordinates (`Predictor.grid_points`).
-        sigma: Gaussian width of the shift, in grid voxels.
-        margin: how far past the threshold (logit 0) the clicked voxel lands.
-
-    Where clicks of one label overlap, the larger shift counts; spleen and background shifts add.
-    """
-    from scipy import ndimage
-
-    if sigma <= 0 or not _has_clicks(points):
-        return prob
-    logit = torch.logit(prob.detach().float().clamp(LOGIT_EPS, 1 - LOGIT_EPS)).cpu().numpy()
-    sign = {"spleen": 1.0, "background": -1.0}
-    shift = {}
-    for name in CLICK_CHANNELS:
-        wrong, amounts = [], []
-        for point in points.get(name, []):
-            here = float(ndimage.map_coordinates(logit, np.reshape(point, (3, 1)), order=1, mode="nearest")[0])
-            if margin - sign[name] * here > 0:
-                wrong.append(point)
-                amounts.append(margin - sign[name] * here)
-        shift[name] = click_weight(wrong, logit.shape, sigma, scales=amounts, truncate=3.0)
-    if not any(s.any() for s in shift.values()):
-        return prob
-    logit += shift["spleen"] - shift["background"]
-    return torch.sigmoid(torch.from_numpy(logit)).to(prob.device, prob.dtype)
 
 
 def __getattr__(name: str) -> Any:

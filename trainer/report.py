@@ -43,9 +43,33 @@ def summarize(results: Sequence[CaseResult], **meta: Any) -> dict[str, Any]:
         "dice_by_clicks_std": dice.std(axis=0).tolist(),
         # The bundle's "mean Dice" (background and spleen averaged): secondary, not comparable.
         "dice_with_background_by_clicks": with_bg.mean(axis=0).tolist(),
+        "dice_by_clicks_min": dice.min(axis=0).tolist(),
+        **click_effect(results, dice),
         "hd95_mm_auto": _finite_mean([r.hd95_mm[0] for r in results]),
         "hd95_mm_final": _finite_mean([r.hd95_mm[-1] for r in results]),
         "seconds_per_case": float(np.mean([r.seconds for r in results])),
+    }
+
+
+#: A click "fixes what it touches" when it makes at least this share of its error piece right...
+PIECE_FIXED_SHARE = 0.5
+#: ...counted for pieces of at least this many voxels (smaller ones are boundary slivers).
+PIECE_MIN_VOXELS = 200
+
+
+def click_effect(results: Sequence[CaseResult], dice: np.ndarray) -> dict[str, Any]:
+    """What each click did: the mean Dice gain of the first five clicks, the largest fall of the mean from
+    one click to the next, and the share of clicks in an error piece of >= PIECE_MIN_VOXELS voxels that
+    made >= PIECE_FIXED_SHARE of it right (issue 17's targets)."""
+    means = dice.mean(axis=0)
+    gains = np.diff(means)
+    big = [(n, f) for r in results for n, f in zip(r.piece_voxels, r.piece_fixed)
+           if n is not None and f is not None and n >= PIECE_MIN_VOXELS]
+    return {
+        "gain_per_click_first5": float(gains[:5].mean()) if len(gains) else None,
+        "largest_fall": float(max(0.0, -gains.min())) if len(gains) else 0.0,
+        "big_piece_clicks": len(big),
+        "big_piece_fixed_share": float(np.mean([f >= PIECE_FIXED_SHARE for _, f in big])) if big else None,
     }
 
 
@@ -84,6 +108,10 @@ def format_table(summary: dict[str, Any]) -> str:
     for n, (d, s, b) in enumerate(zip(summary["dice_by_clicks"], summary["dice_by_clicks_std"],
                                       summary["dice_with_background_by_clicks"])):
         lines.append(f"{n:>6}  {d:>11.4f}  {s:>6.4f}  {b:>13.4f}")
+    if summary.get("big_piece_fixed_share") is not None:
+        lines.append(f"clicks in error pieces >= {PIECE_MIN_VOXELS} voxels that fixed >= half of them: "
+                     f"{summary['big_piece_fixed_share']:.0%} of {summary['big_piece_clicks']}; "
+                     f"mean gain of the first 5 clicks {summary['gain_per_click_first5']:.4f}")
     hd_auto, hd_final = summary["hd95_mm_auto"], summary["hd95_mm_final"]
     lines.append(
         "HD95: auto " + ("n/a" if hd_auto is None else f"{hd_auto:.1f} mm")

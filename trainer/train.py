@@ -56,9 +56,10 @@ def _build_datasets(cfg: TrainConfig, data_dir: str, rank: int, world_size: int,
     train_items, val_items = ds.split(cfg.val_fraction)
     val_items = [dict(item, index=i) for i, item in enumerate(val_items)][rank::world_size]
     cache = cache_transforms(cfg)
+    train_cache = cache_transforms(cfg, fine=cfg.window_probability > 0)
     train_ds = CacheDataset(
         train_items,
-        transform=Compose(list(cache.transforms) + list(augment_transforms(cfg).transforms)),
+        transform=Compose(list(train_cache.transforms) + list(augment_transforms(cfg).transforms)),
         cache_rate=1.0,
         num_workers=cfg.cache_workers,
         progress=progress,

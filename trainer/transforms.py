@@ -253,8 +253,11 @@ def preprocess_transforms(spatial_size: Sequence[int], keys: Sequence[str] = (IM
     return out
 
 
-def cache_transforms(cfg: TrainConfig) -> mt.Compose:
+def cache_transforms(cfg: TrainConfig, fine: bool = False) -> mt.Compose:
     """Deterministic part of the training/validation chain: its output is what the cache holds.
+
+    With `fine` (training with refinement windows) the items also hold the scan's fine volumes
+    (`trainer.refine.FineVolumed`), from which `augment_transforms` cuts windows.
 
     Image float32 at network resolution, label uint8 (`nearest`) or float16 fractions (`area`), body
     mask uint8; metadata dropped so cached items are plain tensors (small, fast to collate). Use
@@ -262,10 +265,15 @@ def cache_transforms(cfg: TrainConfig) -> mt.Compose:
     """
     keys = [IMAGE, LABEL]
     soft = cfg.label_resize_mode == "area"
+    to_grid = preprocess_transforms(cfg.spatial_size, keys, cfg.label_resize_mode)
+    if fine:  # after the windowing, before the grid resize
+        from .refine import FineVolumed, window_spacing
+
+        to_grid.insert(1, FineVolumed(window_spacing(cfg.spatial_size, cfg.window_extent_mm)))
     return mt.Compose(
         [mt.LoadImaged(keys=keys, image_only=True), CheckPaird()]
         + load_transforms(keys)[1:]
-        + preprocess_transforms(cfg.spatial_size, keys, cfg.label_resize_mode)
+        + to_grid
         + [
             mt.CastToTyped(keys=[LABEL], dtype=torch.float16 if soft else torch.uint8),
             BodyMaskd(),
@@ -281,9 +289,13 @@ def label_mask(label: torch.Tensor) -> torch.Tensor:
 
 def augment_transforms(cfg: TrainConfig) -> mt.Compose:
     """Random augmentation applied to cached network-resolution items (training only)."""
+    from .refine import RandWindowd
+
     keys = [IMAGE, LABEL, BODY]
+    soft = cfg.label_resize_mode == "area"
     return mt.Compose(
         [
+            RandWindowd(prob=cfg.window_probability, grid=cfg.spatial_size, soft_label=soft),
             RandEdgeCutd(keys=keys, prob=cfg.edge_cut_probability, soft_label=cfg.label_resize_mode == "area"),
             mt.RandFlipd(keys=keys, prob=cfg.flip_prob, spatial_axis=0),
             mt.RandFlipd(keys=keys, prob=cfg.flip_prob, spatial_axis=1),
@@ -328,7 +340,7 @@ class RandEdgeCutd(mt.RandomizableTransform, mt.MapTransform):
     def __call__(self, data):
         d = dict(data)
         self.randomize(None)
-        if not self._do_transform:
+        if not self._do_transform or int(d.get("window", 0)):  # a refinement window: its own edges
             return d
         window = self._window(torch.as_tensor(d[self.label_key]))
         if window is None:

@@ -1,0 +1,295 @@
+"""Click-centred refinement: the network run on a window around the clicks at a fine, physical spacing.
+
+The whole scan is resized to one coarse grid (cpu 64x64x32: ~6x6x12 mm on a 400 mm scan), so a click
+answered there can only move the mask by whole grid voxels. Here a second view is kept for each scan:
+the **fine volume**, the windowed scan in RAS order at a spacing no finer than the profile's window
+spacing (`Profile.window_mm` over its grid: 2x2x4 mm for cpu; only ever area-downsampled, never
+upsampled). A **window** is a box of that fine volume holding every click with a margin, resized
+(area) to the profile's grid; the network answers it with the clicks inside as guidance, and its answer
+replaces the automatic mask inside the box, blended over a ramp at its faces (`blend_into`).
+
+Training draws the same windows (`trainer.transforms.RandWindowd`) from the same fine volume
+(`fine_volume`), so the network learns both views; only checkpoints trained with windows
+(`window_prob > 0` in their config) refine by default (`Predictor(refine=...)`).
+
+Coordinates: scan voxel j (RAS order, N along an axis) is the continuous point j + 0.5; fine voxel f
+covers [f N / F, (f + 1) N / F) of it (area pooling); window grid voxel g covers fine
+[lo + g L / G, lo + (g + 1) L / G). Every resampling here is separable along the RAS axes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai import transforms as mt
+
+from .transforms import RAS_LABELS, ResizeBeforeOrientd, area_resize
+
+#: The blend ramp at the window's faces, in window grid voxels: the window's answer has weight 0 at a
+#: face, 1 from this far inside (its border voxels see zero padding or cut anatomy).
+BLEND_RAMP = 3.0
+#: How far each click lies at least from the window's faces, as a fraction of the grid: one click sits
+#: in the middle; clicks spread wider than half the grid make the window (and its spacing) larger.
+CLICK_MARGIN = 0.25
+
+
+def ras_spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel sizes (mm) of an affine's array, in RAS axis order."""
+    affine = np.asarray(affine, dtype=np.float64)
+    ornt = nib.orientations.io_orientation(affine)
+    sizes = nib.affines.voxel_sizes(affine)
+    out = np.empty(3)
+    for axis, (ras_axis, _flip) in enumerate(ornt):
+        out[int(ras_axis)] = sizes[axis]
+    return out
+
+
+def fine_shape(ras_shape: Sequence[int], spacing: Sequence[float], window_spacing: Sequence[float]) -> tuple[int, ...]:
+    """The fine volume's shape: each axis at max(scan spacing, window spacing), so never upsampled."""
+    return tuple(max(1, min(int(n), int(round(n * s / max(s, w))))) for n, s, w in zip(ras_shape, spacing, window_spacing))
+
+
+def window_spacing(grid: Sequence[int], window_mm: float) -> tuple[float, float, float]:
+    """The spacing at which `grid` spans `window_mm` on every axis (cpu 64x64x32 over 128 mm: 2x2x4 mm)."""
+    return tuple(float(window_mm) / int(g) for g in grid)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A box of the fine volume: `size` fine voxels from `lo` on each RAS axis (may reach outside it)."""
+
+    lo: tuple[int, int, int]
+    size: tuple[int, int, int]
+
+
+def window_around(points: np.ndarray, grid: Sequence[int]) -> Window:
+    """The window holding fine-volume points (K, 3), each at least `CLICK_MARGIN` of the grid from a face.
+
+    One scale for all axes (the window keeps the training windows' aspect); at least the grid itself.
+    """
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    grid_arr = np.asarray(grid, dtype=np.float64)
+    lo_pt, hi_pt = points.min(axis=0), points.max(axis=0)
+    scale = max(1.0, float(np.max((hi_pt - lo_pt + 1 + 2 * CLICK_MARGIN * grid_arr) / grid_arr)))
+    size = np.ceil(grid_arr * scale - 1e-9).astype(int)
+    centre = (lo_pt + hi_pt + 1) / 2  # continuous coordinates: voxel f spans [f, f + 1)
+    lo = np.floor(centre - size / 2 + 0.5).astype(int)
+    return Window(lo=tuple(int(v) for v in lo), size=tuple(int(v) for v in size))  # type: ignore[arg-type]
+
+
+def crop(volume: torch.Tensor, window: Window, grid: Sequence[int]) -> torch.Tensor:
+    """(F...) fine volume -> (1, G...) float32: the window's box (zero outside the volume), area-resized."""
+    box = torch.zeros(window.size, dtype=torch.float32)
+    src, dst = [], []
+    for lo, size, n in zip(window.lo, window.size, volume.shape):
+        a, b = max(lo, 0), min(lo + size, n)
+        if a >= b:
+            return area_resize(box[None], grid)
+        src.append(slice(a, b))
+        dst.append(slice(a - lo, b - lo))
+    box[tuple(dst)] = volume[tuple(src)].float()
+    return area_resize(box[None], grid)
+
+
+def to_window(points: np.ndarray, window: Window, grid: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Fine-volume points (K, 3) -> window grid voxels (rounded; those outside the window dropped)."""
+    out = []
+    for p in np.asarray(points, dtype=np.float64).reshape(-1, 3):
+        g = (p + 0.5 - np.asarray(window.lo)) * np.asarray(grid) / np.asarray(window.size) - 0.5
+        idx = np.rint(g).astype(int)
+        if np.all(idx >= 0) and np.all(idx < np.asarray(grid)):
+            out.append((int(idx[0]), int(idx[1]), int(idx[2])))
+    return out
+
+
+def scan_to_fine(points: np.ndarray, ras_shape: Sequence[int], fine: Sequence[int]) -> np.ndarray:
+    """RAS scan indices (K, 3) -> continuous fine indices (voxel centre j + 0.5 mapped, minus 0.5)."""
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    return (points + 0.5) * np.asarray(fine) / np.asarray(ras_shape) - 0.5
+
+
+def scan_box(window: Window, ras_shape: Sequence[int], fine: Sequence[int]) -> tuple[slice, slice, slice] | None:
+    """The RAS scan voxels whose centres lie inside the window (None: none do)."""
+    out = []
+    for lo, size, n, f in zip(window.lo, window.size, ras_shape, fine):
+        a = max(0, math.ceil(lo * n / f - 0.5))
+        b = min(n, math.ceil((lo + size) * n / f - 0.5))
+        if a >= b:
+            return None
+        out.append(slice(a, b))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def _coords(box: slice, n: int, f: int, lo: float, size: float, g: int) -> torch.Tensor:
+    """Continuous grid coordinates (align_corners=False) of scan voxels `box` on a grid of g over fine [lo, lo + size)."""
+    j = torch.arange(box.start, box.stop, dtype=torch.float64)
+    return ((j + 0.5) * f / n - lo) * g / size - 0.5
+
+
+def _linear_matrix(coords: torch.Tensor, g: int) -> torch.Tensor:
+    """(n, g) trilinear weights at `coords`, clamped to the grid as `F.interpolate(align_corners=False)`."""
+    c = coords.clamp(0, g - 1)
+    i0 = c.floor().long().clamp(max=g - 1)
+    i1 = (i0 + 1).clamp(max=g - 1)
+    frac = (c - i0).float()
+    m = torch.zeros(len(c), g)
+    rows = torch.arange(len(c))
+    m[rows, i0] += 1 - frac
+    m[rows, i1] += frac
+    return m
+
+
+def sample(values: torch.Tensor, box: Sequence[slice], ras_shape: Sequence[int], fine: Sequence[int],
+           window: Window | None) -> torch.Tensor:
+    """Trilinear values of a grid (G...) at the centres of scan voxels `box`; window None: the whole-scan grid."""
+    out = values.float()
+    for axis in range(3):
+        g = values.shape[axis]
+        if window is None:
+            coords = _coords(box[axis], ras_shape[axis], ras_shape[axis], 0.0, ras_shape[axis], g)
+        else:
+            coords = _coords(box[axis], ras_shape[axis], fine[axis], window.lo[axis], window.size[axis], g)
+        out = torch.tensordot(_linear_matrix(coords, g), out.movedim(axis, 0), dims=1).movedim(0, axis)
+    return out
+
+
+def taper(box: Sequence[slice], ras_shape: Sequence[int], fine: Sequence[int], window: Window,
+          grid: Sequence[int], ramp: float = BLEND_RAMP) -> torch.Tensor:
+    """The window's blend weight at scan voxels `box`: 0 at its faces, 1 from `ramp` grid voxels inside."""
+    weights = []
+    for axis in range(3):
+        g = grid[axis]
+        c = _coords(box[axis], ras_shape[axis], fine[axis], window.lo[axis], window.size[axis], g) + 0.5
+        weights.append(torch.minimum(c, g - c).div(ramp).clamp(0, 1).float())
+    return torch.minimum(torch.minimum(weights[0][:, None, None], weights[1][None, :, None]), weights[2][None, None, :])
+
+
+def blend_into(global_logit: torch.Tensor, window_logit: torch.Tensor, window: Window, ras_shape: Sequence[int],
+               fine: Sequence[int]) -> tuple[tuple[slice, slice, slice], np.ndarray] | None:
+    """The refined mask inside the window: (RAS box, uint8 mask of the box).
+
+    p = w sigmoid(window) + (1 - w) sigmoid(global), each logit interpolated trilinearly to the scan
+    voxel centres, w = `taper`; spleen where p > 0.5.
+    """
+    box = scan_box(window, ras_shape, fine)
+    if box is None:
+        return None
+    grid = tuple(window_logit.shape)
+    w = taper(box, ras_shape, fine, window, grid)
+    p_window = torch.sigmoid(sample(window_logit, box, ras_shape, fine, window))
+    p_global = torch.sigmoid(sample(global_logit, box, ras_shape, fine, None))
+    p = w * p_window + (1 - w) * p_global
+    return box, (p > 0.5).numpy().astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- the fine volume
+
+
+def fine_volume(windowed, window_spacing_mm: Sequence[float], mode: str = "area") -> torch.Tensor:
+    """A windowed channel-first MetaTensor (stored axis order, affine attached) -> (F...) float16, RAS.
+
+    Area-resized to `fine_shape` in the stored order, then reoriented on the small result (as the
+    grid's chain does: `trainer.transforms.ResizeBeforeOrientd`). A label gives soft fractions.
+    """
+    affine = np.asarray(windowed.affine, dtype=np.float64)
+    ornt = nib.orientations.io_orientation(affine)
+    stored = tuple(int(s) for s in windowed.shape[1:])
+    ras_shape = tuple(stored[int(np.flatnonzero(ornt[:, 0] == axis)[0])] for axis in range(3))
+    shape = fine_shape(ras_shape, ras_spacing(affine), window_spacing_mm)
+    resized = ResizeBeforeOrientd(keys=["fine"], spatial_size=shape, mode=mode).resize(windowed, mode)
+    oriented = mt.Orientation(axcodes="RAS", labels=RAS_LABELS)(resized)
+    out = oriented.as_tensor() if hasattr(oriented, "as_tensor") else torch.as_tensor(oriented)
+    return out[0].to(torch.float16).contiguous()
+
+
+# ----------------------------------------------------------------------------- training windows
+
+FINE_IMAGE, FINE_LABEL, WINDOW = "fine_image", "fine_label", "window"
+#: Training windows are drawn at 1 to this many times the finest window (inference: as the clicks need).
+MAX_TRAIN_SCALE = 1.6
+
+
+class FineVolumed:
+    """Cache step: the windowed image and its label as fine volumes (`fine_volume`) under FINE_IMAGE /
+    FINE_LABEL (soft fractions), before the grid resize. Runs on channel-first MetaTensors."""
+
+    def __init__(self, window_spacing_mm: Sequence[float], image_key: str = "image", label_key: str = "label"):
+        self.spacing = tuple(float(s) for s in window_spacing_mm)
+        self.image_key, self.label_key = image_key, label_key
+
+    def __call__(self, data):
+        d = dict(data)
+        d[FINE_IMAGE] = fine_volume(d[self.image_key], self.spacing)
+        label = d[self.label_key]
+        d[FINE_LABEL] = fine_volume(label.float() if hasattr(label, "float") else label, self.spacing)
+        return d
+
+
+def _window_centre(label: np.ndarray, size: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Where a training window is centred (fine continuous coordinates), as a user's clicks would put it:
+    half on the spleen's surface (most errors), a quarter inside it, a quarter anywhere within half a
+    window of it (false positives next to it); any voxel without spleen."""
+    from scipy import ndimage
+
+    spleen = label >= 0.5
+    if not spleen.any():
+        return rng.uniform(0, 1, 3) * np.asarray(label.shape)
+    u = rng.random()
+    region = spleen & ~ndimage.binary_erosion(spleen) if u < 0.5 else spleen
+    points = np.argwhere(region if region.any() else spleen)
+    centre = points[rng.integers(len(points))] + rng.uniform(0, 1, 3)
+    if u >= 0.75:
+        centre = centre + rng.uniform(-0.5, 0.5, 3) * size
+    return centre
+
+
+def draw_window(label: np.ndarray, grid: Sequence[int], rng: np.random.Generator) -> Window:
+    """A training window of a fine label volume: scale log-uniform in [1, MAX_TRAIN_SCALE], centred by
+    `_window_centre`, jittered by up to an eighth of the window."""
+    grid_arr = np.asarray(grid, dtype=np.float64)
+    scale = math.exp(rng.uniform(0.0, math.log(MAX_TRAIN_SCALE)))
+    size = np.ceil(grid_arr * scale).astype(int)
+    centre = _window_centre(label, size, rng) + rng.uniform(-0.125, 0.125, 3) * size
+    lo = np.floor(centre - size / 2 + 0.5).astype(int)
+    return Window(lo=tuple(int(v) for v in lo), size=tuple(int(v) for v in size))  # type: ignore[arg-type]
+
+
+def window_item(fine_image: torch.Tensor, fine_label: torch.Tensor, window: Window, grid: Sequence[int],
+                soft_label: bool) -> dict[str, torch.Tensor]:
+    """A training item (image, label, body at the grid) cut from the fine volumes by `window`."""
+    from .clicks import body_mask
+
+    image = crop(fine_image, window, grid)
+    label = crop(fine_label, window, grid)
+    label = label.to(torch.float16) if soft_label else (label >= 0.5).to(torch.uint8)
+    body = torch.from_numpy(body_mask(image[0].numpy())[None].astype(np.uint8))
+    return {"image": image, "label": label, "body": body}
+
+
+class RandWindowd(mt.RandomizableTransform):
+    """With probability `prob`, replace a cached whole-scan item by a refinement window of its fine
+    volumes (`draw_window`); always drops the fine volumes (their shapes differ per case) and sets
+    WINDOW (1 for a window), so training can give every window clicks."""
+
+    def __init__(self, prob: float, grid: Sequence[int], soft_label: bool):
+        super().__init__(prob)
+        self.grid, self.soft_label = tuple(int(g) for g in grid), soft_label
+
+    def __call__(self, data):
+        d = dict(data)
+        fine_image, fine_label = d.pop(FINE_IMAGE, None), d.pop(FINE_LABEL, None)
+        self.randomize(None)
+        d[WINDOW] = torch.tensor(0, dtype=torch.uint8)
+        if not self._do_transform or fine_image is None or fine_label is None:
+            return d
+        # MONAI's stream is a legacy RandomState; a Generator seeded from it keeps the draw reproducible.
+        rng = np.random.default_rng(int(self.R.randint(2**31)))
+        window = draw_window(fine_label.float().numpy(), self.grid, rng)
+        d.update(window_item(fine_image, fine_label, window, self.grid, self.soft_label))
+        d[WINDOW] = torch.tensor(1, dtype=torch.uint8)
+        return d
