@@ -41,7 +41,7 @@ from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from .data import DataError
+from .errors import DicomError as DicomError
 
 if TYPE_CHECKING:  # pragma: no cover
     from pydicom.dataset import Dataset
@@ -58,15 +58,6 @@ DICM_MAGIC = b"DICM"
 SEG_SERIES_NUMBER = 9901
 SEG_LABEL = "Spleen"
 
-
-class DicomError(DataError):
-    """A DICOM upload cannot be used. `code` names the problem (stable, for API error bodies);
-    `status` is the HTTP status the API should answer (413 for limits, else 422)."""
-
-    def __init__(self, code: str, message: str, status: int = 422):
-        super().__init__(message)
-        self.code = code
-        self.status = status
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
