@@ -39,16 +39,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("k8s", help="train and serve on Kubernetes (KubeRay): submit, status, follow, logs, cancel, promote")
     sub = parser.add_subparsers(dest="k8s_command", required=True, metavar="K8S_COMMAND")
 
-    p = sub.add_parser("submit", parents=[common], help="apply a training RayJob (server-side apply) from the chart (values files) or rendered manifests")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("-f", "--values", action="append", metavar="FILE", help="values file for the training chart (repeatable)")
-    source.add_argument("--manifest", metavar="FILE", help="rendered manifests (`helm template` output; - for stdin)")
-    p.add_argument("--chart", default=DEFAULT_TRAIN_CHART, help="chart directory for --values (default: the training chart shipped with this package)")
-    p.add_argument("--release", default="spleen-deepedit", help="release name = RayJob name = Ray run name (a resubmission with the same name resumes)")
-    p.add_argument("--dry-run", action="store_true", help="server-side dry run: the API server validates, nothing is created")
-    p.add_argument("--follow", action="store_true", help="follow the job after creating it")
-    p.add_argument("--interval", type=float, default=10.0, help="seconds between polls with --follow")
-    p.set_defaults(k8s_func=_submit)
+    _add_submit(sub, common)
 
     p = sub.add_parser("status", parents=[common], help="phase, attempt, latest epoch and validation Dice of a RayJob (or a RayService)")
     p.add_argument("name")
@@ -78,6 +69,29 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(k8s_func=_list)
 
+    _add_dashboard(sub, common)
+    _add_promote(sub, common)
+
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _add_submit(sub, common: argparse.ArgumentParser) -> None:
+    """`k8s submit`: apply a training RayJob from the chart or rendered manifests."""
+    p = sub.add_parser("submit", parents=[common], help="apply a training RayJob (server-side apply) from the chart (values files) or rendered manifests")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("-f", "--values", action="append", metavar="FILE", help="values file for the training chart (repeatable)")
+    source.add_argument("--manifest", metavar="FILE", help="rendered manifests (`helm template` output; - for stdin)")
+    p.add_argument("--chart", default=DEFAULT_TRAIN_CHART, help="chart directory for --values (default: the training chart shipped with this package)")
+    p.add_argument("--release", default="spleen-deepedit", help="release name = RayJob name = Ray run name (a resubmission with the same name resumes)")
+    p.add_argument("--dry-run", action="store_true", help="server-side dry run: the API server validates, nothing is created")
+    p.add_argument("--follow", action="store_true", help="follow the job after creating it")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between polls with --follow")
+    p.set_defaults(k8s_func=_submit)
+
+
+def _add_dashboard(sub, common: argparse.ArgumentParser) -> None:
+    """`k8s dashboard`: port-forward a Ray dashboard."""
     p = sub.add_parser("dashboard", parents=[common], help="port-forward the Ray dashboard of a RayJob/RayService (kubectl) and show its Ray token")
     p.add_argument("name")
     p.add_argument("--kind", choices=("rayjob", "rayservice"), default="rayjob")
@@ -86,6 +100,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--print-only", action="store_true", help="print the port-forward command instead of running it")
     p.set_defaults(k8s_func=_dashboard)
 
+
+def _add_promote(sub, common: argparse.ArgumentParser) -> None:
+    """`k8s promote`: serve another checkpoint on a RayService."""
     p = sub.add_parser("promote", parents=[common], help="serve another checkpoint on a RayService without downtime")
     p.add_argument("name", help="RayService name")
     p.add_argument("--checkpoint", required=True, help="s3://bucket/run/checkpoint_epoch_NNNN/checkpoint.pt (or an absolute path)")
@@ -95,9 +112,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait with --wait")
     p.add_argument("--interval", type=float, default=5.0, help="seconds between polls with --wait")
     p.set_defaults(k8s_func=_promote)
-
-    parser.set_defaults(func=run)
-    return parser
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from trainer.errors import K8sError as K8sError
+
 RAY_GROUP, RAY_VERSION = "ray.io", "v1"
 #: `jobDeploymentStatus` values after which nothing more happens to a RayJob.
 TERMINAL_PHASES = frozenset({"Complete", "Failed", "ValidationFailed", "Suspended"})
@@ -28,17 +30,6 @@ TERMINAL_PHASES = frozenset({"Complete", "Failed", "ValidationFailed", "Suspende
 EPOCH_LINE = re.compile(
     r"epoch (?P<epoch>\d+)/(?P<epochs>\d+)\s+loss (?P<loss>[-0-9.naif]+).*?val spleen dice (?P<val>[0-9.]+|-)"
 )
-
-
-class K8sError(RuntimeError):
-    """A Kubernetes operation failed for a reason the user can fix; the message says how.
-
-    `status`: the API server's HTTP status when there was one (a 5xx one may pass: `follow` waits it out).
-    """
-
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
 
 
 # ----------------------------------------------------------------------------- connection

@@ -1,4 +1,4 @@
-"""`spleen-deepedit annotate`: batch pre-annotation on Ray Data (trainer/annotate.py).
+"""`spleen-deepedit annotate`: batch pre-annotation on Ray Data (trainer/annotate/).
 
 Fast tests (no Ray) cover listing, measurements, resumability and configuration. The `ray` tests run
 the real pipeline on one local Ray (2 CPUs) over a synthetic cohort of 20 cases (NIfTI files, DICOM

@@ -1,4 +1,4 @@
-"""DICOM series in, DICOM SEG out (trainer/dicom.py).
+"""DICOM series in, DICOM SEG out (trainer/dicom/).
 
 Oracles we did not write: nibabel (the NIfTI the series was made from), MONAI's `PydicomReader` (reads
 the same files with its own sorting and affine code), highdicom (reads the SEG back) and dicom3tools'

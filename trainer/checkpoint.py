@@ -20,11 +20,9 @@ from typing import Any
 
 import torch
 
+from .errors import CheckpointError as CheckpointError
+
 FORMAT = "spleen-deepedit/1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, corrupted or of the wrong kind; the message names it."""
 
 
 @dataclass(kw_only=True, slots=True)

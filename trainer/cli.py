@@ -14,17 +14,13 @@ import time
 from typing import Any
 
 from .config import DEFAULT_VAL_FRACTION, PROFILES, ConfigError, check_click_radius
+from .errors import SpleenDeepEditError
 
 EXIT_USER_ERROR = 2
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .checkpoint import CheckpointError
-    from .clicks import ClickError
-    from .data import DataError
-    from .train import TrainingDiverged
-
-    return (ConfigError, DataError, CheckpointError, ClickError, TrainingDiverged, FileNotFoundError, NotADirectoryError)
+#: What ends a command with a one-line message and EXIT_USER_ERROR; anything else is a bug (traceback).
+USER_ERRORS: tuple[type[BaseException], ...] = (SpleenDeepEditError, FileNotFoundError, NotADirectoryError)
 
 
 def _positive_int(text: str) -> int:
@@ -339,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_device(getattr(args, "device", None))
         return int(args.func(args) or 0)
-    except _user_errors() as exc:
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from .config import CLICK_CHANNELS
+from .errors import ClickError as ClickError
 
 Point = tuple[int, int, int]
 #: A volume's shape as numpy gives it (3D here; numpy types shapes as tuples of any length).
@@ -329,10 +330,6 @@ def _largest_piece(region: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- user clicks
-
-
-class ClickError(ValueError):
-    """Clicks are malformed or outside the volume; the message names the value."""
 
 
 def validate_clicks(clicks: Any, shape: tuple[int, ...]) -> Clicks:

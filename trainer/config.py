@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError as ConfigError
 from .schedule import SCHEDULES
 
 #: Label names and values, as in the bundle's `label_names` (spec §1). The network's output channel
@@ -32,10 +33,6 @@ UPSAMPLE_MODES: tuple[str, ...] = ("area", "probability", "logit")
 #: Share of the sorted labelled cases (the last ones) that validate: training's split, and the `val`
 #: split `evaluate` scores when the checkpoint does not say which fraction it was trained with.
 DEFAULT_VAL_FRACTION: float = 0.2
-
-
-class ConfigError(ValueError):
-    """A user-supplied setting is invalid; the message names the value and the fix."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -12,12 +12,9 @@ import nibabel as nib
 import numpy as np
 
 from .config import DEFAULT_VAL_FRACTION
+from .errors import DataError as DataError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-
-
-class DataError(ValueError):
-    """The dataset is unusable; the message names the file and what to fix."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from . import env
-from .config import ConfigError
+from .errors import StorageError as StorageError
 
 S3_SCHEME = "s3://"
 FILE_SCHEME = "file://"
@@ -31,13 +31,6 @@ SCHEMES = (S3_SCHEME, FILE_SCHEME)
 #: Seconds allowed to open a connection to the S3 endpoint (and to read one answer in a check).
 CONNECT_TIMEOUT_S = 3.0
 READ_TIMEOUT_S = 10.0
-
-
-class StorageError(ConfigError):
-    """A storage location is unusable (unreachable, missing bucket or object, no credentials).
-
-    A `ConfigError`, so the CLI reports it as a one-line user error; the message names the URI.
-    """
 
 
 def is_s3(uri: str | os.PathLike) -> bool:

@@ -18,6 +18,7 @@ from .checkpoint import Checkpoint
 from .config import ConfigError, TrainConfig
 from .data import DataError, list_dataset
 from .engine import make_loss, train_step, unwrap, validate_item
+from .errors import TrainingDiverged as TrainingDiverged
 from .network import build_network, load_weights, read_checkpoint
 from .runtime import Runtime
 from .schedule import Budget, learning_rate
@@ -87,10 +88,6 @@ def _restore(model, optimizer, scaler, ckpt: Checkpoint, cfg: TrainConfig, sourc
 #: chance; a diverged run skips everything, and one skipping most of its steps makes no progress either.
 DIVERGED_WINDOW_STEPS = 50
 DIVERGED_SKIPPED_SHARE = 0.5
-
-
-class TrainingDiverged(RuntimeError):
-    """Most recent steps had a non-finite loss or gradient: the run cannot make progress."""
 
 
 class SkipWindow:

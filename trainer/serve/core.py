@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import threading
 import time
 from typing import Any
@@ -30,6 +29,8 @@ import numpy as np
 from ray import serve
 
 from . import ingress, series
+from .budget import MemoryBudget as MemoryBudget
+from .budget import memory_limit_bytes
 from .codecs import NiftiPlan, VolumeLimits, decode_volume, encode_mask, read_header
 from .errors import ApiError, scrub
 from .inputs import check_clicks
@@ -76,54 +77,6 @@ async def finish_work(awaitable):
         if not task.cancelled():
             task.exception()  # retrieved: the request is answered with the timeout, not this
         raise
-
-
-def memory_limit_bytes() -> int:
-    """The replica's memory limit: its cgroup's (a Kubernetes container limit), else the machine's RAM."""
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            with open(path) as f:
-                text = f.read().strip()
-        except OSError:
-            continue
-        if text.isdigit() and int(text) < 1 << 60:
-            return int(text)
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-class MemoryBudget:
-    """Bytes of decode + preprocess in flight in one replica; a request reserves its estimate first.
-
-    Args:
-        capacity: bytes that may be in flight at once.
-        wait_s: how long a request waits for room before it gets 503 + Retry-After.
-        retry_after_s: the Retry-After value.
-    """
-
-    POLL_S = 0.02
-
-    def __init__(self, capacity: int, wait_s: float, retry_after_s: int):
-        self.capacity = capacity
-        self.wait_s = wait_s
-        self.retry_after_s = retry_after_s
-        self.in_flight = 0
-
-    @contextlib.asynccontextmanager
-    async def reserve(self, nbytes: int):
-        if nbytes > self.capacity:
-            raise ApiError(413, "volume_too_large", f"decoding and preprocessing this volume needs about {nbytes} bytes, more "
-                           f"than the replica's budget of {self.capacity} (memory_budget_bytes): send a smaller volume")
-        deadline = time.monotonic() + self.wait_s
-        while self.in_flight + nbytes > self.capacity:
-            if time.monotonic() >= deadline:
-                raise ApiError(503, "memory_busy", f"the replica is decoding {self.in_flight} bytes of other volumes; retry "
-                               "later", {"Retry-After": str(self.retry_after_s)})
-            await asyncio.sleep(self.POLL_S)
-        self.in_flight += nbytes  # the event loop is one thread: check and add are atomic
-        try:
-            yield
-        finally:
-            self.in_flight -= nbytes
 
 
 class WorkGauge:

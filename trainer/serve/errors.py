@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+from ..errors import SpleenDeepEditError
+
 #: What must not reach a client: URIs (s3://, https://...), host:port endpoints and absolute paths.
 _PRIVATE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+|\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b|\b[\w.-]+\.[a-z]{2,}:\d+\b"
                       r"|(?<![\w.])(?:~|[A-Za-z]:)?[/\\](?:[\w.@+-]+[/\\])+[\w.@+-]*")
@@ -19,7 +21,7 @@ def scrub(text: str) -> str:
     return _PRIVATE.sub("<redacted>", text)
 
 
-class ApiError(Exception):
+class ApiError(SpleenDeepEditError):
     """A client-visible error. `detail` names the offending value; it never holds a stack trace.
 
     Args:

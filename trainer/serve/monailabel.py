@@ -161,16 +161,7 @@ class MonaiLabelRoutes(_Service):
             form = await read_form(request, MAX_FORM_FILES) if request.headers.get("content-type") else {}
             field = form.get("params") if form else None
             params = await self.parse(field if isinstance(field, str) else None, "params") or {}
-            if not isinstance(params, dict):
-                raise ApiError(400, "bad_params", f"params must be a JSON object, got {type(params).__name__}")
-            extension = params.get("result_extension", ".nii.gz")
-            dtype = params.get("result_dtype", "uint8")
-            if not isinstance(extension, str) or not isinstance(dtype, str):
-                raise ApiError(400, "bad_params", "result_extension and result_dtype must be strings")
-            if extension not in MASK_EXTENSIONS:
-                raise ApiError(400, "bad_result_extension", f"result_extension {extension!r} is not supported: use one of {list(MASK_EXTENSIONS)}")
-            if dtype not in MASK_DTYPES:
-                raise ApiError(400, "bad_result_dtype", f"result_dtype {dtype!r} is not supported: use one of {sorted(MASK_DTYPES)}")
+            extension, dtype = result_format(params)
             clicks = clicks_from_params(params) if model == name else None
 
             predictor = self.current()
@@ -205,16 +196,36 @@ class MonaiLabelRoutes(_Service):
             "model": model, "model_version": predictor.version,
             "clicks": {k: len(v) for k, v in (clicks or {}).items()},
         }
-        filename = f"result{extension}"
-        if output == SEG_OUTPUT:
-            return Response(content=body, media_type=DICOM_MEDIA_TYPE,
-                            headers={"Content-Disposition": 'attachment; filename="result.dcm"'})
-        if output == "json":
-            return JSONResponse(result)
-        if output == "image":
-            return Response(content=body, media_type="application/octet-stream",
-                            headers={"Content-Disposition": f'attachment; filename="{filename}"'})
-        return multipart_reply(result, body, filename)
+        return infer_reply(result, body, extension, output)
+
+
+def result_format(params: Any) -> tuple[str, str]:
+    """The mask's file extension and dtype asked for in `/infer`'s `params`; a 400 ApiError naming a bad one."""
+    if not isinstance(params, dict):
+        raise ApiError(400, "bad_params", f"params must be a JSON object, got {type(params).__name__}")
+    extension = params.get("result_extension", ".nii.gz")
+    dtype = params.get("result_dtype", "uint8")
+    if not isinstance(extension, str) or not isinstance(dtype, str):
+        raise ApiError(400, "bad_params", "result_extension and result_dtype must be strings")
+    if extension not in MASK_EXTENSIONS:
+        raise ApiError(400, "bad_result_extension", f"result_extension {extension!r} is not supported: use one of {list(MASK_EXTENSIONS)}")
+    if dtype not in MASK_DTYPES:
+        raise ApiError(400, "bad_result_dtype", f"result_dtype {dtype!r} is not supported: use one of {sorted(MASK_DTYPES)}")
+    return extension, dtype
+
+
+def infer_reply(result: dict[str, Any], body: bytes, extension: str, output: str | None) -> Response:
+    """`/infer`'s answer in the `output` MONAI Label asked for: a SEG, the JSON, the image, or both (multipart)."""
+    filename = f"result{extension}"
+    if output == SEG_OUTPUT:
+        return Response(content=body, media_type=DICOM_MEDIA_TYPE,
+                        headers={"Content-Disposition": 'attachment; filename="result.dcm"'})
+    if output == "json":
+        return JSONResponse(result)
+    if output == "image":
+        return Response(content=body, media_type="application/octet-stream",
+                        headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+    return multipart_reply(result, body, filename)
 
 
 def parse_multipart_reply(content_type: str, body: bytes) -> dict[str, tuple[str | None, bytes]]:
