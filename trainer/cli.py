@@ -40,6 +40,8 @@ def _radius(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0 (grid voxels; 0 turns click locality off)") from None
 
 
+REFINE_HELP = ("answer clicks with a click-centred window at a fine spacing (default: when the checkpoint was "
+               "trained with windows; --no-refine: the whole-scan pass with click locality)")
 CLICK_RADIUS_HELP = ("click locality radius in network-grid voxels: a click changes the mask only near itself "
                      "(default: the profile's, 2 for cpu; 0 = off, the model zoo's behaviour)")
 
@@ -178,7 +180,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     validate_clicks(clicks, tuple(image.shape))  # before loading the model: fail fast
     device = torch.device(args.device) if args.device else None
     predictor = Predictor.from_checkpoint(args.checkpoint, profile=args.profile, device=device,
-                                          click_radius=args.click_radius)
+                                          click_radius=args.click_radius, refine=args.refine)
     t0 = time.perf_counter()
     pred = predictor.predict(image, affine, clicks)
     if fmt == "dcm" and series is not None:  # a dcm request without a series was refused above
@@ -215,6 +217,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device=device,
         metrics_log=args.metrics_log,
         click_radius=args.click_radius,
+        refine=args.refine,
         dicom=args.dicom,
     )
     print(f"report written to {args.output}", flush=True)
@@ -277,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mask format (default: dcm if --output ends in .dcm, else nii.gz); dcm needs a DICOM --image")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None, help="override the checkpoint's profile")
     p.add_argument("--click-radius", type=_radius, default=None, help=CLICK_RADIUS_HELP)
+    p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None, help=REFINE_HELP)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_infer)
 
@@ -289,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-log", default=None, help="training metrics.jsonl to plot (default: next to the checkpoint)")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None, help="override the checkpoint's profile")
     p.add_argument("--click-radius", type=_radius, default=None, help=CLICK_RADIUS_HELP)
+    p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None, help=REFINE_HELP)
     p.add_argument("--device", default=None)
     p.add_argument("--dicom", action="store_true",
                    help="read each image from its DICOM series, DATA/dicom/<imagesTr|imagesTs>/<case>/ (as `synth --dicom` writes it)")
@@ -299,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--click-radius", type=_radius, default=None, help=CLICK_RADIUS_HELP)
+    p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None, help=REFINE_HELP)
     p.add_argument("--device", default=None)
     p.add_argument("--token-file", default=None, help="file holding the bearer token (32+ characters), re-read when it changes")
     p.add_argument("--token-env", default=None, help="environment variable holding the bearer token (32+ characters)")

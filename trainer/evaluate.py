@@ -155,8 +155,7 @@ def evaluate_case(predictor: Any, pair: dict[str, str], *, max_clicks: int, rng:
             result.dice_with_background.append(float(mean_dice_with_background(mask, label)[0]))
         result.clicks.append(click)
         result.piece_voxels.append(None if piece is None else int(piece.sum()))
-        result.piece_fixed.append(None if piece is None else float((mask[piece] > 0).mean() if click[0] == "spleen"
-                                                                    else (mask[piece] == 0).mean()))
+        result.piece_fixed.append(None if piece is None or click is None else piece_fixed(mask, piece, click[0]))
         result.hd95_mm.append(hd95_mm(mask, label, spacing) if count in (0, max_clicks) else None)
     result.seconds = time.perf_counter() - t0
     return result
@@ -170,6 +169,11 @@ def error_piece(mask: np.ndarray, label: np.ndarray, click: tuple[str, Point]) -
     error = (label & ~(mask > 0)) if click[0] == "spleen" else ((mask > 0) & ~label)
     pieces, _ = ndimage.label(error, structure=np.ones((3, 3, 3), bool))
     return pieces == pieces[tuple(click[1])]
+
+
+def piece_fixed(mask: np.ndarray, piece: np.ndarray, name: str) -> float:
+    """The share of an error piece that `mask` now gets right (spleen for a spleen click)."""
+    return float((mask[piece] > 0).mean() if name == "spleen" else (mask[piece] == 0).mean())
 
 
 def evaluate(predictor: Any, cases: Sequence[dict[str, str]], *, max_clicks: int, seed: int = 0) -> list[CaseResult]:
@@ -256,6 +260,7 @@ def evaluate_checkpoint(
     seed: int = 0,
     val_fraction: float | None = None,
     click_radius: float | None = None,
+    refine: bool | None = None,
     dicom: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on a dataset split and write the report into `output_dir`.
@@ -276,6 +281,7 @@ def evaluate_checkpoint(
         seed: click-sampling seed.
         val_fraction: validation fraction of the `val` split; None: the one the checkpoint was trained
             with (its stored config), else `DEFAULT_VAL_FRACTION` (a plain state_dict).
+        refine: click-centred refinement (default: when the checkpoint was trained with windows).
         dicom: read each image from its DICOM series (`with_dicom_images`), labels from NIfTI.
 
     Returns:
@@ -292,7 +298,7 @@ def evaluate_checkpoint(
     if dicom:
         cases = with_dicom_images(cases)
     log_path, training = _training_log(local, metrics_log)
-    predictor = Predictor.from_loaded(loaded, device=device, click_radius=click_radius)
+    predictor = Predictor.from_loaded(loaded, device=device, click_radius=click_radius, refine=refine)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -304,6 +310,7 @@ def evaluate_checkpoint(
         model_version=predictor.version,
         profile=predictor.profile.name,
         click_radius=predictor.click_radius,
+        refine=predictor.refine,
         upsample=predictor.profile.upsample,
         max_clicks=max_clicks,
         seed=seed,

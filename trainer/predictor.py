@@ -22,9 +22,7 @@ matches the model zoo).
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +38,7 @@ from .clicks import ClickError as ClickError  # re-exported: its old home
 from .clicks import Clicks, as_point, empty_clicks, guidance_channels, validate_clicks
 from .config import Profile, check_click_radius
 from .data import DataError, load_volume, write_mask
+from .geometry import as_channel_tensor, place_ras, ras_index, upsample_window, zoo_index_to_ras
 from .locality import LOGIT_EPS, GridPoints, has_clicks, localize
 from .locality import nudge as nudge  # re-exported: its old home
 from .network import LoadedModel, autocast, load_model
@@ -83,58 +82,6 @@ class Prediction:
     mask: np.ndarray  # uint8, original array order
     affine: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
-
-
-# dtypes torch.from_numpy shares without a copy and the chain's windowing handles directly.
-_SHARED_DTYPES = {np.dtype(t) for t in (np.float32, np.float64, np.int16, np.int32, np.int64, np.int8, np.uint8)}
-
-
-def _as_channel_tensor(image: np.ndarray) -> torch.Tensor:
-    """(1, X, Y, Z) tensor sharing `image`'s memory where torch can; the windowing copies it to float32."""
-    if image.dtype in _SHARED_DTYPES and image.dtype.isnative and image.flags.writeable:
-        return torch.from_numpy(image)[None]
-    return torch.from_numpy(np.asarray(image, dtype=np.float32))[None]  # e.g. uint16, big-endian, read-only
-
-
-def _taps(coarse: int, fine: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per fine index: the first and last coarse index its value is made of.
-
-    `trilinear` (`F.interpolate(align_corners=False)`, ATen's formula: src = max(scale * (j + 0.5) -
-    0.5, 0), scale = coarse / fine): the two coarse voxels it blends. `area` (adaptive average
-    pooling, what `F.interpolate(mode="area")` and MONAI's `Resize(mode="area")` do): the coarse range
-    [floor(j * c / f), ceil((j + 1) * c / f)) it averages.
-    """
-    if mode == "area":
-        j = torch.arange(fine, dtype=torch.int64)
-        return (j * coarse) // fine, -((-(j + 1) * coarse) // fine) - 1
-    scale = torch.tensor(coarse, dtype=torch.float32) / torch.tensor(fine, dtype=torch.float32)
-    src = (scale * (torch.arange(fine, dtype=torch.float32) + 0.5) - 0.5).clamp_(min=0)
-    i0 = src.floor().to(torch.int64).clamp_(max=coarse - 1)
-    return i0, torch.where(i0 < coarse - 1, i0 + 1, i0)
-
-
-def _upsample_window(fg_along: torch.Tensor, fine: int, mode: str = "trilinear") -> tuple[slice, slice, slice] | None:
-    """Along one axis: which coarse slab to upsample, to which fine slab, and which fine indices to keep.
-
-    Keep: the fine indices whose coarse taps touch a coarse voxel over 0.5 (elsewhere the value, a
-    convex combination of voxels <= 0.5 in both modes, cannot exceed 0.5). Coarse and fine sizes repeat
-    with periods c/g and f/g (g = gcd): a slab cut at whole periods, with one spare period on each
-    side, is resized by `F.interpolate` with exactly the full volume's scale and taps (area: the same
-    pooling ranges, shifted by whole periods), and the spare periods absorb the edge clamping the full
-    volume does not have there. None: no fine index touches the foreground.
-    """
-    coarse = fg_along.numel()
-    hits = torch.nonzero(fg_along).flatten()
-    lo, hi = int(hits[0]), int(hits[-1])
-    i0, i1 = _taps(coarse, fine, mode)
-    touching = torch.nonzero((i1 >= lo) & (i0 <= hi)).flatten()  # contiguous: the taps are monotone
-    if not len(touching):
-        return None  # a scan with fewer voxels than the grid: trilinear taps can step over the blob
-    j_lo, j_hi = int(touching[0]), int(touching[-1]) + 1
-    g = math.gcd(coarse, fine)
-    pc, pf = coarse // g, fine // g
-    k0, k1 = max(j_lo // pf - 1, 0), min(-(-j_hi // pf) + 1, g)
-    return slice(k0 * pc, k1 * pc), slice(k0 * pf, k1 * pf), slice(j_lo - k0 * pf, j_hi - k0 * pf)
 
 
 class Predictor:
@@ -189,7 +136,7 @@ class Predictor:
         # Our checkpoints store the training's setting (None: the profile's default).
         sigma = config.get("guidance_sigma") or loaded.profile.guidance_sigma
         if refine is None:
-            refine = trained_with_windows(config, loaded.profile)
+            refine = rf.trained_with_windows(config, loaded.profile)
         return cls(loaded.model, loaded.profile, device=device, amp=amp, sigma=sigma, click_radius=click_radius,
                    version=loaded.version, refine=refine, window_mm=config.get("window_mm"))
 
@@ -209,7 +156,7 @@ class Predictor:
         ras_shape = tuple(int(image.shape[int(a)]) for a in np.argsort(ornt[:, 0]))
         # index_to_ras maps an original voxel index to its index in the RAS-ordered array.
         index_to_ras = np.linalg.inv(nib.orientations.inv_ornt_aff(ornt, image.shape))
-        meta = MetaTensor(_as_channel_tensor(image), affine=torch.as_tensor(affine))
+        meta = MetaTensor(as_channel_tensor(image), affine=torch.as_tensor(affine))
         window_hu, *to_grid = self._pre.transforms
         windowed = window_hu({"image": meta})
         out = windowed
@@ -231,13 +178,13 @@ class Predictor:
         # The model zoo's arithmetic (ResizeGuidanceMultipleLabelDeepEditd): the index times the float
         # factor grid / scan, truncated, so a click on an exact multiple lands where the bundle puts it.
         factor = np.divide(self.profile.spatial_size, prepared.ras_shape)
-        zoo_to_ras = _zoo_index_to_ras(prepared) if self.profile.zoo_click_arithmetic else None
+        zoo_to_ras = zoo_index_to_ras(prepared) if self.profile.zoo_click_arithmetic else None
         out: Clicks = {}
         for name, points in clicks.items():
             if self.profile.zoo_click_arithmetic:
                 idx = [(zoo_to_ras @ np.array([*p, 1.0]))[:3].astype(int) for p in points]
             else:
-                idx = [np.rint(_ras_index(p, prepared)).astype(int) for p in points]
+                idx = [np.rint(ras_index(p, prepared)).astype(int) for p in points]
             out[name] = [as_point(np.multiply(i, factor).astype(int)) for i in idx]
         return out
 
@@ -251,7 +198,7 @@ class Predictor:
         fine = np.asarray(prepared.ras_shape, dtype=np.float64)
         out: GridPoints = {}
         for name, points in clicks.items():
-            out[name] = [tuple(float(v) for v in (_ras_index(p, prepared) + 0.5) * size / fine - 0.5) for p in points]
+            out[name] = [tuple(float(v) for v in (ras_index(p, prepared) + 0.5) * size / fine - 0.5) for p in points]
         return out
 
     @torch.no_grad()
@@ -341,7 +288,7 @@ class Predictor:
             p = prepared[b]
             if p.fine is None:
                 raise ValueError("this volume was prepared without refinement: prepare it with the refining predictor")
-            fine_pts = {name: rf.scan_to_fine(np.array([_ras_index(q, p) for q in pts]).reshape(-1, 3),
+            fine_pts = {name: rf.scan_to_fine(np.array([ras_index(q, p) for q in pts]).reshape(-1, 3),
                                               p.ras_shape, p.fine.shape) for name, pts in clicks[b].items()}
             window = rf.window_around(np.concatenate(list(fine_pts.values())), grid)
             images.append(rf.crop(p.fine, window, grid))
@@ -360,7 +307,7 @@ class Predictor:
         Equal to `F.interpolate(prob, ras_shape, mode) > 0.5`, reoriented back (up to float rounding at
         values within ~1e-7 of 0.5), with mode `area` for `upsample: area` (the model zoo's `Invertd`
         of `Resized(mode="area")`, then argmax) and `trilinear` otherwise, but only the box that can be
-        foreground is upsampled (see `_upsample_window`) and only that box is reoriented: a spleen is a
+        foreground is upsampled (see `trainer.geometry.upsample_window`) and only that box is reoriented: a spleen is a
         few % of the volume. With `upsample: logit` the logit is interpolated and thresholded at 0 (the
         same box: a trilinear value of logits <= 0 cannot exceed 0 either).
         """
@@ -375,7 +322,7 @@ class Predictor:
                       else torch.logit(spleen.clamp(LOGIT_EPS, 1 - LOGIT_EPS)))
             refined = rf.blend_into(glogit, window.logit, window.window, prepared.ras_shape, tuple(prepared.fine.shape))
             if refined is not None:
-                _place_ras(mask, refined[1], refined[0], prepared)
+                place_ras(mask, refined[1], refined[0], prepared)
         return mask
 
     def _place_global(self, mask: np.ndarray, p: torch.Tensor, prepared: Prepared) -> None:
@@ -385,7 +332,7 @@ class Predictor:
             return
         mode = "area" if self.profile.upsample == "area" else "trilinear"
         found = [
-            _upsample_window(fg.any(dim=tuple(d for d in range(3) if d != axis)), fine, mode)
+            upsample_window(fg.any(dim=tuple(d for d in range(3) if d != axis)), fine, mode)
             for axis, fine in enumerate(prepared.ras_shape)
         ]
         if any(w is None for w in found):
@@ -399,7 +346,7 @@ class Predictor:
         up = up[(slice(None), *(w[2] for w in windows))]
         crop = (up[1] > up[0] if len(up) == 2 else up[0] > level).cpu().numpy().view(np.uint8)
         ras_box = [slice(w[1].start + w[2].start, w[1].start + w[2].stop) for w in windows]
-        _place_ras(mask, crop, ras_box, prepared)
+        place_ras(mask, crop, ras_box, prepared)
 
     # ----------------------------------------------------------------- one call
 
@@ -438,38 +385,6 @@ class Predictor:
         write_mask(output_path, pred.mask, pred.affine)
         pred.timings = {"load": t1 - t0, **pred.timings, "write": time.perf_counter() - t2}
         return pred
-
-
-def _place_ras(mask: np.ndarray, crop: np.ndarray, ras_box, prepared: Prepared) -> None:
-    """Write `crop`, a box of the RAS-ordered scan, into `mask` (original array order)."""
-    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), prepared.to_ras)
-    crop = nib.orientations.apply_orientation(crop, back)
-    box = []
-    for ras_axis, flip in prepared.to_ras:
-        sl, n = ras_box[int(ras_axis)], prepared.ras_shape[int(ras_axis)]
-        box.append(slice(n - sl.stop, n - sl.start) if flip < 0 else sl)
-    mask[tuple(box)] = crop
-
-
-def trained_with_windows(config: Mapping[str, Any], profile: Profile) -> bool:
-    """Whether a checkpoint's stored training config drew refinement windows (absent: an older or
-    model-zoo checkpoint, which never did; None: the profile's default)."""
-    if "window_prob" not in config:
-        return False
-    value = config["window_prob"]
-    return bool((profile.window_prob if value is None else value) > 0)
-
-
-def _ras_index(point, prepared: Prepared) -> np.ndarray:
-    """An original voxel index -> its index in the RAS-ordered array (float; exact integers)."""
-    return (prepared.index_to_ras @ np.array([*point, 1.0]))[:3]
-
-
-def _zoo_index_to_ras(prepared: Prepared) -> np.ndarray:
-    """The model zoo's original index -> RAS index map, as floats: `inv(A_ras) @ A_orig`, with A_ras
-    the affine MONAI's Orientationd gives (A_orig @ the reorientation), in float64 as it computes it."""
-    xform = nib.orientations.inv_ornt_aff(prepared.to_ras, prepared.orig_shape)
-    return np.linalg.inv(prepared.orig_affine @ xform) @ prepared.orig_affine
 
 
 def __getattr__(name: str) -> Any:

@@ -20,8 +20,9 @@ covers [f N / F, (f + 1) N / F) of it (area pooling); window grid voxel g covers
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -38,6 +39,15 @@ BLEND_RAMP = 3.0
 CLICK_MARGIN = 0.25
 
 
+def trained_with_windows(config: Mapping[str, Any], profile: Any) -> bool:
+    """Whether a checkpoint's stored training config drew refinement windows (absent: an older or
+    model-zoo checkpoint, which never did; None: the profile's default)."""
+    if "window_prob" not in config:
+        return False
+    value = config["window_prob"]
+    return bool((profile.window_prob if value is None else value) > 0)
+
+
 def ras_spacing(affine: np.ndarray) -> np.ndarray:
     """Voxel sizes (mm) of an affine's array, in RAS axis order."""
     affine = np.asarray(affine, dtype=np.float64)
@@ -49,7 +59,7 @@ def ras_spacing(affine: np.ndarray) -> np.ndarray:
     return out
 
 
-def fine_shape(ras_shape: Sequence[int], spacing: Sequence[float], window_spacing: Sequence[float]) -> tuple[int, ...]:
+def fine_shape(ras_shape: Sequence[int], spacing: Sequence[float] | np.ndarray, window_spacing: Sequence[float]) -> tuple[int, ...]:
     """The fine volume's shape: each axis at max(scan spacing, window spacing), so never upsampled."""
     return tuple(max(1, min(int(n), int(round(n * s / max(s, w))))) for n, s, w in zip(ras_shape, spacing, window_spacing))
 

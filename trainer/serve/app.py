@@ -89,7 +89,7 @@ class DeepEditService(MonaiLabelRoutes, ServiceCore):
             "description": "DeepEdit interactive spleen segmentation from CT (clicks are original voxel indices)",
             "model": {"version": p.version, "profile": p.profile.name, "spatial_size": list(p.profile.spatial_size),
                       "labels": {"background": 0, "spleen": 1}, "click_labels": ["spleen", "background"],
-                      "click_radius": p.click_radius, "upsample": p.profile.upsample, "device": str(p.device),
+                      "click_radius": p.click_radius, "refine": p.refine, "upsample": p.profile.upsample, "device": str(p.device),
                       "checkpoint": redact(self.checkpoint_uri),
                       "checkpoint_source": "s3" if (self.checkpoint_uri or "").startswith("s3://") else "local",
                       "torch_threads": torch.get_num_threads()},

@@ -201,6 +201,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     opts = {"device": args.device} if getattr(args, "device", None) else {}
     if getattr(args, "click_radius", None) is not None:
         opts["click_radius"] = args.click_radius
+    if getattr(args, "refine", None) is not None:
+        opts["refine"] = args.refine
     if getattr(args, "token_file", None):
         opts["auth_token_file"] = os.path.abspath(args.token_file)
     if getattr(args, "token_env", None):

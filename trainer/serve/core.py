@@ -43,14 +43,15 @@ log = logging.getLogger("trainer.serve")
 _SERVE_DEFAULTS = {name: serve_default(name) for name in ("max_batch_size", "batch_wait_timeout_s")}
 
 
-def load_predictor(uri: str, profile: str | None, device: str | None, click_radius: float | None = None):
+def load_predictor(uri: str, profile: str | None, device: str | None, click_radius: float | None = None,
+                   refine: bool | None = None):
     """The one `Predictor`, its version suffixed with a digest of the file (a retrained `best.pt` differs)."""
     import torch
 
     from trainer.predictor import Predictor
 
     return Predictor.from_checkpoint(uri, profile=profile, device=torch.device(device) if device else None,
-                                     click_radius=click_radius, digest=True)
+                                     click_radius=click_radius, digest=True, refine=refine)
 
 
 def redact(uri: str | None) -> str | None:
@@ -158,7 +159,7 @@ class ServiceCore:
         self.predictor = None
         self.checkpoint_uri: str | None = None
         self.reload_error: dict[str, str] | None = None
-        self.counters = {"preprocess": 0, "forward": 0, "forward_batches": 0, "max_forward_batch": 0}
+        self.counters = {"preprocess": 0, "forward": 0, "window": 0, "forward_batches": 0, "max_forward_batch": 0}
         self._swap_lock = asyncio.Lock()
         self._forward_batch.set_max_batch_size(settings.max_batch_size)
         self._forward_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
@@ -189,7 +190,7 @@ class ServiceCore:
                 if not isinstance(uri, str) or not uri:
                     raise ValueError("user_config must hold 'checkpoint': a local path or s3:// URI")
                 predictor = await asyncio.to_thread(load_predictor, uri, profile, self.settings.device,
-                                                   self.settings.click_radius)
+                                                   self.settings.click_radius, self.settings.refine)
             except Exception as exc:
                 if self.predictor is None:
                     raise
@@ -269,15 +270,20 @@ class ServiceCore:
 
     def _map_clicks(self, predictor, prepared, clicks: Any):
         checked = self.check_clicks(clicks, prepared.orig_shape)
-        return predictor.map_clicks(checked, prepared), predictor.grid_points(checked, prepared)
+        return checked, predictor.map_clicks(checked, prepared), predictor.grid_points(checked, prepared)
 
     async def segment(self, predictor, prepared, clicks: Any, watch: Stopwatch) -> np.ndarray:
-        """Validated clicks -> uint8 mask in the original array order (validation off the event loop)."""
-        net_clicks, exact = await in_thread(self._map_clicks, predictor, prepared, clicks)
+        """Validated clicks -> uint8 mask in the original array order (validation off the event loop).
+
+        `Server-Timing` shows `forward` (the whole-scan pass: cached for a session's clicks when the
+        model refines) and `window` (refinement's click-centred pass) apart."""
+        checked, net_clicks, exact = await in_thread(self._map_clicks, predictor, prepared, clicks)
         t0 = time.perf_counter()
-        prob = await finish_work(self._forward_batch(predictor, prepared, net_clicks, exact))
-        watch.add("forward", time.perf_counter() - t0)
-        return await watch.run("postprocess", predictor.postprocess, prob, prepared)
+        prob, window, window_s = await finish_work(self._forward_batch(predictor, prepared, (net_clicks, checked), exact))
+        watch.add("forward", time.perf_counter() - t0 - window_s)
+        if window is not None:
+            watch.add("window", window_s)
+        return await watch.run("postprocess", predictor.postprocess, prob, prepared, window)
 
     async def encode_seg(self, mask: np.ndarray, meta, version: str, watch: Stopwatch) -> bytes:
         """The DICOM SEG of `mask` referencing the uploaded series (`meta`); 400 if the input was not DICOM."""
@@ -290,8 +296,12 @@ class ServiceCore:
 
     # Placeholders: __init__ sets both from the ServeArgs in use (set_max_batch_size / set_batch_wait_timeout_s).
     @serve.batch(max_batch_size=_SERVE_DEFAULTS["max_batch_size"], batch_wait_timeout_s=_SERVE_DEFAULTS["batch_wait_timeout_s"])
-    async def _forward_batch(self, predictors: list, prepared: list, net_clicks: list, exact: list) -> list:
-        """Concurrent requests' forwards as one batch (grouped by model, should a swap split them)."""
+    async def _forward_batch(self, predictors: list, prepared: list, clicks: list, exact: list) -> list:
+        """Concurrent requests' forwards as one batch (grouped by model, should a swap split them).
+
+        `clicks`: per request (grid clicks, validated original clicks). Per request: (whole-scan
+        probability, refinement window answer or None, the seconds of the batch's window pass)."""
+        net_clicks = [c[0] for c in clicks]
         self.metrics.batch_size.observe(len(prepared))
         self.counters["forward_batches"] += 1
         self.counters["forward"] += len(prepared)
@@ -306,9 +316,14 @@ class ServiceCore:
                 pred = predictors[idx[0]]
                 prob = await asyncio.to_thread(WORK.wrap(pred.forward), [prepared[i] for i in idx],
                                                [net_clicks[i] for i in idx], [exact[i] for i in idx])
+                t0 = time.perf_counter()
+                windows = await asyncio.to_thread(WORK.wrap(pred.windows), [prepared[i] for i in idx],
+                                                  [clicks[i][1] for i in idx])
+                window_s = time.perf_counter() - t0
                 self.counters["max_forward_batch"] = max(self.counters["max_forward_batch"], len(idx))
+                self.counters["window"] += sum(w is not None for w in windows)
                 for j, i in enumerate(idx):
-                    out[i] = prob[j]
+                    out[i] = (prob[j], windows[j], window_s)
         return out
 
     # ------------------------------------------------------------------ sessions

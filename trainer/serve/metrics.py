@@ -20,7 +20,7 @@ LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 32]
 VOXEL_BUCKETS = [32**3, 64**3, 128**3, 256**3, 512 * 512 * 128, 512 * 512 * 256, 512 * 512 * 512, 512 * 512 * 1024]
 #: Stage names used in the stage histogram and the `Server-Timing` header.
-STAGES = ("decode", "preprocess", "forward", "postprocess", "encode")
+STAGES = ("decode", "preprocess", "forward", "window", "postprocess", "encode")
 
 
 @dataclass(slots=True)

@@ -47,6 +47,8 @@ class ServeArgs(BaseModel):
     checkpoint: str = Field(min_length=1, description="checkpoint URI: local path or s3://bucket/key")
     profile: str | None = Field(default=None, description="override the checkpoint's profile (tiny, cpu, bundle)")
     device: str | None = Field(default=None, description="torch device; default cuda when the replica has a GPU, else cpu")
+    refine: bool | None = Field(default=None, description="answer clicks with a click-centred window at a fine "
+                                "spacing (trainer.refine); None: when the checkpoint was trained with windows")
     click_radius: float | None = Field(default=None, ge=0, allow_inf_nan=False,
                                        description="click locality radius in network-grid voxels, 0 = off (default: the profile's)")
     model_name: str = Field(default="deepedit_spleen", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$",
