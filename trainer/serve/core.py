@@ -361,6 +361,9 @@ class ServiceCore:
         """A session's Prepared, if it was made for the loaded profile (else 404: upload again)."""
         if entry.info["profile"] != predictor.profile.name:
             raise ApiError(404, "unknown_session", "the session was prepared for another model profile: upload the volume again")
+        if predictor.refine and entry.value.fine is None:  # a model that refines needs the fine volume
+            raise ApiError(404, "unknown_session", "the session was prepared for a model without refinement: "
+                                                   "upload the volume again")
         return entry.value
 
     def counters_view(self) -> dict[str, int]:
