@@ -61,7 +61,7 @@ class Prepared:
     # click locality blends clicked passes with it, and a reloaded model must not reuse it.
     auto_prob: torch.Tensor | None = None
     auto_owner: object | None = None
-    # Refinement's fine volume (F...) float16, RAS (`trainer.refine`); None without refinement.
+    # Refinement's fine volume (F...) uint8, RAS (`trainer.refine`); None without refinement.
     fine: torch.Tensor | None = None
 
     @property

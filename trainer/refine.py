@@ -27,13 +27,16 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai import transforms as mt
 
-from .transforms import RAS_LABELS, ResizeBeforeOrientd, area_resize
+from .transforms import RAS_LABELS, ResizeBeforeOrientd
 
 #: The blend ramp at the window's faces, in window grid voxels: the window's answer has weight 0 at a
 #: face, 1 from this far inside (its border voxels see zero padding or cut anatomy).
 BLEND_RAMP = 3.0
+#: Fine volumes hold [0, 1] values in this many steps (uint8).
+FINE_LEVELS = 255
 #: How far each click lies at least from the window's faces, as a fraction of the grid: one click sits
 #: in the middle; clicks spread wider than half the grid make the window (and its spacing) larger.
 CLICK_MARGIN = 0.25
@@ -93,17 +96,18 @@ def window_around(points: np.ndarray, grid: Sequence[int]) -> Window:
 
 
 def crop(volume: torch.Tensor, window: Window, grid: Sequence[int]) -> torch.Tensor:
-    """(F...) fine volume -> (1, G...) float32: the window's box (zero outside the volume), area-resized."""
+    """(F...) fine volume (uint8, `fine_volume`) -> (1, G...) float32 in [0, 1]: the window's box (zero
+    outside the volume), area-resized (PyTorch's own: the box is small and contiguous)."""
     box = torch.zeros(window.size, dtype=torch.float32)
     src, dst = [], []
     for lo, size, n in zip(window.lo, window.size, volume.shape):
         a, b = max(lo, 0), min(lo + size, n)
         if a >= b:
-            return area_resize(box[None], grid)
+            return torch.zeros((1, *grid))
         src.append(slice(a, b))
         dst.append(slice(a - lo, b - lo))
-    box[tuple(dst)] = volume[tuple(src)].float()
-    return area_resize(box[None], grid)
+    box[tuple(dst)] = volume[tuple(src)].float() / FINE_LEVELS
+    return F.interpolate(box[None, None], size=tuple(grid), mode="area")[0]
 
 
 def to_window(points: np.ndarray, window: Window, grid: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -201,7 +205,8 @@ def blend_into(global_logit: torch.Tensor, window_logit: torch.Tensor, window: W
 
 
 def fine_volume(windowed, window_spacing_mm: Sequence[float], mode: str = "area") -> torch.Tensor:
-    """A windowed channel-first MetaTensor (stored axis order, affine attached) -> (F...) float16, RAS.
+    """A windowed channel-first MetaTensor (stored axis order, affine attached) -> (F...) uint8, RAS:
+    values in [0, 1] stored as multiples of 1 / FINE_LEVELS (0.8 HU of the CT window; a byte a voxel).
 
     Area-resized to `fine_shape` in the stored order, then reoriented on the small result (as the
     grid's chain does: `trainer.transforms.ResizeBeforeOrientd`). A label gives soft fractions.
@@ -214,7 +219,7 @@ def fine_volume(windowed, window_spacing_mm: Sequence[float], mode: str = "area"
     resized = ResizeBeforeOrientd(keys=["fine"], spatial_size=shape, mode=mode).resize(windowed, mode)
     oriented = mt.Orientation(axcodes="RAS", labels=RAS_LABELS)(resized)
     out = oriented.as_tensor() if hasattr(oriented, "as_tensor") else torch.as_tensor(oriented)
-    return out[0].to(torch.float16).contiguous()
+    return (out[0].float() * FINE_LEVELS).round_().clamp_(0, FINE_LEVELS).to(torch.uint8).contiguous()
 
 
 # ----------------------------------------------------------------------------- training windows
@@ -246,7 +251,7 @@ def _window_centre(label: np.ndarray, size: np.ndarray, rng: np.random.Generator
     window of it (false positives next to it); any voxel without spleen."""
     from scipy import ndimage
 
-    spleen = label >= 0.5
+    spleen = label >= FINE_LEVELS // 2 + 1 if label.dtype == np.uint8 else label >= 0.5
     if not spleen.any():
         return rng.uniform(0, 1, 3) * np.asarray(label.shape)
     u = rng.random()
@@ -299,7 +304,7 @@ class RandWindowd(mt.RandomizableTransform):
             return d
         # MONAI's stream is a legacy RandomState; a Generator seeded from it keeps the draw reproducible.
         rng = np.random.default_rng(int(self.R.randint(2**31)))
-        window = draw_window(fine_label.float().numpy(), self.grid, rng)
+        window = draw_window(fine_label.numpy(), self.grid, rng)
         d.update(window_item(fine_image, fine_label, window, self.grid, self.soft_label))
         d[WINDOW] = torch.tensor(1, dtype=torch.uint8)
         return d
