@@ -271,6 +271,7 @@ is also in the deployment's user_config: changing only that reloads the model in
 {{- with $s.profile }}{{ $_ := set $args "profile" . }}{{ end }}
 {{- with $s.device }}{{ $_ := set $args "device" . }}{{ end }}
 {{- if not (kindIs "invalid" $s.clickRadius) }}{{ $_ := set $args "click_radius" $s.clickRadius }}{{ end }}
+{{- if not (kindIs "invalid" $s.refine) }}{{ $_ := set $args "refine" $s.refine }}{{ end }}
 {{- if .Values.auth.enabled }}
 {{- $_ := set $args "auth_token_env" (include "spleen-deepedit-serve.authTokenEnv" .) }}
 {{- end }}
