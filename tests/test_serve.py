@@ -72,15 +72,18 @@ def _read_nrrd(body: bytes):
         return nrrd.read(f.name)
 
 
-def _make_checkpoint(path, seed: int) -> None:
+def _make_checkpoint(path, seed: int, window_prob: float = 0.0) -> None:
+    """A tiny checkpoint (random weights); `window_prob` > 0: stored as trained with refinement windows."""
     import torch
 
     from trainer.checkpoint import Checkpoint, save_checkpoint
-    from trainer.config import get_profile
+    from trainer.config import TrainConfig, get_profile
     from trainer.network import build_network
 
     torch.manual_seed(seed)
-    save_checkpoint(Checkpoint(model=build_network(get_profile("tiny")).state_dict(), profile="tiny", epoch=seed), path)
+    config = TrainConfig(profile="tiny", window_prob=window_prob).to_dict()
+    save_checkpoint(Checkpoint(model=build_network(get_profile("tiny")).state_dict(), profile="tiny", epoch=seed,
+                               config=config), path)
 
 
 # ----------------------------------------------------------------------------- unit tests (no Ray)
@@ -222,8 +225,8 @@ def test_loadtest_refuses_non_loopback_targets():
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve_ckpt")
-    _make_checkpoint(d / "model_a.pt", 0)
-    _make_checkpoint(d / "model_b.pt", 1)
+    _make_checkpoint(d / "model_a.pt", 0, window_prob=0.5)  # refines clicks (trainer.refine)
+    _make_checkpoint(d / "model_b.pt", 1)  # does not: the swap test goes from one to the other
     return str(d / "model_a.pt"), str(d / "model_b.pt")
 
 
@@ -312,7 +315,8 @@ def test_health_ready_info_and_auth_exemptions(service, client):
     assert anon.get("/v1/info").status_code == 401
     info = _info(client)
     assert info["model"]["profile"] == "tiny" and info["model"]["version"].startswith("model_")
-    assert info["model"]["click_radius"] == 1.0  # the tiny profile's click locality
+    # Model a refines clicks (locality off); model b (after the swap test) has the tiny profile's locality.
+    assert (info["model"]["refine"], info["model"]["click_radius"]) in ((True, 0.0), (False, 1.0))
     assert info["auth"] is True and "/" not in info["model"]["checkpoint"]  # no paths leak
     # CORS: the configured origin is allowed (preflight needs no token), others get no CORS header.
     pre = anon.options("/v1/segment", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
@@ -370,12 +374,14 @@ def test_session_click_round_trip_skips_upload_and_preprocess(client, case, volu
         assert s.status_code == 200, s.text
         stages = parse_server_timing(s.headers["server-timing"])
         assert "preprocess" not in stages and "decode" not in stages and "forward" in stages
+        assert "window" in stages  # model a refines: the click-centred window's share
         mask, affine, _ = _read_nifti(s.content)
         assert mask.shape == SHAPE
         np.testing.assert_allclose(affine, case.affine, atol=1e-4)
     after = _info(client)["counters"]
     assert after["preprocess"] - before["preprocess"] == 1  # one upload, three clicks, one preprocess
     assert after["forward"] - before["forward"] == 3
+    assert after["window"] - before["window"] == 3  # one window forward per click (the automatic pass cached)
     view = client.get(f"/v1/sessions/{sid}").json()
     assert view["segmentations"] == 3 and view["preprocessed"] == 1
     # Same clicks through the session and through a full upload give the same mask.
