@@ -135,10 +135,17 @@ def test_a_session_click_costs_one_window_forward():
     p.predict_prepared(prepared, None)
     assert net.calls == [1]  # the automatic pass
     centre = [int(v) for v in np.argwhere(ball).mean(axis=0).round()]
-    for n in range(1, 4):
-        clicks = {"spleen": [centre] * n, "background": [[5, 5, 5]] if n > 1 else []}
-        p.predict_prepared(prepared, clicks)
-        assert net.calls == [1] * (n + 1)  # the automatic pass is cached: one window each
+    steps = [("spleen", centre), ("background", [5, 5, 5]), ("spleen", [centre[0] + 3, centre[1], centre[2]])]
+    clicks = {"spleen": [], "background": []}
+    for n, (name, point) in enumerate(steps, start=1):
+        clicks[name].append(point)
+        pred = p.predict_prepared(prepared, clicks)
+        # The automatic pass is cached; each click runs its own cluster's window (the far background
+        # click gets a window of its own, and the spleen cluster's window is not rerun for it).
+        assert net.calls == [1] * (n + 1), (n, net.calls)
+        assert "window" in pred.timings
+    p.predict_prepared(prepared, clicks)  # the same clicks again: every window is cached
+    assert len(net.calls) == 4 and p.window_forwards == 3
 
 
 def test_only_checkpoints_trained_with_windows_refine_by_default(tmp_path):
@@ -195,3 +202,13 @@ def test_training_windows_are_grid_items_around_the_spleen():
     off = rf.RandWindowd(prob=0.0, grid=(32, 32, 32), soft_label=True)
     out = off(dict(item))
     assert rf.FINE_IMAGE not in out and int(out[rf.WINDOW]) == 0
+
+
+def test_clicks_share_a_window_when_near_and_the_order_of_clicks_does_not_matter():
+    grid = (64, 64, 32)
+    points = np.array([[10.0, 10.0, 10.0], [40.0, 20.0, 12.0], [200.0, 10.0, 10.0], [60.0, 30.0, 14.0]])
+    clusters = rf.cluster_clicks(points, grid)
+    assert [sorted(c.tolist()) for c in clusters] == [[0, 1, 3], [2]]  # chained within half a grid; one far
+    shuffled = rf.cluster_clicks(points[[2, 3, 0, 1]], grid)
+    assert [sorted(points[[2, 3, 0, 1]][c].tolist()) for c in shuffled] == [sorted(points[c].tolist()) for c in clusters]
+    assert rf.cluster_clicks(np.zeros((0, 3)), grid) == []

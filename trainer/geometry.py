@@ -9,6 +9,10 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+#: Probabilities are clipped to [eps, 1 - eps] before taking logits (float32 rounds 1 - 1e-8 to 1).
+LOGIT_EPS = 1e-6
 
 # dtypes torch.from_numpy shares without a copy and the chain's windowing handles directly.
 _SHARED_DTYPES = {np.dtype(t) for t in (np.float32, np.float64, np.int16, np.int32, np.int64, np.int8, np.uint8)}
@@ -83,3 +87,28 @@ def zoo_index_to_ras(prepared: Any) -> np.ndarray:
     the affine MONAI's Orientationd gives (A_orig @ the reorientation), in float64 as it computes it."""
     xform = nib.orientations.inv_ornt_aff(prepared.to_ras, prepared.orig_shape)
     return np.linalg.inv(prepared.orig_affine @ xform) @ prepared.orig_affine
+
+
+def place_global(mask: np.ndarray, p: torch.Tensor, prepared: Any, upsample: str) -> None:
+    """The whole-scan answer `p` (C, S, S, S) resized back into `mask` (see `Predictor.postprocess`)."""
+    # Two channels (background, spleen): the argmax, ties to background, as the model zoo's AsDiscrete.
+    fg = p[1] > p[0] if len(p) == 2 else p[0] > 0.5
+    if not bool(fg.any()):
+        return
+    mode = "area" if upsample == "area" else "trilinear"
+    found = [
+        upsample_window(fg.any(dim=tuple(d for d in range(3) if d != axis)), fine, mode)
+        for axis, fine in enumerate(prepared.ras_shape)
+    ]
+    if any(w is None for w in found):
+        return
+    windows = [w for w in found if w is not None]
+    coarse, level = p[(slice(None), *(w[0] for w in windows))], 0.5
+    if upsample == "logit" and len(p) == 1:
+        coarse, level = torch.logit(coarse.clamp(LOGIT_EPS, 1 - LOGIT_EPS)), 0.0
+    size = tuple(w[1].stop - w[1].start for w in windows)
+    up = F.interpolate(coarse[None], size=size, mode=mode, **({} if mode == "area" else {"align_corners": False}))[0]
+    up = up[(slice(None), *(w[2] for w in windows))]
+    crop = (up[1] > up[0] if len(up) == 2 else up[0] > level).cpu().numpy().view(np.uint8)
+    ras_box = [slice(w[1].start + w[2].start, w[1].start + w[2].stop) for w in windows]
+    place_ras(mask, crop, ras_box, prepared)

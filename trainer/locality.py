@@ -29,6 +29,7 @@ import torch
 
 from .clicks import Clicks, click_weight
 from .config import CLICK_CHANNELS
+from .geometry import LOGIT_EPS
 
 #: Clicks as exact (fractional) network-grid coordinates, for the nudge.
 GridPoints = dict[str, list[tuple[float, ...]]]
@@ -37,8 +38,6 @@ GridPoints = dict[str, list[tuple[float, ...]]]
 NUDGE_SIGMA_PER_RADIUS = 1.5
 #: How far past the threshold a nudged click lands, in logit units (0.2: probability 0.55).
 NUDGE_MARGIN = 0.2
-#: Probabilities are clipped to [eps, 1 - eps] before taking logits (float32 rounds 1 - 1e-8 to 1).
-LOGIT_EPS = 1e-6
 
 
 def has_clicks(clicks: Mapping[str, list]) -> bool:

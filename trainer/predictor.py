@@ -30,7 +30,6 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.data import MetaTensor
 
 from . import refine as rf
@@ -38,7 +37,7 @@ from .clicks import ClickError as ClickError  # re-exported: its old home
 from .clicks import Clicks, as_point, empty_clicks, guidance_channels, validate_clicks
 from .config import Profile, check_click_radius
 from .data import DataError, load_volume, write_mask
-from .geometry import as_channel_tensor, place_ras, ras_index, upsample_window, zoo_index_to_ras
+from .geometry import as_channel_tensor, place_global, place_ras, ras_index, zoo_index_to_ras
 from .locality import LOGIT_EPS, GridPoints, has_clicks, localize
 from .locality import nudge as nudge  # re-exported: its old home
 from .network import LoadedModel, autocast, load_model
@@ -61,12 +60,20 @@ class Prepared:
     # click locality blends clicked passes with it, and a reloaded model must not reuse it.
     auto_prob: torch.Tensor | None = None
     auto_owner: object | None = None
-    # Refinement's fine volume (F...) uint8, RAS (`trainer.refine`); None without refinement.
+    # Refinement's fine volume (F...) uint8, RAS (`trainer.refine`); None without refinement. Its window
+    # answers, by window and guidance, and the predictor that made them (`Predictor.windows`).
     fine: torch.Tensor | None = None
+    windows: dict = field(default_factory=dict)
+    window_owner: object | None = None
 
     @property
     def nbytes(self) -> int:
-        return sum(t.element_size() * t.nelement() for t in (self.image, self.auto_prob, self.fine) if t is not None)
+        tensors = [self.image, self.auto_prob, self.fine, *(w.logit for w in self.windows.values())]
+        return sum(t.element_size() * t.nelement() for t in tensors if t is not None)
+
+
+#: Window answers kept with a volume (a session): 16 x 64x64x32 float32 logits = 8 MB for `cpu`.
+WINDOW_CACHE = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +126,7 @@ class Predictor:
         self.version = version
         self._pre = inference_transforms(profile.spatial_size)
         self._token = object()  # identifies this predictor's cached automatic passes
+        self.window_forwards = 0  # refinement windows run so far (cached ones not counted)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, profile: str | None = None, device: torch.device | None = None,
@@ -272,37 +280,45 @@ class Predictor:
         prepared.auto_owner = self._token
 
     @torch.no_grad()
-    def windows(self, prepared: list[Prepared], clicks: list[Clicks]) -> list[WindowAnswer | None]:
-        """Refinement: one window per volume around all its clicks, answered in one batched forward.
+    def windows(self, prepared: list[Prepared], clicks: list[Clicks]) -> list[list[WindowAnswer]]:
+        """Refinement: per volume, one window per cluster of clicks (`refine.cluster_clicks`), with every
+        click inside it as guidance; the windows not cached with the volume run in one batched forward.
 
-        `clicks` are validated original voxel indices (`validate_clicks`). None where a volume has no
-        clicks or the predictor does not refine.
+        `clicks` are validated original voxel indices (`validate_clicks`). Empty lists where a volume has
+        no clicks or the predictor does not refine. A session's earlier windows stay cached, so a new click
+        costs one window forward (its cluster's).
         """
-        out: list[WindowAnswer | None] = [None] * len(prepared)
-        todo = [b for b, c in enumerate(clicks) if self.refine and has_clicks(c)]
-        if not todo:
-            return out
-        grid = self.profile.spatial_size
-        images, guidance, boxes = [], [], []
-        for b in todo:
-            p = prepared[b]
-            if p.fine is None:
-                raise ValueError("this volume was prepared without refinement: prepare it with the refining predictor")
-            fine_pts = {name: rf.scan_to_fine(np.array([ras_index(q, p) for q in pts]).reshape(-1, 3),
-                                              p.ras_shape, p.fine.shape) for name, pts in clicks[b].items()}
-            window = rf.window_around(np.concatenate(list(fine_pts.values())), grid)
-            images.append(rf.crop(p.fine, window, grid))
-            guidance.append({name: rf.to_window(pts, window, grid) for name, pts in fine_pts.items()})
-            boxes.append(window)
-        logits = self._logits(torch.stack(images), guidance).float().cpu()
-        for row, b in enumerate(todo):
-            out[b] = WindowAnswer(window=boxes[row], logit=logits[row, 1] - logits[row, 0])
+        out: list[list[WindowAnswer]] = [[] for _ in prepared]
+        wanted: list[tuple[int, tuple, rf.Window, dict]] = []
+        for b, c in enumerate(clicks):
+            if self.refine and has_clicks(c):
+                wanted += [(b, *w) for w in rf.plan_windows(prepared[b], c, self.profile.spatial_size)]
+        todo = [w for w in wanted if not self._window_cached(prepared[w[0]], w[1])]
+        if todo:
+            grid = self.profile.spatial_size
+            image = torch.stack([rf.crop(prepared[b].fine, window, grid) for b, _, window, _ in todo])  # type: ignore[arg-type]
+            logits = self._logits(image, [guidance for *_, guidance in todo]).float().cpu()
+            self.window_forwards += len(todo)
+            for row, (b, key, window, _) in enumerate(todo):
+                self._cache_window(prepared[b], key, WindowAnswer(window=window, logit=logits[row, 1] - logits[row, 0]))
+        for b, key, _, _ in wanted:
+            out[b].append(prepared[b].windows[key])
         return out
 
-    def postprocess(self, prob: torch.Tensor, prepared: Prepared, window: WindowAnswer | None = None) -> np.ndarray:
+    def _window_cached(self, prepared: Prepared, key: tuple) -> bool:
+        return prepared.window_owner is self._token and key in prepared.windows
+
+    def _cache_window(self, prepared: Prepared, key: tuple, answer: WindowAnswer) -> None:
+        if prepared.window_owner is not self._token:
+            prepared.windows, prepared.window_owner = {}, self._token
+        prepared.windows[key] = answer
+        while len(prepared.windows) > WINDOW_CACHE:  # the oldest first (dicts keep insertion order)
+            prepared.windows.pop(next(iter(prepared.windows)))
+
+    def postprocess(self, prob: torch.Tensor, prepared: Prepared, windows: list[WindowAnswer] | None = None) -> np.ndarray:
         """(1, S, S, S) probability (or (2, S, S, S) softmax) -> uint8 mask in the original array order.
 
-        With a refinement `window`, its answer replaces the mask inside its box (`refine.blend_into`).
+        With refinement `windows`, their answers replace the mask inside their boxes (`refine.blend_into`).
 
         Equal to `F.interpolate(prob, ras_shape, mode) > 0.5`, reoriented back (up to float rounding at
         values within ~1e-7 of 0.5), with mode `area` for `upsample: area` (the model zoo's `Invertd`
@@ -314,39 +330,16 @@ class Predictor:
         p = prob.detach().float().cpu().reshape(-1, *prob.shape[-3:])
         # Fortran order, as NIfTI stores voxels (x fastest): writing it skips a full-volume transpose.
         mask = np.zeros(prepared.orig_shape, np.uint8, order="F")
-        self._place_global(mask, p, prepared)
-        if window is not None and prepared.fine is not None:
+        place_global(mask, p, prepared, self.profile.upsample)
+        if windows and prepared.fine is not None:
             spleen = p[1] if len(p) == 2 else p[0]
             # The whole-scan logit (two channels: log p1 - log p0, the same quantity).
             glogit = (torch.log(p[1].clamp_min(LOGIT_EPS)) - torch.log(p[0].clamp_min(LOGIT_EPS)) if len(p) == 2
                       else torch.logit(spleen.clamp(LOGIT_EPS, 1 - LOGIT_EPS)))
-            refined = rf.blend_into(glogit, window.logit, window.window, prepared.ras_shape, tuple(prepared.fine.shape))
-            if refined is not None:
-                place_ras(mask, refined[1], refined[0], prepared)
+            answers = [(w.window, w.logit) for w in windows]
+            for box, crop in rf.blend_into(glogit, answers, prepared.ras_shape, tuple(prepared.fine.shape)):
+                place_ras(mask, crop, box, prepared)
         return mask
-
-    def _place_global(self, mask: np.ndarray, p: torch.Tensor, prepared: Prepared) -> None:
-        # Two channels (background, spleen): the argmax, ties to background, as the model zoo's AsDiscrete.
-        fg = p[1] > p[0] if len(p) == 2 else p[0] > 0.5
-        if not bool(fg.any()):
-            return
-        mode = "area" if self.profile.upsample == "area" else "trilinear"
-        found = [
-            upsample_window(fg.any(dim=tuple(d for d in range(3) if d != axis)), fine, mode)
-            for axis, fine in enumerate(prepared.ras_shape)
-        ]
-        if any(w is None for w in found):
-            return
-        windows = [w for w in found if w is not None]
-        coarse, level = p[(slice(None), *(w[0] for w in windows))], 0.5
-        if self.profile.upsample == "logit" and len(p) == 1:
-            coarse, level = torch.logit(coarse.clamp(LOGIT_EPS, 1 - LOGIT_EPS)), 0.0
-        size = tuple(w[1].stop - w[1].start for w in windows)
-        up = F.interpolate(coarse[None], size=size, mode=mode, **({} if mode == "area" else {"align_corners": False}))[0]
-        up = up[(slice(None), *(w[2] for w in windows))]
-        crop = (up[1] > up[0] if len(up) == 2 else up[0] > level).cpu().numpy().view(np.uint8)
-        ras_box = [slice(w[1].start + w[2].start, w[1].start + w[2].stop) for w in windows]
-        place_ras(mask, crop, ras_box, prepared)
 
     # ----------------------------------------------------------------- one call
 
@@ -357,12 +350,12 @@ class Predictor:
         t1 = time.perf_counter()
         prob = self.forward([prepared], [net_clicks], [self.grid_points(checked, prepared)])
         t2 = time.perf_counter()
-        window = self.windows([prepared], [checked])[0]
+        windows = self.windows([prepared], [checked])[0]
         t3 = time.perf_counter()
-        mask = self.postprocess(prob[0], prepared, window)
+        mask = self.postprocess(prob[0], prepared, windows)
         t4 = time.perf_counter()
         timings = {"clicks": t1 - t0, "forward": t2 - t1, "window": t3 - t2, "postprocess": t4 - t3}
-        if window is None:
+        if not windows:
             del timings["window"]
         return Prediction(mask=mask, affine=prepared.orig_affine, timings=timings)
 

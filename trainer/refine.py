@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from monai import transforms as mt
 
+from .geometry import ras_index
 from .transforms import RAS_LABELS, ResizeBeforeOrientd
 
 #: The blend ramp at the window's faces, in window grid voxels: the window's answer has weight 0 at a
@@ -37,6 +38,9 @@ from .transforms import RAS_LABELS, ResizeBeforeOrientd
 BLEND_RAMP = 3.0
 #: Fine volumes hold [0, 1] values in this many steps (uint8).
 FINE_LEVELS = 255
+#: Clicks within this many window grids of each other (every axis) share one window; farther ones get
+#: their own, so a click far from the others does not coarsen their window.
+CLUSTER_REACH = 0.5
 #: How far each click lies at least from the window's faces, as a fraction of the grid: one click sits
 #: in the middle; clicks spread wider than half the grid make the window (and its spacing) larger.
 CLICK_MARGIN = 0.25
@@ -93,6 +97,43 @@ def window_around(points: np.ndarray, grid: Sequence[int]) -> Window:
     centre = (lo_pt + hi_pt + 1) / 2  # continuous coordinates: voxel f spans [f, f + 1)
     lo = np.floor(centre - size / 2 + 0.5).astype(int)
     return Window(lo=tuple(int(v) for v in lo), size=tuple(int(v) for v in size))  # type: ignore[arg-type]
+
+
+def cluster_clicks(points: np.ndarray, grid: Sequence[int], reach: float = CLUSTER_REACH) -> list[np.ndarray]:
+    """Clicks that share a window: single linkage, two clicks linked when they lie within `reach`
+    grids of each other on every axis. Each cluster is an array of row indices into `points`; the
+    clusters are ordered by their smallest point, so neither the order of the clicks nor their labels
+    change the windows."""
+    from scipy.sparse.csgraph import connected_components
+
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    if not len(points):
+        return []
+    unit = points / np.asarray(grid, dtype=np.float64)
+    near = (np.abs(unit[:, None, :] - unit[None, :, :]).max(axis=2) <= reach).astype(np.int8)
+    _, labels = connected_components(near, directed=False)
+    clusters = [np.flatnonzero(labels == k) for k in range(labels.max() + 1)]
+    return sorted(clusters, key=lambda rows: tuple(points[rows].min(axis=0)))
+
+
+def plan_windows(prepared: Any, clicks: Mapping[str, list], grid: Sequence[int]) -> list[tuple[tuple, Window, dict]]:
+    """Per cluster of `clicks` (original voxel indices) on a prepared volume: (cache key, window, its
+    guidance: every click inside the window, in window grid voxels)."""
+    if prepared.fine is None:
+        raise ValueError("this volume was prepared without refinement: prepare it with the refining predictor")
+    fine = tuple(prepared.fine.shape)
+    names = [name for name, pts in clicks.items() for _ in pts]
+    points = scan_to_fine(np.array([ras_index(q, prepared) for pts in clicks.values() for q in pts]).reshape(-1, 3),
+                          prepared.ras_shape, fine)
+    plans = []
+    for rows in cluster_clicks(points, grid):
+        window = window_around(points[rows], grid)
+        guidance: dict[str, list] = {name: [] for name in clicks}
+        for name, point in zip(names, points):
+            guidance[name] += to_window(point, window, grid)
+        key = (window, tuple((name, tuple(sorted(pts))) for name, pts in sorted(guidance.items())))
+        plans.append((key, window, guidance))
+    return plans
 
 
 def crop(volume: torch.Tensor, window: Window, grid: Sequence[int]) -> torch.Tensor:
@@ -183,22 +224,45 @@ def taper(box: Sequence[slice], ras_shape: Sequence[int], fine: Sequence[int], w
     return torch.minimum(torch.minimum(weights[0][:, None, None], weights[1][None, :, None]), weights[2][None, None, :])
 
 
-def blend_into(global_logit: torch.Tensor, window_logit: torch.Tensor, window: Window, ras_shape: Sequence[int],
-               fine: Sequence[int]) -> tuple[tuple[slice, slice, slice], np.ndarray] | None:
-    """The refined mask inside the window: (RAS box, uint8 mask of the box).
+def _union(boxes: Sequence[tuple[slice, ...]]) -> tuple[slice, slice, slice]:
+    return tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(3))  # type: ignore[return-value]
 
-    p = w sigmoid(window) + (1 - w) sigmoid(global), each logit interpolated trilinearly to the scan
-    voxel centres, w = `taper`; spleen where p > 0.5.
+
+def _overlap(a: tuple[slice, ...], b: tuple[slice, ...]) -> bool:
+    return all(x.start < y.stop and y.start < x.stop for x, y in zip(a, b))
+
+
+def _groups(boxes: list[tuple[slice, ...]]) -> list[list[int]]:
+    """Indices of boxes grouped by overlap (transitively), each group in the boxes' order."""
+    groups: list[list[int]] = []
+    for k, box in enumerate(boxes):
+        touching = [g for g in groups if any(_overlap(box, boxes[i]) for i in g)]
+        merged = sorted([k, *(i for g in touching for i in g)])
+        groups = [g for g in groups if g not in touching] + [merged]
+    return groups
+
+
+def blend_into(global_logit: torch.Tensor, answers: Sequence[tuple[Window, torch.Tensor]], ras_shape: Sequence[int],
+               fine: Sequence[int]) -> list[tuple[tuple[slice, slice, slice], np.ndarray]]:
+    """The refined mask inside the windows: a list of (RAS box, uint8 mask of the box).
+
+    Per box voxel, starting from the whole-scan probability, each window in turn (the clusters'
+    order) sets p = w sigmoid(window) + (1 - w) p, each logit interpolated trilinearly to the scan
+    voxel centres, w = `taper`; spleen where p > 0.5. Overlapping windows are blended on the union
+    of their boxes, so the later one's ramp fades into the earlier one's answer.
     """
-    box = scan_box(window, ras_shape, fine)
-    if box is None:
-        return None
-    grid = tuple(window_logit.shape)
-    w = taper(box, ras_shape, fine, window, grid)
-    p_window = torch.sigmoid(sample(window_logit, box, ras_shape, fine, window))
-    p_global = torch.sigmoid(sample(global_logit, box, ras_shape, fine, None))
-    p = w * p_window + (1 - w) * p_global
-    return box, (p > 0.5).numpy().astype(np.uint8)
+    found = [(w, logit, rf_box) for w, logit in answers if (rf_box := scan_box(w, ras_shape, fine)) is not None]
+    out = []
+    for group in _groups([b for _, _, b in found]):
+        union = _union([found[k][2] for k in group])
+        p = torch.sigmoid(sample(global_logit, union, ras_shape, fine, None))
+        for k in group:
+            window, logit, box = found[k]
+            sub = tuple(slice(b.start - u.start, b.stop - u.start) for b, u in zip(box, union))
+            w = taper(box, ras_shape, fine, window, tuple(logit.shape))
+            p[sub] = w * torch.sigmoid(sample(logit, box, ras_shape, fine, window)) + (1 - w) * p[sub]
+        out.append((union, (p > 0.5).numpy().astype(np.uint8)))
+    return out
 
 
 # ----------------------------------------------------------------------------- the fine volume

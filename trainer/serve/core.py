@@ -281,7 +281,7 @@ class ServiceCore:
         t0 = time.perf_counter()
         prob, window, window_s = await finish_work(self._forward_batch(predictor, prepared, (net_clicks, checked), exact))
         watch.add("forward", time.perf_counter() - t0 - window_s)
-        if window is not None:
+        if window:
             watch.add("window", window_s)
         return await watch.run("postprocess", predictor.postprocess, prob, prepared, window)
 
@@ -300,7 +300,7 @@ class ServiceCore:
         """Concurrent requests' forwards as one batch (grouped by model, should a swap split them).
 
         `clicks`: per request (grid clicks, validated original clicks). Per request: (whole-scan
-        probability, refinement window answer or None, the seconds of the batch's window pass)."""
+        probability, refinement window answers (a list, empty without), the seconds of the batch's window pass)."""
         net_clicks = [c[0] for c in clicks]
         self.metrics.batch_size.observe(len(prepared))
         self.counters["forward_batches"] += 1
@@ -316,12 +316,12 @@ class ServiceCore:
                 pred = predictors[idx[0]]
                 prob = await asyncio.to_thread(WORK.wrap(pred.forward), [prepared[i] for i in idx],
                                                [net_clicks[i] for i in idx], [exact[i] for i in idx])
-                t0 = time.perf_counter()
+                t0, ran = time.perf_counter(), getattr(pred, "window_forwards", 0)
                 windows = await asyncio.to_thread(WORK.wrap(pred.windows), [prepared[i] for i in idx],
                                                   [clicks[i][1] for i in idx])
                 window_s = time.perf_counter() - t0
                 self.counters["max_forward_batch"] = max(self.counters["max_forward_batch"], len(idx))
-                self.counters["window"] += sum(w is not None for w in windows)
+                self.counters["window"] += getattr(pred, "window_forwards", 0) - ran
                 for j, i in enumerate(idx):
                     out[i] = (prob[j], windows[j], window_s)
         return out
