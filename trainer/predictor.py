@@ -72,8 +72,9 @@ class Prepared:
         return sum(t.element_size() * t.nelement() for t in tensors if t is not None)
 
 
-#: Window answers kept with a volume (a session): 16 x 64x64x32 float32 logits = 8 MB for `cpu`.
-WINDOW_CACHE = 16
+#: Window answers kept with a volume (a session), as float16 logits: 8 x 0.25 MB for `cpu`, 8 x 4 MB for
+#: `bundle`. A session's byte count is taken at upload, before any window: these are on top of it.
+WINDOW_CACHE = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,7 +301,8 @@ class Predictor:
             logits = self._logits(image, [guidance for *_, guidance in todo]).float().cpu()
             self.window_forwards += len(todo)
             for row, (b, key, window, _) in enumerate(todo):
-                self._cache_window(prepared[b], key, WindowAnswer(window=window, logit=logits[row, 1] - logits[row, 0]))
+                logit = (logits[row, 1] - logits[row, 0]).to(torch.float16)
+                self._cache_window(prepared[b], key, WindowAnswer(window=window, logit=logit))
         for b, key, _, _ in wanted:
             out[b].append(prepared[b].windows[key])
         return out
