@@ -75,7 +75,7 @@ def measure(profile_name: str, repeats: int) -> list[dict]:
         image, affine = _scan(shape, spacing, rng)
         prepared = predictor.preprocess(image, affine)
         predictor.predict_prepared(prepared, None)  # the session's automatic pass (and warm-up)
-        grid = _median(lambda: predictor.network([prepared], [empty_clicks()]), repeats)
+        grid = _median(lambda p=prepared: predictor.network([p], [empty_clicks()]), repeats)
         clicks = {"spleen": [], "background": []}
         click_times, stages = [], []
         for k in range(repeats):

@@ -63,6 +63,11 @@ def predict_mask(model: torch.nn.Module, x: torch.Tensor, amp: bool) -> torch.Te
     return spleen_mask(logits)
 
 
+#: Refinement windows trained with corrective clicks only (no seeds from the label), and their rounds.
+WINDOW_CORRECTIVE_SHARE = 0.5
+WINDOW_MAX_ROUNDS = 2
+
+
 def simulate_clicks(
     model: torch.nn.Module,
     image: torch.Tensor,
@@ -84,15 +89,20 @@ def simulate_clicks(
         cfg: job settings (rounds, budget, sigma, amp).
         click_prob: probability of a click iteration (else automatic: no clicks).
         always: per sample, a click iteration whatever `click_prob` (refinement windows: inference
-            runs a window only around clicks).
+            runs a window only around clicks). Of these, WINDOW_CORRECTIVE_SHARE start from no clicks
+            and get 1..WINDOW_MAX_ROUNDS rounds of corrective clicks only, as a user's clicks are: a
+            window whose clicks always included seeds on the spleen learned that a lone background
+            click means "no spleen here" (tiny profile: the first click cut mean Dice 0.65 -> 0.54).
     """
     batch = image.shape[0]
     clicks = [empty_clicks() for _ in range(batch)]
     rounds = [0] * batch
     for b, rng in enumerate(rngs):
-        if rng.random() < click_prob or (always is not None and always[b]):
-            clicks[b] = initial_seeds(label[b], body[b], rng)
-            rounds[b] = int(rng.integers(1, cfg.max_click_rounds + 1))
+        window = always is not None and always[b]
+        if rng.random() < click_prob or window:
+            corrective = window and rng.random() < WINDOW_CORRECTIVE_SHARE
+            clicks[b] = empty_clicks() if corrective else initial_seeds(label[b], body[b], rng)
+            rounds[b] = int(rng.integers(1, (WINDOW_MAX_ROUNDS if corrective else cfg.max_click_rounds) + 1))
     for r in range(max(rounds, default=0)):
         active = [b for b in range(batch) if rounds[b] > r]
         x = network_input(image[active], [clicks[b] for b in active], cfg.sigma)
