@@ -15,13 +15,14 @@ The generator is found as $README_GENERATOR, else `readme-generator` on PATH (in
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from trainer import env
 
 GENERATOR_PACKAGE = "@bitnami/readme-generator-for-helm@2.7.2"
 CHARTS = Path(__file__).resolve().parent / "charts"
@@ -59,7 +60,7 @@ def _modifier(line: str, rest: list[str]) -> str:
 
 
 def generator() -> list[str] | None:
-    found = os.environ.get("README_GENERATOR") or shutil.which("readme-generator")
+    found = env.readme_generator() or shutil.which("readme-generator")
     return [found] if found else None
 
 

@@ -3,14 +3,14 @@
 Everything goes through the official `kubernetes` client (imported lazily): custom objects for
 `ray.io/v1` RayJobs, the API server's service proxy for the Ray dashboard's job logs (no port-forward
 needed), and the submitter pod's log as a fallback. Progress (epoch, validation Dice) is read from the
-lines the trainer's rank 0 prints each epoch (`trainer/train.py`), which Ray forwards to the job log.
+lines the trainer's rank 0 prints each epoch (`trainer.progress`, which also parses them), which Ray
+forwards to the job log.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -21,15 +21,13 @@ from typing import Any
 
 import yaml
 
+from trainer import env
 from trainer.errors import K8sError as K8sError
+from trainer.progress import latest_progress
 
 RAY_GROUP, RAY_VERSION = "ray.io", "v1"
 #: `jobDeploymentStatus` values after which nothing more happens to a RayJob.
 TERMINAL_PHASES = frozenset({"Complete", "Failed", "ValidationFailed", "Suspended"})
-#: The per-epoch line of rank 0 (trainer/train.py), possibly behind Ray's "(RayTrainWorker pid=...)" prefix.
-EPOCH_LINE = re.compile(
-    r"epoch (?P<epoch>\d+)/(?P<epochs>\d+)\s+loss (?P<loss>[-0-9.naif]+).*?val spleen dice (?P<val>[0-9.]+|-)"
-)
 
 
 # ----------------------------------------------------------------------------- connection
@@ -43,7 +41,7 @@ def connect(kubeconfig: str | None = None, context: str | None = None, namespace
     """
     from kubernetes import config
 
-    path = kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or str(Path.home() / ".kube" / "config")
+    path = env.kubeconfig(kubeconfig)
     if os.path.isfile(path):
         try:
             api = config.new_client_from_config(config_file=path, context=context)
@@ -55,7 +53,7 @@ def connect(kubeconfig: str | None = None, context: str | None = None, namespace
             current = next((c for c in contexts if c["name"] == context), current)
         default_ns = (current or {}).get("context", {}).get("namespace") or "default"
         return api, namespace or default_ns
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+    if env.in_kubernetes_pod():
         from kubernetes import client
 
         config.load_incluster_config()
@@ -193,23 +191,6 @@ def job_status(obj: dict) -> JobStatus:
         attempt=max(attempt, 0), max_attempts=int(spec.get("backoffLimit") or 0) + 1,
         resource_version=obj["metadata"].get("resourceVersion"),
     )
-
-
-def latest_progress(logs: str) -> dict[str, Any]:
-    """The last epoch line in a job log: epoch, epochs, loss and the last validation Dice seen."""
-    out: dict[str, Any] = {}
-    for match in EPOCH_LINE.finditer(logs):
-        out.update(epoch=int(match["epoch"]), epochs=int(match["epochs"]), loss=_float(match["loss"]))
-        if match["val"] != "-":
-            out["val_dice"] = float(match["val"])
-    return out
-
-
-def _float(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
 
 
 def get_status(api, name: str, namespace: str, *, progress: bool = True, pods: bool = False) -> JobStatus:

@@ -54,9 +54,10 @@ def train(data: Path, out: Path, minutes: float) -> Path:
 
 
 def evaluate(checkpoint: Path, data: Path, out: Path) -> dict:
+    from trainer.config import EvaluateConfig
     from trainer.evaluate import evaluate_checkpoint
 
-    summary = evaluate_checkpoint(checkpoint, data, out, split="test", max_clicks=10)
+    summary = evaluate_checkpoint(EvaluateConfig(checkpoint=checkpoint, data_dir=data, output_dir=out, split="test", max_clicks=10))
     print(f"held-out spleen Dice: automatic {summary['dice_auto']:.3f}, after 5 clicks {summary['dice_by_clicks'][5]:.3f}")
     return summary
 

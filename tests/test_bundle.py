@@ -310,10 +310,11 @@ def test_best_model_export_is_rank_0_only_and_keeps_an_existing_model(tmp_path):
         runtime.on_epoch_end(metrics={"val_dice": value}, checkpoint=ckpt, is_best=is_best)
 
     path = tmp_path / "models" / "model.pt"
-    other = _ExportBestModel(_FakeRuntime(rank=1), path)
+    rank1 = _FakeRuntime(rank=1)
+    other = _ExportBestModel(rank1, path)
     epoch(other, 0.5, True)
     other.finish()
-    assert other.calls == [True, "finish"] and not path.exists()
+    assert rank1.calls == [True, "finish"] and not path.exists()
 
     main = _ExportBestModel(_FakeRuntime(rank=0), path)
     epoch(main, 0.5, False)

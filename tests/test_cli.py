@@ -107,3 +107,22 @@ def test_click_radius_flag_rejects_bad_values_naming_them(value, capsys):
         main(["infer", "--checkpoint", "x.pt", "--image", "x.nii.gz", "--output", "y.nii.gz", "--click-radius", value])
     assert info.value.code == 2
     assert f"'{value}' is not a number >= 0" in capsys.readouterr().err
+
+
+def test_evaluate_flags_become_a_typed_config_with_its_defaults():
+    from trainer.cli import build_parser, evaluate_config
+    from trainer.config import EvaluateConfig
+
+    args = build_parser().parse_args(["evaluate", "--checkpoint", "c.pt", "--data", "d", "--output", "o"])
+    assert evaluate_config(args) == EvaluateConfig(checkpoint="c.pt", data_dir="d", output_dir="o")
+    args = build_parser().parse_args(["evaluate", "--checkpoint", "c.pt", "--data", "d", "--output", "o",
+                                      "--split", "test", "--max-clicks", "3", "--click-radius", "0", "--dicom"])
+    cfg = evaluate_config(args)
+    assert (cfg.split, cfg.max_clicks, cfg.click_radius, cfg.dicom) == ("test", 3, 0.0, True)
+
+
+def test_evaluate_bad_settings_are_one_line_errors_before_any_work(capsys, tmp_path):
+    base = ["evaluate", "--checkpoint", str(tmp_path / "missing.pt"), "--data", str(tmp_path), "--output", str(tmp_path / "r")]
+    assert "max_clicks must be an integer >= 0, got -1" in _error(capsys, base + ["--max-clicks", "-1"])
+    assert "missing.pt" in _error(capsys, base)
+    assert not (tmp_path / "r").exists()

@@ -14,12 +14,8 @@ CHARTS = Path(__file__).resolve().parents[1] / "charts"
 SERVE = CHARTS / "spleen-deepedit-serve"
 TRAIN = CHARTS / "spleen-deepedit-train"
 
-#: Serve chart values that differ from ServeArgs on purpose, and why.
-SERVE_CHART_CHOICES = {
-    # A shared cluster batches concurrent users' requests: 10 ms of wait fills batches there, while
-    # a one-user local server (the ServeArgs default) would only add 10 ms to every request.
-    "batchWaitTimeoutS": 0.01,
-}
+#: Serve chart keys whose ServeArgs field is not the key in snake_case.
+SERVE_CHART_FIELDS = {"replicas": "num_replicas", "cpusPerReplica": "num_cpus", "gpusPerReplica": "num_gpus"}
 
 
 def _snake(name: str) -> str:
@@ -76,7 +72,7 @@ def test_the_serve_chart_defaults_are_serve_args_defaults():
     for key, value in shared.items():
         field = fields[_snake(key)]
         default = field.default_factory() if field.default_factory is not None else field.default
-        assert value == SERVE_CHART_CHOICES.get(key, default), key
+        assert value == default, key
 
 
 def test_the_serve_batch_decorator_starts_from_serve_args():
@@ -114,3 +110,60 @@ def test_the_serve_limits_start_from_serve_args():
     assert RUNTIME.max_upload_bytes == defaults["max_upload_bytes"]
     assert RUNTIME.max_json_bytes == defaults["max_json_bytes"]
     assert RUNTIME.auth_limiter.per_min == defaults["auth_token_rate_per_min"]
+
+
+def _field_bounds(field) -> dict:
+    """A pydantic field's constraints in JSON-schema words (`ge` -> minimum, ...)."""
+    words = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum", "pattern": "pattern"}
+    found = {}
+    for meta in field.metadata:
+        for attr, word in words.items():
+            if getattr(meta, attr, None) is not None:
+                found[word] = getattr(meta, attr)
+    return found
+
+
+def test_the_serve_chart_schema_bounds_are_serve_args_bounds():
+    """The schema refuses at `helm install` exactly what ServeArgs would refuse in the replica."""
+    from trainer.serve.settings import ServeArgs
+
+    schema = json.loads((SERVE / "values.schema.json").read_text())["properties"]["serve"]["properties"]
+    fields = ServeArgs.model_fields
+    checked = 0
+    for key, prop in schema.items():
+        name = SERVE_CHART_FIELDS.get(key, _snake(key))
+        if name not in fields:
+            continue
+        bounds = _field_bounds(fields[name])
+        # A pattern only where ServeArgs has one (the chart may check a device name more closely).
+        words = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum") + (("pattern",) if "pattern" in bounds else ())
+        mine = {word: prop[word] for word in words if word in prop}
+        assert mine == bounds, (key, mine, bounds)
+        checked += 1
+    assert checked >= 12, checked  # the mapping still finds the limits
+
+
+def test_the_batch_wait_has_one_default():
+    """ServeArgs, the @serve.batch decorator and the serve chart start from the same batch wait."""
+    from trainer.serve.core import _SERVE_DEFAULTS
+    from trainer.serve.settings import serve_default
+
+    values = yaml.safe_load((SERVE / "values.yaml").read_text())["serve"]
+    assert values["batchWaitTimeoutS"] == _SERVE_DEFAULTS["batch_wait_timeout_s"] == serve_default("batch_wait_timeout_s")
+
+
+def test_the_two_default_profiles_are_the_trainer_s_and_the_bundle_s():
+    """`cpu` for the trainer (any machine), `bundle` for the model zoo's recipe: the bundle and the train chart."""
+    from trainer.bundle import BUNDLE_PROFILE, resolve_profile
+
+    assert TrainConfig().profile == "cpu"
+    assert resolve_profile(None).name == BUNDLE_PROFILE == "bundle"
+    assert yaml.safe_load((TRAIN / "values.yaml").read_text())["training"]["profile"] == BUNDLE_PROFILE
+
+
+def test_environment_variables_are_read_in_one_module():
+    """trainer/env.py names every variable the project reads or sets; no other module touches os.environ."""
+    root = Path(__file__).resolve().parents[1]
+    readers = [str(path.relative_to(root)) for package in ("trainer", "k8s") for path in (root / package).rglob("*.py")
+               if path.name != "env.py" and re.search(r"os\.environ|os\.getenv|os\.putenv", path.read_text())]
+    assert readers == [], readers

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from trainer.config import EvaluateConfig
 from trainer.data import DataError, list_dataset
 from trainer.evaluate import evaluate, evaluate_checkpoint, next_click, select_cases
 from trainer.predictor import Prediction, load_volume
@@ -169,7 +170,7 @@ def test_test_split_needs_labels_ts(phantoms, tmp_path):
 
 def test_evaluate_checkpoint_writes_the_report(phantoms, trained, tmp_path):
     out = tmp_path / "report"
-    summary = evaluate_checkpoint(trained / "checkpoints" / "best.pt", phantoms, out, max_clicks=MAX_CLICKS)
+    summary = evaluate_checkpoint(EvaluateConfig(checkpoint=trained / "checkpoints" / "best.pt", data_dir=phantoms, output_dir=out, max_clicks=MAX_CLICKS))
 
     saved = json.loads((out / "summary.json").read_text())
     assert saved == summary
@@ -237,10 +238,10 @@ def test_evaluate_dicom_series_images_score_like_their_nifti(phantoms, tmp_path)
     ckpt = tmp_path / "model.pt"
     save_checkpoint(Checkpoint(model=build_network(get_profile("tiny")).state_dict(), profile="tiny", epoch=0), ckpt)
     with pytest.raises(DataError, match="dicom/imagesTr"):
-        evaluate_checkpoint(ckpt, data, tmp_path / "none", max_clicks=0, dicom=True)
+        evaluate_checkpoint(EvaluateConfig(checkpoint=ckpt, data_dir=data, output_dir=tmp_path / "none", max_clicks=0, dicom=True))
     write_dicom_dataset(data)
-    nifti = evaluate_checkpoint(ckpt, data, tmp_path / "nifti", max_clicks=1)
-    dicom = evaluate_checkpoint(ckpt, data, tmp_path / "dicom", max_clicks=1, dicom=True)
+    nifti = evaluate_checkpoint(EvaluateConfig(checkpoint=ckpt, data_dir=data, output_dir=tmp_path / "nifti", max_clicks=1))
+    dicom = evaluate_checkpoint(EvaluateConfig(checkpoint=ckpt, data_dir=data, output_dir=tmp_path / "dicom", max_clicks=1, dicom=True))
     assert dicom["cases"] == nifti["cases"] == 2
     assert dicom["dice_auto"] == pytest.approx(nifti["dice_auto"], abs=1e-4)
     # The label lands on the same voxels of the series' array (some phantoms read back with k reversed).
@@ -266,8 +267,8 @@ def test_the_val_split_is_the_one_the_checkpoint_was_trained_with(phantoms, tmp_
     path = tmp_path / "c.pt"
     save_checkpoint(Checkpoint(model=build_network(get_profile("tiny")).state_dict(), profile="tiny",
                                config=cfg.to_dict()), path)
-    summary = evaluate_checkpoint(f"file://{path}", phantoms, tmp_path / "r", max_clicks=0)
+    summary = evaluate_checkpoint(EvaluateConfig(checkpoint=f"file://{path}", data_dir=phantoms, output_dir=tmp_path / "r", max_clicks=0))
     assert summary["case_names"] == [Path(c["image"]).name.removesuffix(".nii.gz")
                                      for c in select_cases(phantoms, "val", 0.5)]
     assert summary["cases"] == 3
-    assert evaluate_checkpoint(path, phantoms, tmp_path / "r2", max_clicks=0, val_fraction=0.2)["cases"] == 2
+    assert evaluate_checkpoint(EvaluateConfig(checkpoint=path, data_dir=phantoms, output_dir=tmp_path / "r2", max_clicks=0, val_fraction=0.2))["cases"] == 2

@@ -24,8 +24,8 @@ import pytest
 import yaml
 
 from k8s import cli as k8s_cli
-from k8s.rayjobs import latest_progress
 from k8s.rayservices import promoted_config
+from trainer.progress import format_epoch_line, latest_progress
 
 ROOT = Path(__file__).resolve().parents[1]
 NS = "ml"
@@ -305,8 +305,10 @@ CONFIG_MAP = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "spl
 
 
 def _epoch(epoch: int, epochs: int, val: str) -> str:
-    return (f"(RayTrainWorker pid=123, ip=10.0.0.7) epoch {epoch}/{epochs}  loss 0.{60 - epoch}00  train dice 0.5000"
-            f"  val spleen dice {val}  12.0s  2.00 samples/s\n")
+    """The line the trainer prints (its own formatter), behind the prefix Ray adds to a worker's output."""
+    metrics = {"epoch": epoch, "loss": (60 - epoch) / 100, "train_dice": 0.5, "epoch_seconds": 12.0, "samples_per_s": 2.0,
+               "val_dice": None if val == "-" else float(val)}
+    return f"(RayTrainWorker pid=123, ip=10.0.0.7) {format_epoch_line(metrics, epochs)}\n"
 
 
 def _script(final: str = "Complete") -> list[tuple[dict, str]]:

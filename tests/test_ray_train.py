@@ -166,17 +166,15 @@ def test_resume_refuses_a_corrupted_run_checkpoint_naming_its_uri(s3, tmp_path, 
 
 
 def test_cli_flags_map_to_job_settings(tmp_path, monkeypatch):
-    import argparse
-
-    from trainer.ray_job import job_config_from_args
+    from trainer.ray_job import RayJobConfig
 
     monkeypatch.delenv("SPLEEN_DEEPEDIT_RUN_NAME", raising=False)
-    args = argparse.Namespace(output=str(tmp_path / "out"), storage=None, run_name=None, num_workers=None, use_gpu=False)
-    job = job_config_from_args(args)
+    job = RayJobConfig.for_output(str(tmp_path / "out"))
     assert (job.storage, job.run_name, job.num_workers) == (str(tmp_path / "out" / "ray"), "out", 1)
-    args = argparse.Namespace(output="o", storage="s3://b/runs", run_name="nightly", num_workers=4, use_gpu=True)
-    job = job_config_from_args(args)
+    job = RayJobConfig.for_output("o", storage="s3://b/runs", run_name="nightly", num_workers=4, use_gpu=True)
     assert (job.run_uri, job.num_workers, job.use_gpu) == ("s3://b/runs/nightly", 4, True)
+    monkeypatch.setenv("SPLEEN_DEEPEDIT_RUN_NAME", "from-env")
+    assert RayJobConfig.for_output("o").run_name == "from-env"
 
 
 @pytest.mark.s3

@@ -24,9 +24,6 @@ KEPT_LONG_FUNCTIONS = {("trainer/synth.py", "generate_case")}
 BEING_SPLIT_MODULES = {
 }
 BEING_SPLIT_FUNCTIONS = {
-    ("trainer/cli.py", "build_parser"): 91,  # one helper per subcommand's arguments
-    ("trainer/evaluate.py", "evaluate_checkpoint"): 72,  # typed config instead of keyword arguments
-    ("trainer/train.py", "train"): 91,  # epoch loop and epoch line apart
 }
 
 

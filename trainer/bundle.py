@@ -31,9 +31,10 @@ from torch.utils.data import Dataset
 
 from . import env
 from .checkpoint import Checkpoint, save_state_dict
-from .config import CLICK_CHANNELS, PROFILES, ConfigError, Profile, TrainConfig, get_profile
+from .config import CLICK_CHANNELS, PROFILES, ConfigError, EvaluateConfig, Profile, TrainConfig, get_profile
 from .data import NIFTI_SUFFIXES, DataError, list_dataset
 from .network import check_fits, load_model, read_checkpoint
+from .runtime import DelegatingRuntime, LocalRuntime, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ def _read_datalist(path: Path) -> Any:
 # ----------------------------------------------------------------------------- weights
 
 
-class _ExportBestModel:
+class _ExportBestModel(DelegatingRuntime):
     """Wraps a Runtime: the best model is also written as a plain state_dict (`models/model.pt`).
 
     Everything else is delegated, so `trainer.train.train` sees the runtime it was given. Rank 0 only.
@@ -205,14 +206,11 @@ class _ExportBestModel:
     last one is exported at the end; an existing file (say, the best of a resumed run) is kept.
     """
 
-    def __init__(self, runtime: Any, model_path: str | os.PathLike):
-        self._runtime = runtime
+    def __init__(self, runtime: Runtime, model_path: str | os.PathLike):
+        super().__init__(runtime)
         self._model_path = Path(model_path)
         self._exported = False
         self._last: Checkpoint | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._runtime, name)
 
     def on_epoch_end(self, *, metrics: dict[str, Any], checkpoint: Checkpoint, is_best: bool) -> None:
         self._runtime.on_epoch_end(metrics=metrics, checkpoint=checkpoint, is_best=is_best)
@@ -245,13 +243,13 @@ class BundleTrainer:
     Args:
         config: the training settings (`train_config`).
         dataset_dir: a Decathlon dataset.
-        runtime: a callable returning the Runtime (`LocalRuntime` or `TorchDistributedRuntime` with
+        runtime: a callable returning the runtime (`LocalRuntime` or `TorchDistributedRuntime` with
             its output directory), called in `run()` so that parsing the config starts nothing.
         model_path: where the best model is written as a plain DynUNet state_dict.
         max_epochs: the number of epochs (MONAI's `max_epochs` property); None keeps the config's.
     """
 
-    def __init__(self, *, config: TrainConfig, dataset_dir: str, runtime: Callable[[], Any], model_path: str,
+    def __init__(self, *, config: TrainConfig, dataset_dir: str, runtime: Callable[[], LocalRuntime], model_path: str,
                  max_epochs: int | None = None):
         self.config = config if max_epochs is None else config.replace(epochs=max_epochs)
         self.max_epochs = self.config.num_epochs
@@ -263,12 +261,13 @@ class BundleTrainer:
         from .train import train
 
         list_dataset(self.dataset_dir)  # a missing or malformed dataset fails before any process group
-        runtime = _ExportBestModel(self.runtime(), self.model_path)
+        local = self.runtime()
+        runtime = _ExportBestModel(local, self.model_path)
         if runtime.is_main:
             prof = self.config.profile_spec
             log.info("training profile %s (%s) for %d epochs on %s with %d process(es); output %s, best model %s",
                      prof.name, prof.description, self.config.num_epochs, self.dataset_dir, runtime.world_size,
-                     runtime.output_dir, self.model_path)
+                     local.output_dir, self.model_path)
         return train(self.config, self.dataset_dir, runtime)
 
 
@@ -286,7 +285,7 @@ class BundleEvaluation:
         profile: the network profile of the weights.
         val_fraction: the training's validation fraction (the same split is evaluated).
         device: torch device.
-        max_clicks: corrective clicks after the automatic pass; None: evaluate_checkpoint's default.
+        max_clicks: corrective clicks after the automatic pass; None: EvaluateConfig's default.
     """
 
     def __init__(self, *, checkpoint: str, dataset_dir: str, output_dir: str, profile: str | None,
@@ -305,17 +304,17 @@ class BundleEvaluation:
         check_fits(read_checkpoint(self.checkpoint)[1], self.profile, self.checkpoint)
         metrics_log = Path(self.output_dir) / "metrics.jsonl"
         optional: dict[str, Any] = {"max_clicks": self.max_clicks} if self.max_clicks is not None else {}
-        summary = evaluate_checkpoint(
-            self.checkpoint,
-            self.dataset_dir,
-            self.output_dir,
+        summary = evaluate_checkpoint(EvaluateConfig(
+            checkpoint=self.checkpoint,
+            data_dir=self.dataset_dir,
+            output_dir=self.output_dir,
             split="val",
             profile=self.profile.name,
-            device=self.device,
+            device=None if self.device is None else str(self.device),
             metrics_log=metrics_log if metrics_log.is_file() else None,
             val_fraction=self.val_fraction,
             **optional,
-        )
+        ))
         log.info("evaluation of %s written to %s", self.checkpoint, self.output_dir)
         return summary
 

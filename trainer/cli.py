@@ -13,7 +13,15 @@ import sys
 import time
 from typing import Any
 
-from .config import DEFAULT_VAL_FRACTION, PROFILES, ConfigError, check_click_radius
+from .config import (
+    DEFAULT_VAL_FRACTION,
+    EVAL_SPLITS,
+    PROFILES,
+    ConfigError,
+    EvaluateConfig,
+    check_click_radius,
+    field_default,
+)
 from .errors import SpleenDeepEditError
 
 EXIT_USER_ERROR = 2
@@ -122,9 +130,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     prof = cfg.profile_spec
     print(f"profile {prof.name}: {prof.description}; {cfg.num_epochs} epochs; output {args.output}", flush=True)
     if args.ray:
-        from .ray_job import run_ray_training  # lazy: Ray is an optional dependency
+        from .ray_job import RayJobConfig, run_ray_training  # lazy: Ray is an optional dependency
 
-        run_ray_training(cfg, args)
+        job = RayJobConfig.for_output(args.output, storage=args.storage, run_name=args.run_name,
+                                      num_workers=args.num_workers, use_gpu=bool(args.use_gpu))
+        run_ray_training(cfg, args.data, args.output, job)
         return 0
     import torch
 
@@ -197,29 +207,28 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    """`spleen-deepedit evaluate`: run `evaluate_checkpoint` with the parsed arguments."""
-    import torch
-
-    from .evaluate import evaluate_checkpoint
-
-    try:
-        device = torch.device(args.device) if args.device else None
-    except RuntimeError as exc:
-        raise ConfigError(f"--device {args.device!r} is not a torch device ({exc})") from None
-    evaluate_checkpoint(
-        args.checkpoint,
-        args.data,
-        args.output,
+def evaluate_config(args: argparse.Namespace) -> EvaluateConfig:
+    """`evaluate` flags -> the typed settings of `trainer.evaluate.evaluate_checkpoint`."""
+    return EvaluateConfig(
+        checkpoint=args.checkpoint,
+        data_dir=args.data,
+        output_dir=args.output,
         split=args.split,
         max_clicks=args.max_clicks,
         profile=args.profile,
-        device=device,
+        device=args.device,
         metrics_log=args.metrics_log,
         click_radius=args.click_radius,
         refine=args.refine,
         dicom=args.dicom,
     )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """`spleen-deepedit evaluate`: run `evaluate_checkpoint` with the parsed arguments."""
+    from .evaluate import evaluate_checkpoint
+
+    evaluate_checkpoint(evaluate_config(args))
     print(f"report written to {args.output}", flush=True)
     return 0
 
@@ -227,11 +236,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spleen-deepedit", description="DeepEdit spleen segmentation: data, training, inference.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_synth(sub: Any) -> None:
     p = sub.add_parser("synth", help="write a synthetic Decathlon-layout spleen dataset")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--cases", required=True, type=_positive_int, help="number of labelled cases")
@@ -243,11 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write every image as a DICOM CT series under OUT/dicom/ (optionally compressed)")
     p.set_defaults(func=cmd_synth)
 
+
+def _add_check_data(sub: Any) -> None:
     p = sub.add_parser("check-data", help="check a Decathlon dataset's integrity before training")
     p.add_argument("--data", required=True, help="dataset directory (dataset.json or imagesTr/labelsTr)")
     p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION, help="validation fraction shown in the summary")
     p.set_defaults(func=cmd_check_data)
 
+
+def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="train DeepEdit (single process, or Ray Train with --ray)")
     p.add_argument("--data", required=True, help="dataset directory")
     p.add_argument("--output", required=True, help="output directory: checkpoints/, metrics.jsonl, config.yaml")
@@ -271,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--run-name", default=None, help="stable run name: resubmitting with it resumes")
     p.set_defaults(func=cmd_train)
 
+
+def _add_infer(sub: Any) -> None:
     p = sub.add_parser("infer", help="segment one CT volume (NIfTI or DICOM series), optionally with clicks")
     p.add_argument("--checkpoint", required=True, help="checkpoint (ours, or a bundle model.pt): path, file:// or s3://")
     p.add_argument("--image", required=True, help="input .nii/.nii.gz, or a DICOM CT series: a folder or a .zip (see docs/dicom.md)")
@@ -284,12 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_infer)
 
+
+def _add_evaluate(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="Dice versus number of simulated clicks on a dataset split")
     p.add_argument("--checkpoint", required=True, help="checkpoint (ours, or a bundle model.pt): path, file:// or s3://")
     p.add_argument("--data", required=True, help="dataset directory")
     p.add_argument("--output", required=True, help="report directory: per_case.csv, summary.json, PNG plots")
-    p.add_argument("--max-clicks", type=int, default=10, help="simulated corrective clicks after the automatic pass")
-    p.add_argument("--split", choices=("val", "test", "all"), default="val", help="which cases to evaluate")
+    p.add_argument("--max-clicks", type=int, default=field_default(EvaluateConfig, "max_clicks"),
+                   help="simulated corrective clicks after the automatic pass (default: %(default)s)")
+    p.add_argument("--split", choices=EVAL_SPLITS, default=field_default(EvaluateConfig, "split"),
+                   help="which cases to evaluate (default: %(default)s; val: the split the checkpoint was trained with)")
     p.add_argument("--metrics-log", default=None, help="training metrics.jsonl to plot (default: next to the checkpoint)")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None, help="override the checkpoint's profile")
     p.add_argument("--click-radius", type=_radius, default=None, help=CLICK_RADIUS_HELP)
@@ -299,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read each image from its DICOM series, DATA/dicom/<imagesTr|imagesTs>/<case>/ (as `synth --dicom` writes it)")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_serve(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP with Ray Serve on a local Ray (see docs/serving.md)")
     p.add_argument("--checkpoint", required=True, help="checkpoint URI: local path, file:// or s3://")
     p.add_argument("--host", default="127.0.0.1")
@@ -310,6 +327,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-env", default=None, help="environment variable holding the bearer token (32+ characters)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without a bearer token")
     p.set_defaults(func=_lazy("trainer.serve.cli", "cmd_serve"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spleen-deepedit", description="DeepEdit spleen segmentation: data, training, inference.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_synth(sub)
+    _add_check_data(sub)
+    _add_train(sub)
+    _add_infer(sub)
+    _add_evaluate(sub)
+    _add_serve(sub)
 
     from .annotate import add_parser as add_annotate_parser  # argparse only; Ray loads when it runs
 

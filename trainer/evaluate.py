@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .clicks import Point, next_click
-from .config import CLICK_CHANNELS, DEFAULT_VAL_FRACTION, ConfigError
+from .config import CLICK_CHANNELS, DEFAULT_VAL_FRACTION, EVAL_SPLITS, ConfigError, EvaluateConfig
 from .data import DataError, check_arrays, list_dataset, load_volume
 from .metrics import hd95_mm, mean_dice_with_background, spleen_dice
 from .network import load_model
@@ -37,8 +37,6 @@ from .report import format_table, json_safe, read_metrics_log, summarize, write_
 from .storage import fetch
 
 log = logging.getLogger(__name__)
-
-SPLITS: tuple[str, ...] = ("val", "test", "all")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -208,8 +206,8 @@ def evaluate(predictor: Any, cases: Sequence[dict[str, str]], *, max_clicks: int
 def select_cases(data_dir: str | Path, split: str = "val", val_fraction: float = DEFAULT_VAL_FRACTION) -> list[dict[str, str]]:
     """Labelled cases of a split: `val` (the training split's validation part), `test`
     (imagesTs with labels from labelsTs/ of the same file name) or `all` (every labelled case)."""
-    if split not in SPLITS:
-        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split not in EVAL_SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(EVAL_SPLITS)}, got {split!r}")
     ds = list_dataset(data_dir)
     if split == "val":
         return ds.split(val_fraction)[1]
@@ -247,73 +245,50 @@ def _training_log(checkpoint: str | Path, metrics_log: str | Path | None) -> tup
     return path, read_metrics_log(path)
 
 
-def evaluate_checkpoint(
-    checkpoint: str | Path,
-    data_dir: str | Path,
-    output_dir: str | Path,
-    *,
-    split: str = "val",
-    max_clicks: int = 10,
-    profile: str | None = None,
-    device: torch.device | None = None,
-    metrics_log: str | Path | None = None,
-    seed: int = 0,
-    val_fraction: float | None = None,
-    click_radius: float | None = None,
-    refine: bool | None = None,
-    dicom: bool = False,
-) -> dict[str, Any]:
-    """Evaluate a checkpoint on a dataset split and write the report into `output_dir`.
+def _device(name: str | None) -> torch.device | None:
+    try:
+        return torch.device(name) if name else None
+    except RuntimeError as exc:
+        raise ConfigError(f"device {name!r} is not a torch device ({exc}): use cpu, cuda or cuda:N") from None
+
+
+def evaluate_checkpoint(config: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate a checkpoint on a dataset split and write the report into `config.output_dir`.
 
     Writes `per_case.csv`, `summary.json`, `dice_vs_clicks.png` and, when a training metrics log is
     found, `training_curves.png`; prints a compact table.
 
-    Args:
-        checkpoint: our checkpoint or a bundle `model.pt`.
-        data_dir: Decathlon dataset directory.
-        output_dir: report directory (created).
-        split: `val`, `test` or `all` (see `select_cases`).
-        max_clicks: corrective clicks after the automatic pass.
-        profile: override the checkpoint's profile.
-        device: torch device (default: CUDA if available).
-        click_radius: click locality radius in grid voxels (default: the profile's; 0 = off).
-        metrics_log: training `metrics.jsonl` to plot (default: `<checkpoint dir>/../metrics.jsonl`).
-        seed: click-sampling seed.
-        val_fraction: validation fraction of the `val` split; None: the one the checkpoint was trained
-            with (its stored config), else `DEFAULT_VAL_FRACTION` (a plain state_dict).
-        refine: click-centred refinement (default: when the checkpoint was trained with windows).
-        dicom: read each image from its DICOM series (`with_dicom_images`), labels from NIfTI.
-
     Returns:
         The summary written to `summary.json` (nan as None).
     """
-    if max_clicks < 0:
-        raise ConfigError(f"max_clicks must be >= 0, got {max_clicks}")
+    c = config
+    device = _device(c.device)
     # Everything a user can get wrong is checked before the (long) evaluation starts.
-    local = fetch(checkpoint)  # local, file:// or s3://: the training log is looked for beside the file
-    loaded = load_model(local, profile=profile)
+    local = fetch(c.checkpoint)  # local, file:// or s3://: the training log is looked for beside the file
+    loaded = load_model(local, profile=c.profile)
+    val_fraction = c.val_fraction
     if val_fraction is None:  # the split training validated on, not a restated default
         val_fraction = float((loaded.checkpoint.config or {}).get("val_fraction") or DEFAULT_VAL_FRACTION)
-    cases = select_cases(data_dir, split, val_fraction)
-    if dicom:
+    cases = select_cases(c.data_dir, c.split, val_fraction)
+    if c.dicom:
         cases = with_dicom_images(cases)
-    log_path, training = _training_log(local, metrics_log)
-    predictor = Predictor.from_loaded(loaded, device=device, click_radius=click_radius, refine=refine)
-    out = Path(output_dir)
+    log_path, training = _training_log(local, c.metrics_log)
+    predictor = Predictor.from_loaded(loaded, device=device, click_radius=c.click_radius, refine=c.refine)
+    out = Path(c.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    results = evaluate(predictor, cases, max_clicks=max_clicks, seed=seed)
+    results = evaluate(predictor, cases, max_clicks=c.max_clicks, seed=c.seed)
     summary = summarize(
         results,
-        split=split,
-        checkpoint=str(checkpoint),
+        split=c.split,
+        checkpoint=str(c.checkpoint),
         model_version=predictor.version,
         profile=predictor.profile.name,
         click_radius=predictor.click_radius,
         refine=predictor.refine,
         upsample=predictor.profile.upsample,
-        max_clicks=max_clicks,
-        seed=seed,
+        max_clicks=c.max_clicks,
+        seed=c.seed,
         metrics_log=None if log_path is None else str(log_path),
     )
     write_per_case_csv(results, out / "per_case.csv")

@@ -14,7 +14,6 @@ finds the run snapshot in storage and resumes from its latest checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -31,16 +30,13 @@ from . import env, storage
 from .checkpoint import Checkpoint, CheckpointError, digest, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .faults import FaultSpec, FaultyLoader
-from .runtime import LocalRuntime
+from .runtime import TorchProcessGroup
 
 log = logging.getLogger(__name__)
 
 #: File names inside each checkpoint directory that Ray uploads to `<storage>/<run>/checkpoint_epoch_NNNN/`.
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
-#: Ray Train settings this launcher turns on unless the user set them: the dashboard's Train view
-#: needs state tracking; the print patch duplicates every worker line.
-_RAY_ENV_DEFAULTS = {"RAY_TRAIN_ENABLE_STATE_TRACKING": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -92,6 +88,19 @@ class RayJobConfig:
     def run_uri(self) -> str:
         return storage.join(self.storage, self.run_name)
 
+    @classmethod
+    def for_output(cls, output: str | os.PathLike, *, storage: str | None = None, run_name: str | None = None,
+                   num_workers: int | None = None, use_gpu: bool = False) -> RayJobConfig:
+        """The job of `train --ray --output OUTPUT`: storage `<output>/ray` and the run named after the
+        output folder (or `$SPLEEN_DEEPEDIT_RUN_NAME`) unless given; one worker unless given."""
+        out = Path(output).resolve()
+        return cls(
+            storage=storage or str(out / "ray"),
+            run_name=run_name or env.run_name() or out.name,
+            num_workers=num_workers or 1,
+            use_gpu=use_gpu,
+        )
+
 
 class _TrainGauges:
     """Loss and Dice as Ray metrics (exported on each node's metrics port for Prometheus)."""
@@ -124,24 +133,22 @@ def _storage_name(ray_checkpoint, name: str) -> str:
     return path if fs_type == "local" else f"{fs_type}://{path}"
 
 
-class RayRuntime(LocalRuntime):
-    """The loop's runtime inside a Ray Train worker.
+class RayRuntime(TorchProcessGroup):
+    """The loop's runtime inside a Ray Train worker: the collectives of the torch.distributed group
+    Ray Train set up (`TorchProcessGroup`), Ray's DDP model and sampler, and storage through Ray.
 
-    Rank 0 writes each epoch's checkpoint (`checkpoint.pt`, checksummed) and the metrics history
-    (`metrics.jsonl`) into a temporary directory that `ray.train.report` uploads to storage; every rank
-    reports (the call is a barrier), with the digests of all ranks' weights so a divergence between
-    DDP replicas shows in the metrics (`weights_in_sync`).
+    Nothing is written to a local output directory. Rank 0 writes each epoch's checkpoint
+    (`checkpoint.pt`, checksummed) and the metrics history (`metrics.jsonl`) into a temporary
+    directory that `ray.train.report` uploads to storage; every rank reports (the call is a
+    barrier), with the digests of all ranks' weights so a divergence between DDP replicas shows in
+    the metrics (`weights_in_sync`).
     """
 
     def __init__(self, *, run_name: str, fault: FaultSpec | None = None):
-        import ray.train
         import ray.train.torch
 
-        ctx = ray.train.get_context()
-        # Nothing is written to a local output directory: everything goes through ray.train.report.
-        super().__init__(".", ray.train.torch.get_device())
-        self.rank = ctx.get_world_rank()
-        self.world_size = ctx.get_world_size()
+        # Ray Train owns the group (and tears it down): join it, never create one.
+        super().__init__(ray.train.torch.get_device(), create=False)
         self.run_name = run_name
         self.epoch = 0
         self.start_epoch = 0
@@ -154,41 +161,16 @@ class RayRuntime(LocalRuntime):
 
         return ray.train.torch.prepare_model(model)
 
-    def prepare_loader(self, loader):
+    def prepare_loader(self, loader: Any) -> Any:
         import ray.train.torch
 
         # The engine moves each batch itself (dicts with click metadata, not just tensors).
         loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
         return FaultyLoader(loader, self, self._fault) if self._fault else loader
 
-    def set_epoch(self, loader, epoch: int) -> None:
+    def set_epoch(self, loader: Any, epoch: int) -> None:
         self.epoch = epoch
         super().set_epoch(loader, epoch)
-
-    def all_reduce_sum(self, values: list[float]) -> list[float]:
-        import torch.distributed as dist
-
-        if self.world_size == 1 or not dist.is_initialized():
-            return list(values)
-        # float64 on CPU works with gloo; on NCCL the tensor must live on the GPU.
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def barrier(self) -> None:
-        import torch.distributed as dist
-
-        if self.world_size > 1 and dist.is_initialized():
-            dist.barrier()
-
-    def _gather(self, value: str) -> list[str]:
-        import torch.distributed as dist
-
-        if self.world_size == 1 or not dist.is_initialized():
-            return [value]
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, value)
-        return [str(v) for v in out]
 
     def resume_checkpoint(self, resume: bool) -> Checkpoint | None:
         """The run's latest checkpoint in storage, if Ray has one (after a failure or on resubmission).
@@ -222,7 +204,7 @@ class RayRuntime(LocalRuntime):
     def on_epoch_end(self, *, metrics: dict[str, Any], checkpoint: Checkpoint, is_best: bool) -> None:
         import ray.train
 
-        digests = self._gather(digest(checkpoint.model))
+        digests = self.all_gather(digest(checkpoint.model))
         report = {k: v for k, v in metrics.items() if v is not None}
         # Ray ranks checkpoints by `score`: the validation Dice, or -1 for an epoch without validation.
         report["score"] = metrics["val_dice"] if metrics.get("val_dice") is not None else -1.0
@@ -244,9 +226,6 @@ class RayRuntime(LocalRuntime):
                 checkpoint_dir_name=f"checkpoint_epoch_{int(metrics['epoch']):04d}",
             )
 
-    def finish(self) -> None:
-        pass  # Ray tears the process group down itself
-
 
 def train_func(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry point on every worker: settings -> data -> the one training loop."""
@@ -263,11 +242,6 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
     return train(cfg, data_dir, runtime)
 
 
-def _set_ray_env_defaults() -> None:
-    for key, value in _RAY_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-
-
 def fit(cfg: TrainConfig, data: str, job: RayJobConfig, *, loop: Callable[[dict[str, Any]], Any] = train_func):
     """Run (or resume) the Ray Train job; returns the `ray.train.Result`.
 
@@ -282,7 +256,7 @@ def fit(cfg: TrainConfig, data: str, job: RayJobConfig, *, loop: Callable[[dict[
             raise storage.StorageError(f"no objects under {data}: upload the dataset (imagesTr/, labelsTr/, dataset.json) there")
     else:
         data = str(Path(data).resolve())
-    _set_ray_env_defaults()
+    env.ray_train_defaults()
 
     import ray
     import ray.train
@@ -317,18 +291,6 @@ def fit(cfg: TrainConfig, data: str, job: RayJobConfig, *, loop: Callable[[dict[
     return trainer.fit()
 
 
-def job_config_from_args(args: argparse.Namespace) -> RayJobConfig:
-    """CLI flags -> RayJobConfig. Defaults: storage `<output>/ray`, run name from the output folder."""
-    output = Path(args.output).resolve()
-    run_name = args.run_name or env.run_name() or output.name
-    return RayJobConfig(
-        storage=args.storage or str(output / "ray"),
-        run_name=run_name,
-        num_workers=args.num_workers or 1,
-        use_gpu=bool(args.use_gpu),
-    )
-
-
 def export_result(result, output: str | os.PathLike, job: RayJobConfig) -> dict[str, Any]:
     """Copy the latest checkpoint and metrics history next to the user (`--output`), for evaluate/infer."""
     output = Path(output)
@@ -345,12 +307,11 @@ def export_result(result, output: str | os.PathLike, job: RayJobConfig) -> dict[
     return summary
 
 
-def run_ray_training(cfg: TrainConfig, args: argparse.Namespace) -> dict[str, Any]:
-    """`spleen-deepedit train --ray ...`: fit, then export the result to `--output`."""
-    job = job_config_from_args(args)
+def run_ray_training(cfg: TrainConfig, data: str, output: str | os.PathLike, job: RayJobConfig) -> dict[str, Any]:
+    """`spleen-deepedit train --ray ...`: fit, then export the result to `output`."""
     print(f"ray train: run {job.run_name!r}, {job.num_workers} worker(s), storage {job.run_uri}", flush=True)
-    result = fit(cfg, args.data, job)
-    summary = export_result(result, args.output, job)
+    result = fit(cfg, data, job)
+    summary = export_result(result, output, job)
     keys = ("epoch", "loss", "train_dice", "val_dice", "best_val_dice", "resumed_from")
     print(json.dumps({k: summary["metrics"].get(k) for k in keys} | {"checkpoint": summary.get("checkpoint")}))
     return summary

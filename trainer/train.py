@@ -14,12 +14,14 @@ from monai.data import CacheDataset, DataLoader
 from monai.transforms import Compose
 from tqdm.auto import tqdm
 
+from . import env
 from .checkpoint import Checkpoint
 from .config import ConfigError, TrainConfig
 from .data import DataError, list_dataset
 from .engine import make_loss, train_step, unwrap, validate_item
 from .errors import TrainingDiverged as TrainingDiverged
 from .network import build_network, load_weights, read_checkpoint
+from .progress import format_epoch_line
 from .runtime import Runtime
 from .schedule import Budget, learning_rate
 from .transforms import augment_transforms, cache_transforms
@@ -215,9 +217,7 @@ def use_deterministic_kernels() -> None:
     cuBLAS needs its workspace setting before its first call; kernels without a deterministic
     version warn instead of failing (a run should not die on an op PyTorch adds later).
     """
-    import os
-
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    env.cublas_deterministic()
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
@@ -261,31 +261,56 @@ def _validate(model, val_ds, cfg, runtime) -> float:
     return total / count if count else float("nan")
 
 
+def _start_position(cfg: TrainConfig, runtime: Runtime, model, optimizer, scaler) -> tuple[int, int, float]:
+    """(epoch, step, best validation Dice so far) to start from: the runtime's checkpoint to resume,
+    else `init_from`'s weights at the start, else a fresh start."""
+    ckpt = runtime.resume_checkpoint(cfg.resume)
+    if ckpt is None:
+        if cfg.init_from:
+            _restore(model, None, None, read_checkpoint(cfg.init_from)[1], cfg, repr(cfg.init_from))
+        return 0, 0, float("-inf")
+    _restore(model, optimizer, scaler, ckpt, cfg, "last")
+    start_epoch, first_step = _resume_position(ckpt)
+    best = float(ckpt.metrics.get("best_val_dice", float("-inf")))
+    if runtime.is_main:
+        where = f"epoch {start_epoch + 1}" + (f", step {first_step + 1}" if first_step else "")
+        log.info("resumed at %s (best validation Dice %.4f)", where, best)
+    return start_epoch, first_step, best
+
+
+def _diverged(epoch: int, window: SkipWindow, optimizer) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"epoch {epoch + 1}: {window.skipped} of the last {len(window.outcomes)} steps had a non-finite "
+        f"loss or gradient and were skipped (learning rate {optimizer.param_groups[0]['lr']:.2e}). "
+        "Lower --learning-rate, or train with --no-amp; --resume continues from the last checkpoint"
+    )
+
+
+def _checkpoint(model, optimizer, scaler, cfg: TrainConfig, epoch: int, metrics: dict[str, Any]) -> Checkpoint:
+    return Checkpoint(
+        model={k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+        profile=cfg.profile,
+        epoch=epoch,
+        optimizer=optimizer.state_dict(),
+        scaler=scaler.state_dict(),
+        config=cfg.to_dict(),
+        metrics={k: v for k, v in metrics.items() if v is not None},
+    )
+
+
 def train(cfg: TrainConfig, data_dir: str, runtime: Runtime) -> dict[str, Any]:
     """Train `cfg` on the Decathlon dataset at `data_dir`; returns the last epoch's metrics.
 
     Checkpoints, metrics and resumption go through `runtime`.
     """
-    device = runtime.device
     if cfg.deterministic:
         use_deterministic_kernels()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    model: torch.nn.Module = build_network(cfg.profile_spec)
-    model = runtime.prepare_model(model)
+    model = runtime.prepare_model(build_network(cfg.profile_spec))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp)
-    start_epoch, first_step, best = 0, 0, float("-inf")
-    ckpt = runtime.resume_checkpoint(cfg.resume)
-    if ckpt is not None:
-        _restore(model, optimizer, scaler, ckpt, cfg, "last")
-        start_epoch, first_step = _resume_position(ckpt)
-        best = float(ckpt.metrics.get("best_val_dice", best))
-        if runtime.is_main:
-            where = f"epoch {start_epoch + 1}" + (f", step {first_step + 1}" if first_step else "")
-            log.info("resumed at %s (best validation Dice %.4f)", where, best)
-    elif cfg.init_from:
-        _restore(model, None, None, read_checkpoint(cfg.init_from)[1], cfg, repr(cfg.init_from))
+    scaler = torch.amp.GradScaler("cuda", enabled=runtime.device.type == "cuda" and cfg.amp)
+    start_epoch, first_step, best = _start_position(cfg, runtime, model, optimizer, scaler)
     runtime.start(cfg.to_dict() | {"data": str(data_dir)})
 
     train_ds, val_ds = build_datasets(cfg, data_dir, runtime.rank, runtime.world_size, progress=runtime.is_main)
@@ -303,22 +328,15 @@ def train(cfg: TrainConfig, data_dir: str, runtime: Runtime) -> dict[str, Any]:
                              first_step if epoch == start_epoch else 0)
         last_epoch = epoch + 1 == cfg.num_epochs
         if stats.pop("diverged"):
-            # Stop before writing anything: the weights have not changed since the last checkpoint.
-            raise TrainingDiverged(
-                f"epoch {epoch + 1}: {window.skipped} of the last {len(window.outcomes)} steps had a non-finite "
-                f"loss or gradient and were skipped (learning rate {optimizer.param_groups[0]['lr']:.2e}). "
-                "Lower --learning-rate, or train with --no-amp; --resume continues from the last checkpoint"
-            )
+            raise _diverged(epoch, window, optimizer)  # before writing: the weights are the last checkpoint's
         # Out of time during this epoch, or too late to start another one.
         over_time = stats.pop("out_of_time") or clock.budget.out_of_time(clock.elapsed())
         if over_time and stats["steps"] == 0:
             break  # the budget ran out during the previous epoch's validation: nothing new to save
-        val_dice = None
-        if (epoch + 1) % cfg.val_every == 0 or last_epoch or over_time:
-            val_dice = _validate(model, val_ds, cfg, runtime)
+        validate = (epoch + 1) % cfg.val_every == 0 or last_epoch or over_time
+        val_dice = _validate(model, val_ds, cfg, runtime) if validate else None
         is_best = val_dice is not None and val_dice > best
-        if is_best and val_dice is not None:
-            best = val_dice
+        best = val_dice if is_best and val_dice is not None else best
         metrics = {
             "epoch": epoch + 1,
             **stats,
@@ -330,22 +348,9 @@ def train(cfg: TrainConfig, data_dir: str, runtime: Runtime) -> dict[str, Any]:
             "time": time.time(),
         }
         if runtime.is_main:
-            vd = "-" if val_dice is None else f"{val_dice:.4f}"
-            print(
-                f"epoch {epoch + 1}/{cfg.num_epochs}  loss {stats['loss']:.4f}  train dice {stats['train_dice']:.4f}"
-                f"  val spleen dice {vd}  {stats['epoch_seconds']:.1f}s  {stats['samples_per_s']:.2f} samples/s",
-                flush=True,
-            )
-        checkpoint = Checkpoint(
-            model={k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
-            profile=cfg.profile,
-            epoch=epoch,
-            optimizer=optimizer.state_dict(),
-            scaler=scaler.state_dict(),
-            config=cfg.to_dict(),
-            metrics={k: v for k, v in metrics.items() if v is not None},
-        )
-        runtime.on_epoch_end(metrics=metrics, checkpoint=checkpoint, is_best=is_best)
+            print(format_epoch_line(metrics, cfg.num_epochs), flush=True)
+        runtime.on_epoch_end(metrics=metrics, checkpoint=_checkpoint(model, optimizer, scaler, cfg, epoch, metrics),
+                             is_best=is_best)
         if over_time and not last_epoch:
             if runtime.is_main:
                 print(f"stopping in epoch {epoch + 1}: max_train_seconds={cfg.max_train_seconds} reached", flush=True)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .. import storage
+from .. import env, storage
 from ..config import ConfigError
 from .cases import list_cases
 from .job import ACTOR_RESTARTS, AnnotateConfig
@@ -35,8 +34,8 @@ def _start_ray(num_cpus: int | None) -> bool:
 
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if os.environ.get("RAY_ADDRESS"):
+    env.quiet_ray()
+    if env.ray_address():
         ray.init(configure_logging=False)
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
@@ -111,7 +110,7 @@ def annotate(cfg: AnnotateConfig, *, progress: bool = True) -> AnnotateResult:
     if todo:
         started = _start_ray(cfg.num_cpus)
         try:
-            _check_gpus(cfg, autoscaling=bool(os.environ.get("RAY_ADDRESS")))
+            _check_gpus(cfg, autoscaling=bool(env.ray_address()))
             rows += list(_collect(build_dataset(todo, cfg, profile, version), todo, progress))
         finally:
             if started:

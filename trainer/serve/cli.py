@@ -12,6 +12,8 @@ import signal
 import threading
 import time
 
+from trainer import env
+
 APP_NAME = "deepedit"
 
 
@@ -132,7 +134,7 @@ def start_local(checkpoint: str, *, port: int = 8000, host: str = "127.0.0.1", m
         insecure: allow a non-loopback `host` without a bearer token (`check_bind`).
         **opts: further `ServeArgs` fields (device, max_batch_size, auth_token_env, ...).
     """
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env.quiet_ray()
     import ray
     from ray import serve
 

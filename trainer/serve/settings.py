@@ -7,11 +7,12 @@ model in place without restarting replicas.
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from trainer import env
 
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: Shortest accepted bearer token (e.g. `openssl rand -hex 32` gives 64 characters).
@@ -130,7 +131,7 @@ class ServeArgs(BaseModel):
             return read_token_file(self.auth_token_file)
         if self.auth_token_env is None:
             return None
-        return check_token(os.environ.get(self.auth_token_env, ""), f"environment variable {self.auth_token_env}")
+        return check_token(env.named(self.auth_token_env), f"environment variable {self.auth_token_env}")
 
     def user_config(self) -> dict[str, str | None]:
         return {"checkpoint": self.checkpoint, "profile": self.profile}
