@@ -51,8 +51,8 @@ def paint_body(rng: np.random.Generator, grid: Grid, hu: np.ndarray, body: Body,
     hu[_section(grid, body.a - body.fat, body.b - body.fat, body.taper)] = muscle_hu
     cavity = _section(grid, body.ca, body.cb, body.taper)
     # Mesentery: visceral fat with a smooth random texture about 25 mm across, slice by slice.
-    cells = tuple(max(2, int(round(25.0 / s))) for s in grid.spacing)
-    planes, i0, w = smooth_planes(rng, grid.shape, cells)
+    sx, sy, sz = (max(2, int(round(25.0 / s))) for s in grid.spacing)
+    planes, i0, w = smooth_planes(rng, grid.shape, (sx, sy, sz))
     base = np.float32(rng.uniform(-90, -40))
     for k in range(0, grid.shape[2], 16):  # slabs of slices: bounded temporaries
         ks = slice(k, k + 16)

@@ -74,7 +74,7 @@ def _compact(rng: np.random.Generator, shape: tuple[int, int, int] | None, body_
     else:
         z_center = rng.uniform(-0.15, 0.15) * fov_z
     origin = (-fov_xy / 2 + rng.uniform(-10, 10), -fov_xy / 2 + rng.uniform(-10, 10), z_center - fov_z / 2)
-    return ScanGeometry(shape=tuple(int(s) for s in shape), spacing=(sx, sx, sz), origin=origin)
+    return ScanGeometry(shape=(int(shape[0]), int(shape[1]), int(shape[2])), spacing=(sx, sx, sz), origin=origin)
 
 
 def _clinical(rng: np.random.Generator, shape: tuple[int, int, int] | None, body_a: float,
@@ -96,7 +96,7 @@ def _clinical(rng: np.random.Generator, shape: tuple[int, int, int] | None, body
         sz = fov_z / shape[2]
     sx = fov_xy / shape[0]
     origin = (-fov_xy / 2 + rng.uniform(-10, 10), -fov_xy / 2 + rng.uniform(-10, 10), top - sz * shape[2])
-    return ScanGeometry(shape=tuple(int(s) for s in shape), spacing=(sx, sx, sz), origin=origin)
+    return ScanGeometry(shape=(int(shape[0]), int(shape[1]), int(shape[2])), spacing=(sx, sx, sz), origin=origin)
 
 
 class Grid:

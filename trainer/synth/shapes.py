@@ -40,7 +40,7 @@ def ellipsoid(grid: Grid, center, axes, rot: np.ndarray | None = None) -> Shape:
     dx, dy, dz = x - center[0], y - center[1], z - center[2]
     if rot is None:
         return box, (dx / axes[0]) ** 2 + (dy / axes[1]) ** 2 + (dz / axes[2]) ** 2 <= 1.0
-    q = 0.0
+    q: np.ndarray = np.zeros((1, 1, 1), np.float32)
     for j in range(3):
         # Coordinate along the ellipsoid's own axis j: column j of R dotted with (p - c).
         q = q + ((rot[0, j] * dx + rot[1, j] * dy + rot[2, j] * dz) / axes[j]) ** 2

@@ -46,13 +46,13 @@ def sample_volume_ml(rng: np.random.Generator) -> float:
 def plan_spleen(rng: np.random.Generator) -> SpleenPlan:
     target_ml = sample_volume_ml(rng)
     base = np.array([rng.uniform(0.45, 0.7), rng.uniform(0.8, 1.1), rng.uniform(1.0, 1.5)])
+    cut_offset: np.ndarray | None = None
+    cut_axes: np.ndarray | None = None
+    frac = 1.0
     if rng.random() < 0.6:
         cut_offset = np.array([base[0] * rng.uniform(0.9, 1.3), base[1] * rng.uniform(0.1, 0.4), 0.0])
         cut_axes = base * np.array([rng.uniform(0.8, 1.1), rng.uniform(0.6, 0.8), rng.uniform(0.6, 0.85)])
         frac = fraction_after_cut(base, cut_offset, cut_axes)
-    else:
-        cut_offset = cut_axes = None
-        frac = 1.0
     unit_ml = 4.0 / 3.0 * math.pi * float(np.prod(base)) * frac / 1000.0
     k = (target_ml / unit_ml) ** (1.0 / 3.0)
     return SpleenPlan(target_ml=target_ml, axes=base * k, rot=rotation(rng, 35, 12),
@@ -88,9 +88,9 @@ def spleen_shape(grid: Grid, plan: SpleenPlan, center: np.ndarray, cavity: np.nd
         return None
     box, mask = shape
     x, y, z = grid.coords(box)
-    if plan.cut_offset is not None:
+    if plan.cut_offset is not None and plan.cut_axes is not None:
         d = [x - center[0], y - center[1], z - center[2]]
-        q = 0.0
+        q: np.ndarray = np.zeros((1, 1, 1), np.float32)
         for j in range(3):
             uj = plan.rot[0, j] * d[0] + plan.rot[1, j] * d[1] + plan.rot[2, j] * d[2]
             q = q + ((uj - plan.cut_offset[j]) / plan.cut_axes[j]) ** 2
