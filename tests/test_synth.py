@@ -169,6 +169,9 @@ def test_bad_geometry_and_shape_are_named(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing half-written
     with pytest.raises(ValueError, match=r"shape \(0, 4, 4\)"):
         generate_case(np.random.default_rng(0), shape=(0, 4, 4))
+    with pytest.raises(ValueError, match=r"shape \(4, 4\)"):
+        write_dataset(tmp_path, 1, shape=(4, 4))
+    assert not list(tmp_path.iterdir())
 
 
 def test_cli_geometry_choices_match():

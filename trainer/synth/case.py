@@ -9,7 +9,7 @@ import numpy as np
 from .artefacts import StreakSource, add_streaks, blur_with_correlated_noise
 from .body import paint_arms, paint_body, paint_spine_and_vessels, paint_table, sample_body, sample_spine
 from .contrast import sample_contrast
-from .geometry import Grid, check_geometry, reorient, sample_geometry
+from .geometry import Grid, check_geometry, check_shape, reorient, sample_geometry
 from .organs import (
     paint_ascites,
     paint_bladder,
@@ -61,8 +61,7 @@ def generate_case(
     check_geometry(geometry)
     if orientation is not None and orientation not in ORIENTATIONS:
         raise ValueError(f"orientation {orientation!r} is not one of {ORIENTATIONS}")
-    if shape is not None and (len(shape) != 3 or min(shape) < 1):
-        raise ValueError(f"shape {shape!r} must be three positive voxel counts, e.g. (96, 96, 48)")
+    check_shape(shape)
 
     # --- what is drawn before the grid: body, contrast, spleen size; then the scan around them ---
     body = sample_body(rng)

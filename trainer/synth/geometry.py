@@ -48,6 +48,11 @@ def check_geometry(geometry: str) -> str:
     return geometry
 
 
+def check_shape(shape: tuple[int, int, int] | None) -> None:
+    if shape is not None and (len(shape) != 3 or min(shape) < 1):
+        raise ValueError(f"shape {tuple(shape)!r} must be three positive voxel counts, e.g. (96, 96, 48)")
+
+
 def sample_geometry(rng: np.random.Generator, geometry: str, shape: tuple[int, int, int] | None,
                     body_a: float, spleen_half_z: float) -> ScanGeometry:
     """Draw the grid for a body of left-right semi-axis `body_a` mm around a spleen centred at z = 0.
