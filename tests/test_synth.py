@@ -191,3 +191,31 @@ def test_clinical_case_full_size(tmp_path):
     zooms = img.header.get_zooms()
     assert 0.6 <= zooms[0] <= 1.0 and 300 <= zooms[0] * img.shape[0] <= 500
     assert 300 <= zooms[2] * img.shape[2] <= 505 and lab.any()
+
+
+def test_noise_is_correlated():
+    """Grainy (low-pass filtered) noise, not white: neighbouring voxels of a flat spleen correlate."""
+    correlations = []
+    for i in range(16):
+        case = generate_case(np.random.default_rng([50, i]), shape=(96, 96, 48))
+        img, lab, _ = _ras(case)
+        core = ndimage.binary_erosion(lab, iterations=2)
+        if case.phase == "portal-venous" and core.sum() > 200 and not {"lesion", "streaks"} & set(case.features):
+            pairs = core[:-1] & core[1:]
+            a, b = img[:-1][pairs].astype(float), img[1:][pairs].astype(float)
+            correlations.append(float(np.corrcoef(a, b)[0, 1]))
+    assert len(correlations) >= 3 and np.median(correlations) > 0.25, correlations
+
+
+def test_the_couch_is_under_the_patient():
+    """Besides the body (and the arms), a long flat structure lies behind (below) the patient."""
+    for i in range(4):
+        case = generate_case(np.random.default_rng([51, i]), shape=(256, 256, 4), geometry="clinical")
+        img, _, zooms = _ras(case)
+        parts, n = ndimage.label(img[:, :, 2] > -500)
+        sizes = ndimage.sum(np.ones_like(parts), parts, index=range(1, n + 1))
+        body = 1 + int(np.argmax(sizes))
+        back = int(np.where(parts == body)[1].min())  # posterior-most row of the body
+        couch = [k for k in range(1, n + 1) if k != body and np.where(parts == k)[1].max() < back
+                 and np.ptp(np.where(parts == k)[0]) * zooms[0] > 150]
+        assert couch, f"case {i}: no couch under the body"
