@@ -131,7 +131,8 @@ def test_contrast_phases():
             if core.sum() < 100 or {"lesion", "streaks"} & set(case.features):
                 continue
             if phase == "non-contrast":
-                assert 38 <= np.median(img[core]) <= 62 and np.median(img[core]) < case.liver_hu
+                # 40-60 HU drawn; the median of a few hundred voxels of correlated noise moves by ~5.
+                assert 33 <= np.median(img[core]) <= 67 and np.median(img[core]) < case.liver_hu
             # Texture at the scale of a centimetre, noise smoothed away (within 2 voxels, inside the
             # core eroded by 3, so no neighbour leaks in): the zebra, or nothing.
             smooth = ndimage.gaussian_filter(img.astype(np.float32), 1.0, truncate=2.0)
@@ -208,14 +209,15 @@ def test_noise_is_correlated():
 
 
 def test_the_couch_is_under_the_patient():
-    """Besides the body (and the arms), a long flat structure lies behind (below) the patient."""
-    for i in range(4):
+    """Below the patient's back, where the field of view reaches that far (as in real scans, not
+    always): the couch, a thin shell and then foam."""
+    seen = 0
+    for i in range(8):
         case = generate_case(np.random.default_rng([51, i]), shape=(256, 256, 4), geometry="clinical")
         img, _, zooms = _ras(case)
-        parts, n = ndimage.label(img[:, :, 2] > -500)
-        sizes = ndimage.sum(np.ones_like(parts), parts, index=range(1, n + 1))
-        body = 1 + int(np.argmax(sizes))
-        back = int(np.where(parts == body)[1].min())  # posterior-most row of the body
-        couch = [k for k in range(1, n + 1) if k != body and np.where(parts == k)[1].max() < back
-                 and np.ptp(np.where(parts == k)[0]) * zooms[0] > 150]
-        assert couch, f"case {i}: no couch under the body"
+        column = img[img.shape[0] // 2, :, 2]  # the midline, from the back (y = 0) to the front
+        y0 = int(np.argmax(column > -300))  # the first thing above air: the couch's lower shell, or skin
+        foam = column[y0 + 1: y0 + 1 + int(60 / zooms[1])] < -500
+        runs = np.diff(np.flatnonzero(np.diff(np.r_[0, foam.astype(int), 0])))[::2]
+        seen += bool(len(runs) and runs.max() * zooms[1] >= 5)
+    assert seen >= 3, f"a couch under only {seen} of 8 patients"

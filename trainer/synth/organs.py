@@ -11,7 +11,7 @@ import numpy as np
 from .body import Body, Spine
 from .contrast import Contrast
 from .geometry import Grid
-from .shapes import ellipsoid, paint, paint_all, rotation, tube, wiggly_path
+from .shapes import capsule, ellipsoid, paint, paint_all, rotation, tube, wiggly_path
 from .spleen import SpleenPlan
 
 
@@ -99,18 +99,23 @@ def paint_colon(rng: np.random.Generator, grid: Grid, hu: np.ndarray, body: Body
     path = np.vstack([wiggly_path(rng, transverse, flexure, 3, 8), wiggly_path(rng, flexure, descending, 4, 8)[1:]])
     r = rng.uniform(14, 24)
     paint_all(hu, tube(grid, path, r + 2.5), contrast.bowel_wall)
+    # Each stretch holds its own content (gas, mottled stool or contrast), as colons do.
+    for i in range(len(path) - 1):
+        content = _colon_content(rng, oral)
+        paint(hu, capsule(grid, path[i], path[i + 1], r), content)
+        if content > -900:
+            for _ in range(int(rng.integers(1, 4))):
+                p = path[i] + (path[i + 1] - path[i]) * rng.random() + rng.uniform(-r * 0.6, r * 0.6, 3)
+                paint(hu, ellipsoid(grid, p, rng.uniform(2, 7, 3)), rng.uniform(-1000, -700))
+
+
+def _colon_content(rng: np.random.Generator, oral: float | None) -> float:
     kind = rng.random()
     if oral is not None and kind < 0.4:
-        content = oral
-    elif kind < 0.6:
-        content = rng.uniform(-1000, -900)  # gas
-    else:
-        content = rng.uniform(-120, 40)  # stool, mottled with gas below
-    paint_all(hu, tube(grid, path, r), content)
-    if content > -900:
-        for _ in range(int(rng.integers(4, 12))):
-            p = path[rng.integers(0, len(path) - 1)] + rng.uniform(-r * 0.6, r * 0.6, 3)
-            paint(hu, ellipsoid(grid, p, rng.uniform(2, 7, 3)), rng.uniform(-1000, -700))
+        return oral
+    if kind < 0.6:
+        return rng.uniform(-1000, -900)  # gas
+    return rng.uniform(-120, 40)  # stool, mottled with gas bubbles
 
 
 def paint_bowel(rng: np.random.Generator, grid: Grid, hu: np.ndarray, body: Body, oral: float | None) -> None:
