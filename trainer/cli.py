@@ -80,7 +80,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     shape = tuple(args.shape) if args.shape else None
-    meta = write_dataset(args.out, args.cases, seed=args.seed, test_cases=args.test_cases, shape=shape)
+    meta = write_dataset(args.out, args.cases, seed=args.seed, test_cases=args.test_cases, shape=shape,
+                         geometry=args.geometry)
     series = ""
     if args.dicom:
         from .dicom import write_dicom_dataset
@@ -243,6 +244,10 @@ def _add_synth(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
     p.add_argument("--test-cases", type=int, default=None, help="unlabelled test images (default: cases // 4, at least 1)")
     p.add_argument("--shape", type=_positive_int, nargs=3, metavar=("X", "Y", "Z"), help="fixed voxel grid (default: varied)")
+    p.add_argument("--geometry", choices=("compact", "clinical"), default="compact",
+                   help="compact: 80-128 voxels in-plane, 36-64 slices around the spleen (fast); clinical: "
+                        "0.6-1.0 mm in-plane, 1.25-5 mm slices, 300-500 mm from the lung bases to the pelvis "
+                        "(~10 s and ~100 MB per case)")
     p.add_argument("--dicom", nargs="?", const="uncompressed", default=None,
                    choices=("uncompressed", "jpeg2000", "jpegls", "rle"),
                    help="also write every image as a DICOM CT series under OUT/dicom/ (optionally compressed)")
