@@ -112,7 +112,8 @@ def test_a_window_refines_at_scan_resolution_and_leaves_the_rest_alone():
     auto = plain.predict(image, affine).mask.astype(bool)
     prepared = refining.preprocess(image, affine)
     centre = tuple(int(v) for v in np.argwhere(ball).mean(axis=0).round())
-    refined = refining.predict_prepared(prepared, {"spleen": [centre], "background": []})
+    outside = (centre[0] + 25, centre[1], centre[2])  # 20 mm from the centre of a 14 mm ball: one window
+    refined = refining.predict_prepared(prepared, {"spleen": [centre], "background": [outside]})
     dice_auto = float(spleen_dice(auto, ball)[0])
     dice_refined = float(spleen_dice(refined.mask.astype(bool), ball)[0])
     assert dice_refined > dice_auto + 0.02, (dice_auto, dice_refined)
@@ -212,3 +213,18 @@ def test_clicks_share_a_window_when_near_and_the_order_of_clicks_does_not_matter
     shuffled = rf.cluster_clicks(points[[2, 3, 0, 1]], grid)
     assert [sorted(points[[2, 3, 0, 1]][c].tolist()) for c in shuffled] == [sorted(points[c].tolist()) for c in clusters]
     assert rf.cluster_clicks(np.zeros((0, 3)), grid) == []
+
+
+def test_a_background_click_never_adds_spleen_and_a_spleen_click_never_removes_it():
+    """Whatever the window's network answers (here a fake that ignores clicks), a window guided only by
+    background clicks can only remove spleen, and one guided only by spleen clicks can only add it."""
+    image, affine, ball = _ball_scan()
+    net = FakeThresholdNet()
+    p = Predictor(net, get_profile("cpu"), device=torch.device("cpu"), refine=True)
+    prepared = p.preprocess(image, affine)
+    auto = p.predict_prepared(prepared, None).mask.astype(bool)
+    centre = [int(v) for v in np.argwhere(ball).mean(axis=0).round()]
+    removed = p.predict_prepared(prepared, {"spleen": [], "background": [centre]}).mask.astype(bool)
+    added = p.predict_prepared(prepared, {"spleen": [centre], "background": []}).mask.astype(bool)
+    assert not (removed & ~auto).any() and not (auto & ~added).any()
+    assert (auto & ~removed).any() and (added & ~auto).any()  # each did change the mask (the fine answer differs)

@@ -83,6 +83,7 @@ class WindowAnswer:
 
     window: rf.Window
     logit: torch.Tensor
+    sign: int = 0  # refine.click_sign of its guidance
 
 
 @dataclass(kw_only=True, slots=True)
@@ -300,9 +301,9 @@ class Predictor:
             image = torch.stack([rf.crop(prepared[b].fine, window, grid) for b, _, window, _ in todo])  # type: ignore[arg-type]
             logits = self._logits(image, [guidance for *_, guidance in todo]).float().cpu()
             self.window_forwards += len(todo)
-            for row, (b, key, window, _) in enumerate(todo):
+            for row, (b, key, window, guidance) in enumerate(todo):
                 logit = (logits[row, 1] - logits[row, 0]).to(torch.float16)
-                self._cache_window(prepared[b], key, WindowAnswer(window=window, logit=logit))
+                self._cache_window(prepared[b], key, WindowAnswer(window=window, logit=logit, sign=rf.click_sign(guidance)))
         for b, key, _, _ in wanted:
             out[b].append(prepared[b].windows[key])
         return out
@@ -338,7 +339,7 @@ class Predictor:
             # The whole-scan logit (two channels: log p1 - log p0, the same quantity).
             glogit = (torch.log(p[1].clamp_min(LOGIT_EPS)) - torch.log(p[0].clamp_min(LOGIT_EPS)) if len(p) == 2
                       else torch.logit(spleen.clamp(LOGIT_EPS, 1 - LOGIT_EPS)))
-            answers = [(w.window, w.logit) for w in windows]
+            answers = [(w.window, w.logit, w.sign) for w in windows]
             for box, crop in rf.blend_into(glogit, answers, prepared.ras_shape, tuple(prepared.fine.shape)):
                 place_ras(mask, crop, box, prepared)
         return mask

@@ -242,25 +242,34 @@ def _groups(boxes: list[tuple[slice, ...]]) -> list[list[int]]:
     return groups
 
 
-def blend_into(global_logit: torch.Tensor, answers: Sequence[tuple[Window, torch.Tensor]], ras_shape: Sequence[int],
+def click_sign(guidance: Mapping[str, list]) -> int:
+    """+1: a window guided by spleen clicks only (it may only add spleen), -1: background clicks only (it
+    may only remove spleen), 0: both (it may do either), as users expect of a click."""
+    spleen, background = bool(guidance.get("spleen")), bool(guidance.get("background"))
+    return 0 if spleen == background else (1 if spleen else -1)
+
+
+def blend_into(global_logit: torch.Tensor, answers: Sequence[tuple[Window, torch.Tensor, int]], ras_shape: Sequence[int],
                fine: Sequence[int]) -> list[tuple[tuple[slice, slice, slice], np.ndarray]]:
     """The refined mask inside the windows: a list of (RAS box, uint8 mask of the box).
 
     Per box voxel, starting from the whole-scan probability, each window in turn (the clusters'
     order) sets p = w sigmoid(window) + (1 - w) p, each logit interpolated trilinearly to the scan
-    voxel centres, w = `taper`; spleen where p > 0.5. Overlapping windows are blended on the union
-    of their boxes, so the later one's ramp fades into the earlier one's answer.
+    voxel centres, w = `taper`; spleen where p > 0.5. A window with a `click_sign` only raises (+1) or
+    only lowers (-1) p. Overlapping windows are blended on the union of their boxes, so the later one's
+    ramp fades into the earlier one's answer.
     """
-    found = [(w, logit, rf_box) for w, logit in answers if (rf_box := scan_box(w, ras_shape, fine)) is not None]
+    found = [(w, logit, sign, box) for w, logit, sign in answers if (box := scan_box(w, ras_shape, fine)) is not None]
     out = []
-    for group in _groups([b for _, _, b in found]):
-        union = _union([found[k][2] for k in group])
+    for group in _groups([f[3] for f in found]):
+        union = _union([found[k][3] for k in group])
         p = torch.sigmoid(sample(global_logit, union, ras_shape, fine, None))
         for k in group:
-            window, logit, box = found[k]
+            window, logit, sign, box = found[k]
             sub = tuple(slice(b.start - u.start, b.stop - u.start) for b, u in zip(box, union))
             w = taper(box, ras_shape, fine, window, tuple(logit.shape))
-            p[sub] = w * torch.sigmoid(sample(logit, box, ras_shape, fine, window)) + (1 - w) * p[sub]
+            new = w * torch.sigmoid(sample(logit, box, ras_shape, fine, window)) + (1 - w) * p[sub]
+            p[sub] = torch.maximum(new, p[sub]) if sign > 0 else torch.minimum(new, p[sub]) if sign < 0 else new
         out.append((union, (p > 0.5).numpy().astype(np.uint8)))
     return out
 
