@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer import refine as rf
+from trainer import window_sampling as ws
 from trainer.checkpoint import Checkpoint, save_checkpoint
 from trainer.config import TrainConfig, get_profile
 from trainer.metrics import spleen_dice
@@ -184,25 +185,25 @@ def test_training_windows_are_grid_items_around_the_spleen():
     label = MetaTensor(torch.from_numpy(case.label.astype(np.float32))[None], affine=torch.as_tensor(case.affine))
     windowed = WindowHUd()({"image": image})["image"]
     spacing = rf.window_spacing((32, 32, 32), 128.0)
-    item = rf.FineVolumed(spacing)({"image": windowed, "label": label})
+    item = ws.FineVolumed(spacing)({"image": windowed, "label": label})
     # The fine label is the RAS-ordered label area-resized to the fine shape (MONAI's reorientation, then PyTorch's area).
     import nibabel as nib
 
     ras = np.asanyarray(nib.as_closest_canonical(nib.Nifti1Image(case.label, case.affine)).dataobj).astype(np.float32)
-    expected = F.interpolate(torch.from_numpy(ras)[None, None], size=tuple(item[rf.FINE_LABEL].shape), mode="area")[0, 0]
-    torch.testing.assert_close(item[rf.FINE_LABEL].float() / 255, expected, atol=0.5 / 255 + 1e-5, rtol=0)
-    t = rf.RandWindowd(prob=1.0, grid=(32, 32, 32), soft_label=True)
+    expected = F.interpolate(torch.from_numpy(ras)[None, None], size=tuple(item[ws.FINE_LABEL].shape), mode="area")[0, 0]
+    torch.testing.assert_close(item[ws.FINE_LABEL].float() / 255, expected, atol=0.5 / 255 + 1e-5, rtol=0)
+    t = ws.RandWindowd(prob=1.0, grid=(32, 32, 32), soft_label=True)
     t.set_random_state(0)
     hits = 0
     for _ in range(8):
         out = t(dict(item))
-        assert rf.FINE_IMAGE not in out and int(out[rf.WINDOW]) == 1
+        assert ws.FINE_IMAGE not in out and int(out[ws.WINDOW]) == 1
         assert tuple(out["image"].shape) == (1, 32, 32, 32) and out["label"].dtype == torch.float16
         hits += int(float(out["label"].float().max()) >= 0.5)
     assert hits >= 6  # windows are centred on or near the spleen
-    off = rf.RandWindowd(prob=0.0, grid=(32, 32, 32), soft_label=True)
+    off = ws.RandWindowd(prob=0.0, grid=(32, 32, 32), soft_label=True)
     out = off(dict(item))
-    assert rf.FINE_IMAGE not in out and int(out[rf.WINDOW]) == 0
+    assert ws.FINE_IMAGE not in out and int(out[ws.WINDOW]) == 0
 
 
 def test_clicks_share_a_window_when_near_and_the_order_of_clicks_does_not_matter():
@@ -228,3 +229,22 @@ def test_a_background_click_never_adds_spleen_and_a_spleen_click_never_removes_i
     added = p.predict_prepared(prepared, {"spleen": [centre], "background": []}).mask.astype(bool)
     assert not (removed & ~auto).any() and not (auto & ~added).any()
     assert (auto & ~removed).any() and (added & ~auto).any()  # each did change the mask (the fine answer differs)
+
+
+def test_with_a_radius_a_window_changes_the_mask_only_near_its_clicks():
+    image, affine, ball = _ball_scan()
+    net = FakeThresholdNet()
+    centre = [int(v) for v in np.argwhere(ball).mean(axis=0).round()]
+    # Either side of the ball's surface on its +x side (0.8 mm voxels: 11.2 and 16.8 mm from the centre).
+    clicks = {"spleen": [[centre[0] + 14, centre[1], centre[2]]], "background": [[centre[0] + 21, centre[1], centre[2]]]}
+    free = Predictor(net, get_profile("cpu"), device=torch.device("cpu"), refine=True)
+    local = Predictor(net, get_profile("cpu"), device=torch.device("cpu"), refine=True, refine_radius_mm=4.0)
+    auto = free.predict(image, affine).mask.astype(bool)
+    changed_free = free.predict(image, affine, clicks).mask.astype(bool) != auto
+    changed_local = local.predict(image, affine, clicks).mask.astype(bool) != auto
+    assert changed_free.sum() > 2 * changed_local.sum() > 0
+    spacing = np.array([0.8, 0.8, 2.5])
+    d = np.min([np.linalg.norm((np.argwhere(changed_local) - c) * spacing, axis=1) for c in clicks["spleen"] + clicks["background"]], axis=0)
+    assert d.max() <= 12.0  # within 3 radii of a click: the rest of the ball's surface is left as it was
+    d_free = np.min([np.linalg.norm((np.argwhere(changed_free) - c) * spacing, axis=1) for c in clicks["spleen"] + clicks["background"]], axis=0)
+    assert d_free.max() > 20.0  # without the radius the window also redrew the far side

@@ -17,7 +17,7 @@ MAX_FUNCTION_LINES = 60
 
 #: Over the limit, on purpose: the synthetic generator's case builder reads top to bottom in its
 #: commented sections (body, organs, spleen, noise); split, its steps would pass a dozen arrays around.
-KEPT_LONG_FUNCTIONS = {("trainer/synth.py", "generate_case")}
+KEPT_LONG_FUNCTIONS = {("trainer/synth/case.py", "generate_case")}
 
 #: Still over the limit while their owners split them (issue 14); remove an entry once it passes.
 #: Each entry is the size measured when it was listed: growing past it fails too.

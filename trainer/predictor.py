@@ -1,9 +1,7 @@
 """The one predictor: image + clicks -> spleen mask in the original geometry (spec §5).
 
 Used by `infer`, evaluation, the MONAI bundle, batch annotation and the Ray Serve deployment, so they
-cannot drift. Stages: `preprocess` (the one chain, `trainer.transforms`, to the network grid; with
-refinement also the fine volume of `trainer.refine`), `map_clicks`, `forward` (batched), `windows`
-(refinement: one click-centred window per volume with clicks), `postprocess` (back to the scan).
+cannot drift. Stages: `preprocess`, `map_clicks`, `forward` (batched), `windows`, `postprocess`.
 
 Clicks are voxel indices of the original file's array; they are mapped through the reorientation to
 RAS (`inv(A_ras) @ A_orig`) and scaled to the network grid (index times grid / scan, truncated), as
@@ -13,11 +11,10 @@ voxel (tests/test_model_zoo_parity.py): both softmax channels resized back in `a
 `upsample: logit` (`cpu`, `tiny`) interpolate the spleen logit trilinearly instead, which follows the
 boundary more closely (docs/evaluation.md, row S).
 
-How clicks act: with refinement (checkpoints trained with windows, `trainer.refine`) the whole-scan
-pass stays the automatic one, cached in the `Prepared` volume, and the clicks are answered by one
-window around them at a fine spacing, blended into the mask; without it, by the whole-scan pass with
-click locality and the nudge (`trainer.locality`, profiles `cpu` and `tiny`; off for `bundle`, which
-matches the model zoo).
+How clicks act: with refinement (checkpoints trained with windows) the whole-scan pass stays the
+automatic one, cached in the `Prepared` volume, and clicks are answered by windows around them at a
+fine spacing (`trainer.refine`); without it, by the whole-scan pass with click locality and the nudge
+(`trainer.locality`; off for `bundle`, which matches the model zoo).
 """
 
 from __future__ import annotations
@@ -84,6 +81,7 @@ class WindowAnswer:
     window: rf.Window
     logit: torch.Tensor
     sign: int = 0  # refine.click_sign of its guidance
+    clicks: tuple = ()  # its guidance clicks, window grid voxels
 
 
 @dataclass(kw_only=True, slots=True)
@@ -109,11 +107,14 @@ class Predictor:
         refine: answer clicks with a click-centred window at a fine spacing (`trainer.refine`);
             for checkpoints trained with windows (`from_loaded` decides from the checkpoint).
         window_mm: the window's extent at its finest (default: the profile's `window_mm`).
+        refine_radius_mm: a window changes the mask only within about this distance of its clicks (and
+            on the pieces it flips that hold a click); 0: anywhere in the window (default: the profile's).
     """
 
     def __init__(self, model: torch.nn.Module, profile: Profile, *, device: torch.device | None = None,
                  amp: bool | None = None, sigma: float | None = None, click_radius: float | None = None,
-                 version: str = "unknown", refine: bool = False, window_mm: float | None = None):
+                 version: str = "unknown", refine: bool = False, window_mm: float | None = None,
+                 refine_radius_mm: float | None = None):
         self.device = device or default_device()
         self.model = model.to(self.device).eval()
         self.profile = profile
@@ -125,6 +126,7 @@ class Predictor:
         radius = profile.click_radius if click_radius is None else click_radius
         self.click_radius = 0.0 if self.refine else check_click_radius(radius)
         self.window_spacing = rf.window_spacing(profile.spatial_size, window_mm or profile.window_mm)
+        self.refine_radius_mm = profile.refine_radius_mm if refine_radius_mm is None else float(refine_radius_mm)
         self.version = version
         self._pre = inference_transforms(profile.spatial_size)
         self._token = object()  # identifies this predictor's cached automatic passes
@@ -149,8 +151,6 @@ class Predictor:
             refine = rf.trained_with_windows(config, loaded.profile)
         return cls(loaded.model, loaded.profile, device=device, amp=amp, sigma=sigma, click_radius=click_radius,
                    version=loaded.version, refine=refine, window_mm=config.get("window_mm"))
-
-    # ----------------------------------------------------------------- stages
 
     def preprocess(self, image: np.ndarray, affine: np.ndarray) -> Prepared:
         """Original array + affine -> network-grid tensor and the geometry needed to go back.
@@ -303,7 +303,9 @@ class Predictor:
             self.window_forwards += len(todo)
             for row, (b, key, window, guidance) in enumerate(todo):
                 logit = (logits[row, 1] - logits[row, 0]).to(torch.float16)
-                self._cache_window(prepared[b], key, WindowAnswer(window=window, logit=logit, sign=rf.click_sign(guidance)))
+                answer = WindowAnswer(window=window, logit=logit, sign=rf.click_sign(guidance),
+                                      clicks=tuple(q for points in guidance.values() for q in points))
+                self._cache_window(prepared[b], key, answer)
         for b, key, _, _ in wanted:
             out[b].append(prepared[b].windows[key])
         return out
@@ -339,12 +341,13 @@ class Predictor:
             # The whole-scan logit (two channels: log p1 - log p0, the same quantity).
             glogit = (torch.log(p[1].clamp_min(LOGIT_EPS)) - torch.log(p[0].clamp_min(LOGIT_EPS)) if len(p) == 2
                       else torch.logit(spleen.clamp(LOGIT_EPS, 1 - LOGIT_EPS)))
-            answers = [(w.window, w.logit, w.sign) for w in windows]
-            for box, crop in rf.blend_into(glogit, answers, prepared.ras_shape, tuple(prepared.fine.shape)):
+            fine, grid = tuple(prepared.fine.shape), self.profile.spatial_size
+            answers = [(w.window, w.logit, w.sign, rf.window_to_scan(w.clicks, w.window, grid, prepared.ras_shape, fine))
+                       for w in windows]
+            for box, crop in rf.blend_into(glogit, answers, prepared.ras_shape, fine, tuple(rf.ras_spacing(prepared.orig_affine)),
+                                           self.refine_radius_mm):
                 place_ras(mask, crop, box, prepared)
         return mask
-
-    # ----------------------------------------------------------------- one call
 
     def predict_prepared(self, prepared: Prepared, clicks: Any = None) -> Prediction:
         t0 = time.perf_counter()

@@ -51,6 +51,8 @@ class Profile:
             refine clicks at inference. 0 for `bundle`: the model zoo's behaviour.
         window_mm: a refinement window's extent at its finest, on every axis: the grid over it gives
             the window spacing (cpu: 128 mm over 64x64x32 = 2x2x4 mm).
+        refine_radius_mm: click locality of refinement windows, in mm: a window changes the mask only
+            near its clicks (Gaussian of this width, plus the flipped pieces that hold a click); 0: off.
     """
 
     name: str
@@ -70,6 +72,7 @@ class Profile:
     second_click_voxels: int = 0
     window_prob: float = 0.0
     window_mm: float = 128.0
+    refine_radius_mm: float = 0.0
 
     def __post_init__(self) -> None:
         # DynUNet strides (1,2,2,2,2,(2,2,1)) downsample x and y by 32 and z by 16.

@@ -249,27 +249,63 @@ def click_sign(guidance: Mapping[str, list]) -> int:
     return 0 if spleen == background else (1 if spleen else -1)
 
 
-def blend_into(global_logit: torch.Tensor, answers: Sequence[tuple[Window, torch.Tensor, int]], ras_shape: Sequence[int],
-               fine: Sequence[int]) -> list[tuple[tuple[slice, slice, slice], np.ndarray]]:
+def window_to_scan(points: Sequence[Sequence[int]], window: Window, grid: Sequence[int], ras_shape: Sequence[int],
+                   fine: Sequence[int]) -> np.ndarray:
+    """Window grid voxels -> continuous RAS scan indices of their centres (the inverse of `to_window`)."""
+    g = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    f = np.asarray(window.lo) + (g + 0.5) * np.asarray(window.size) / np.asarray(grid) - 0.5
+    return (f + 0.5) * np.asarray(ras_shape) / np.asarray(fine) - 0.5
+
+
+def near_clicks(box: Sequence[slice], clicks: np.ndarray, spacing: Sequence[float], radius_mm: float,
+                changed: np.ndarray) -> torch.Tensor:
+    """Where a window may change the mask: exp(-d^2 / 2 r^2) with d the distance in mm to the nearest
+    click, and 1 on each connected piece of `changed` (the voxels the window flips) that holds a click,
+    so a click in a missed spleen or a false-positive blob takes all of it (click locality, in mm)."""
+    from scipy import ndimage
+
+    weight = torch.zeros(tuple(b.stop - b.start for b in box))
+    for c in clicks:
+        parts = [torch.exp(-(((torch.arange(b.start, b.stop, dtype=torch.float64) - v) * s) ** 2) / (2 * radius_mm**2)).float()
+                 for b, v, s in zip(box, c, spacing)]
+        weight = torch.maximum(weight, parts[0][:, None, None] * parts[1][None, :, None] * parts[2][None, None, :])
+    if changed.any():
+        pieces, _ = ndimage.label(changed, structure=np.ones((3, 3, 3), bool))
+        inside = [tuple(int(round(v)) - b.start for v, b in zip(c, box)) for c in clicks]
+        hit = {int(pieces[i]) for i in inside if all(0 <= x < n for x, n in zip(i, pieces.shape))} - {0}
+        if hit:
+            weight[torch.from_numpy(np.isin(pieces, sorted(hit)))] = 1.0
+    return weight
+
+
+def blend_into(global_logit: torch.Tensor, answers: Sequence[tuple[Window, torch.Tensor, int, np.ndarray]],
+               ras_shape: Sequence[int], fine: Sequence[int], spacing: Sequence[float] = (1.0, 1.0, 1.0),
+               radius_mm: float = 0.0) -> list[tuple[tuple[slice, slice, slice], np.ndarray]]:
     """The refined mask inside the windows: a list of (RAS box, uint8 mask of the box).
 
     Per box voxel, starting from the whole-scan probability, each window in turn (the clusters'
     order) sets p = w sigmoid(window) + (1 - w) p, each logit interpolated trilinearly to the scan
     voxel centres, w = `taper`; spleen where p > 0.5. A window with a `click_sign` only raises (+1) or
-    only lowers (-1) p. Overlapping windows are blended on the union of their boxes, so the later one's
-    ramp fades into the earlier one's answer.
+    only lowers (-1) p. With `radius_mm` > 0 a window changes p only near its clicks (`near_clicks`: the
+    answer's 4th item, RAS scan indices; `spacing`: the scan's voxel size in RAS order). Overlapping
+    windows are blended on the union of their boxes, so the later one's ramp fades into the earlier one's.
     """
-    found = [(w, logit, sign, box) for w, logit, sign in answers if (box := scan_box(w, ras_shape, fine)) is not None]
+    found = [(w, logit, sign, box, pts) for w, logit, sign, pts in answers
+             if (box := scan_box(w, ras_shape, fine)) is not None]
     out = []
     for group in _groups([f[3] for f in found]):
         union = _union([found[k][3] for k in group])
         p = torch.sigmoid(sample(global_logit, union, ras_shape, fine, None))
         for k in group:
-            window, logit, sign, box = found[k]
+            window, logit, sign, box, points = found[k]
             sub = tuple(slice(b.start - u.start, b.stop - u.start) for b, u in zip(box, union))
             w = taper(box, ras_shape, fine, window, tuple(logit.shape))
             new = w * torch.sigmoid(sample(logit, box, ras_shape, fine, window)) + (1 - w) * p[sub]
-            p[sub] = torch.maximum(new, p[sub]) if sign > 0 else torch.minimum(new, p[sub]) if sign < 0 else new
+            new = torch.maximum(new, p[sub]) if sign > 0 else torch.minimum(new, p[sub]) if sign < 0 else new
+            if radius_mm > 0:
+                near = near_clicks(box, points, spacing, radius_mm, ((new > 0.5) != (p[sub] > 0.5)).numpy())
+                new = near * new + (1 - near) * p[sub]
+            p[sub] = new
         out.append((union, (p > 0.5).numpy().astype(np.uint8)))
     return out
 
@@ -293,91 +329,3 @@ def fine_volume(windowed, window_spacing_mm: Sequence[float], mode: str = "area"
     oriented = mt.Orientation(axcodes="RAS", labels=RAS_LABELS)(resized)
     out = oriented.as_tensor() if hasattr(oriented, "as_tensor") else torch.as_tensor(oriented)
     return (out[0].float() * FINE_LEVELS).round_().clamp_(0, FINE_LEVELS).to(torch.uint8).contiguous()
-
-
-# ----------------------------------------------------------------------------- training windows
-
-FINE_IMAGE, FINE_LABEL, WINDOW = "fine_image", "fine_label", "window"
-#: Training windows are drawn at 1 to this many times the finest window (inference: as the clicks need).
-MAX_TRAIN_SCALE = 1.6
-
-
-class FineVolumed:
-    """Cache step: the windowed image and its label as fine volumes (`fine_volume`) under FINE_IMAGE /
-    FINE_LABEL (soft fractions), before the grid resize. Runs on channel-first MetaTensors."""
-
-    def __init__(self, window_spacing_mm: Sequence[float], image_key: str = "image", label_key: str = "label"):
-        self.spacing = tuple(float(s) for s in window_spacing_mm)
-        self.image_key, self.label_key = image_key, label_key
-
-    def __call__(self, data):
-        d = dict(data)
-        d[FINE_IMAGE] = fine_volume(d[self.image_key], self.spacing)
-        label = d[self.label_key]
-        d[FINE_LABEL] = fine_volume(label.float() if hasattr(label, "float") else label, self.spacing)
-        return d
-
-
-def _window_centre(label: np.ndarray, size: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Where a training window is centred (fine continuous coordinates), as a user's clicks would put it:
-    half on the spleen's surface (most errors), a quarter inside it, a quarter anywhere within half a
-    window of it (false positives next to it); any voxel without spleen."""
-    from scipy import ndimage
-
-    spleen = label >= FINE_LEVELS // 2 + 1 if label.dtype == np.uint8 else label >= 0.5
-    if not spleen.any():
-        return rng.uniform(0, 1, 3) * np.asarray(label.shape)
-    u = rng.random()
-    region = spleen & ~ndimage.binary_erosion(spleen) if u < 0.5 else spleen
-    points = np.argwhere(region if region.any() else spleen)
-    centre = points[rng.integers(len(points))] + rng.uniform(0, 1, 3)
-    if u >= 0.75:
-        centre = centre + rng.uniform(-0.5, 0.5, 3) * size
-    return centre
-
-
-def draw_window(label: np.ndarray, grid: Sequence[int], rng: np.random.Generator) -> Window:
-    """A training window of a fine label volume: scale log-uniform in [1, MAX_TRAIN_SCALE], centred by
-    `_window_centre`, jittered by up to an eighth of the window."""
-    grid_arr = np.asarray(grid, dtype=np.float64)
-    scale = math.exp(rng.uniform(0.0, math.log(MAX_TRAIN_SCALE)))
-    size = np.ceil(grid_arr * scale).astype(int)
-    centre = _window_centre(label, size, rng) + rng.uniform(-0.125, 0.125, 3) * size
-    lo = np.floor(centre - size / 2 + 0.5).astype(int)
-    return Window(lo=tuple(int(v) for v in lo), size=tuple(int(v) for v in size))  # type: ignore[arg-type]
-
-
-def window_item(fine_image: torch.Tensor, fine_label: torch.Tensor, window: Window, grid: Sequence[int],
-                soft_label: bool) -> dict[str, torch.Tensor]:
-    """A training item (image, label, body at the grid) cut from the fine volumes by `window`."""
-    from .clicks import body_mask
-
-    image = crop(fine_image, window, grid)
-    label = crop(fine_label, window, grid)
-    label = label.to(torch.float16) if soft_label else (label >= 0.5).to(torch.uint8)
-    body = torch.from_numpy(body_mask(image[0].numpy())[None].astype(np.uint8))
-    return {"image": image, "label": label, "body": body}
-
-
-class RandWindowd(mt.RandomizableTransform):
-    """With probability `prob`, replace a cached whole-scan item by a refinement window of its fine
-    volumes (`draw_window`); always drops the fine volumes (their shapes differ per case) and sets
-    WINDOW (1 for a window), so training can give every window clicks."""
-
-    def __init__(self, prob: float, grid: Sequence[int], soft_label: bool):
-        super().__init__(prob)
-        self.grid, self.soft_label = tuple(int(g) for g in grid), soft_label
-
-    def __call__(self, data):
-        d = dict(data)
-        fine_image, fine_label = d.pop(FINE_IMAGE, None), d.pop(FINE_LABEL, None)
-        self.randomize(None)
-        d[WINDOW] = torch.tensor(0, dtype=torch.uint8)
-        if not self._do_transform or fine_image is None or fine_label is None:
-            return d
-        # MONAI's stream is a legacy RandomState; a Generator seeded from it keeps the draw reproducible.
-        rng = np.random.default_rng(int(self.R.randint(2**31)))
-        window = draw_window(fine_label.numpy(), self.grid, rng)
-        d.update(window_item(fine_image, fine_label, window, self.grid, self.soft_label))
-        d[WINDOW] = torch.tensor(1, dtype=torch.uint8)
-        return d

@@ -267,7 +267,8 @@ def cache_transforms(cfg: TrainConfig, fine: bool = False) -> mt.Compose:
     soft = cfg.label_resize_mode == "area"
     to_grid = preprocess_transforms(cfg.spatial_size, keys, cfg.label_resize_mode)
     if fine:  # after the windowing, before the grid resize
-        from .refine import FineVolumed, window_spacing
+        from .refine import window_spacing
+        from .window_sampling import FineVolumed
 
         to_grid.insert(1, FineVolumed(window_spacing(cfg.spatial_size, cfg.window_extent_mm)))
     return mt.Compose(
@@ -289,7 +290,7 @@ def label_mask(label: torch.Tensor) -> torch.Tensor:
 
 def augment_transforms(cfg: TrainConfig) -> mt.Compose:
     """Random augmentation applied to cached network-resolution items (training only)."""
-    from .refine import RandWindowd
+    from .window_sampling import RandWindowd
 
     keys = [IMAGE, LABEL, BODY]
     soft = cfg.label_resize_mode == "area"
