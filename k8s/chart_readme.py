@@ -43,7 +43,7 @@ def annotate(values_text: str, section: str = "Values") -> str:
             path = ".".join([k for _, k in stack] + [match["key"]])
             previous = lines[i - 1].strip() if i else ""
             if previous.startswith("# --"):
-                out.append(f"{match['indent']}## @param {path}{_modifier(line, lines[i + 1:])} {previous[4:].strip()}")
+                out.append(f"{match['indent']}## @param {path}{_modifier(line, lines[i + 1 :])} {previous[4:].strip()}")
             stack.append((indent, match["key"]))
         out.append(line)
     return "\n".join(out) + "\n"
@@ -54,7 +54,9 @@ def _modifier(line: str, rest: list[str]) -> str:
     if line.split(":", 1)[1].split("#", 1)[0].strip():
         return ""  # an inline value: a leaf
     following = next((n for n in rest if n.strip() and not n.strip().startswith("#")), "")
-    if len(following) - len(following.lstrip()) <= len(line) - len(line.lstrip()) and not following.lstrip().startswith("-"):
+    if len(following) - len(following.lstrip()) <= len(line) - len(line.lstrip()) and not following.lstrip().startswith(
+        "-"
+    ):
         return ""
     return " [array]" if following.lstrip().startswith("-") else " [object]"
 
@@ -70,10 +72,13 @@ def render_readme(chart: Path, command: list[str]) -> str:
         values, readme = Path(tmp, "values.yaml"), Path(tmp, "README.md")
         values.write_text(annotate((chart / "values.yaml").read_text()))
         readme.write_text((chart / "README.md").read_text())
-        done = subprocess.run([*command, "--values", str(values), "--readme", str(readme)],
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [*command, "--values", str(values), "--readme", str(readme)], capture_output=True, text=True, timeout=120
+        )
         if done.returncode != 0:
-            raise RuntimeError(f"{GENERATOR_PACKAGE} failed on {chart.name}: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+            raise RuntimeError(
+                f"{GENERATOR_PACKAGE} failed on {chart.name}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+            )
         return readme.read_text()
 
 
@@ -83,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = generator()
     if command is None:
-        print(f"error: no readme generator: npm install -g {GENERATOR_PACKAGE}, or set README_GENERATOR", file=sys.stderr)
+        print(
+            f"error: no readme generator: npm install -g {GENERATOR_PACKAGE}, or set README_GENERATOR", file=sys.stderr
+        )
         return 2
     stale = []
     for chart in sorted(p for p in CHARTS.iterdir() if (p / "Chart.yaml").is_file()):

@@ -28,12 +28,16 @@ def get_object(api, kind: str, name: str, namespace: str) -> dict:
 
     plural = {"rayjob": "rayjobs", "rayservice": "rayservices"}[kind]
     try:
-        return retrying(lambda: custom_objects(api).get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, plural, name))
+        return retrying(
+            lambda: custom_objects(api).get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, plural, name)
+        )
     except ApiException as exc:
         raise api_error(exc, f"{kind} {namespace}/{name}") from None
 
 
-def port_forward_command(namespace: str, cluster: str, local_port: int, kubeconfig: str | None, context: str | None) -> list[str]:
+def port_forward_command(
+    namespace: str, cluster: str, local_port: int, kubeconfig: str | None, context: str | None
+) -> list[str]:
     cmd = ["kubectl", "port-forward", "-n", namespace, f"svc/{cluster}-head-svc", f"{local_port}:{DASHBOARD_PORT}"]
     if kubeconfig:
         cmd += ["--kubeconfig", kubeconfig]
@@ -42,13 +46,25 @@ def port_forward_command(namespace: str, cluster: str, local_port: int, kubeconf
     return cmd
 
 
-def open_dashboard(api, kind: str, name: str, namespace: str, *, local_port: int, kubeconfig: str | None = None,
-                   context: str | None = None, show_token: bool = False, run: bool = True) -> int:
+def open_dashboard(
+    api,
+    kind: str,
+    name: str,
+    namespace: str,
+    *,
+    local_port: int,
+    kubeconfig: str | None = None,
+    context: str | None = None,
+    show_token: bool = False,
+    run: bool = True,
+) -> int:
     """Print how to reach the dashboard (URL, token) and run the port-forward (`run`)."""
     obj = get_object(api, kind, name, namespace)
     cluster = cluster_of(obj)
     if not cluster:
-        raise K8sError(f"{kind} {namespace}/{name} has no Ray cluster yet (or any more): check `spleen-deepedit k8s status {name}`")
+        raise K8sError(
+            f"{kind} {namespace}/{name} has no Ray cluster yet (or any more): check `spleen-deepedit k8s status {name}`"
+        )
     obj.setdefault("status", {}).setdefault("rayClusterName", cluster)
     token = ray_token(api, obj)
     cmd = port_forward_command(namespace, cluster, local_port, kubeconfig, context)

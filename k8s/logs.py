@@ -52,8 +52,15 @@ def read_logs(api, obj: dict) -> str:
         token = ray_token(api, obj)
         headers = {"x-ray-authorization": f"Bearer {token}"} if token else {}
         try:
-            response = api.call_api(path, "GET", header_params=headers, auth_settings=["BearerToken"], _preload_content=False,
-                                    _return_http_data_only=True, _request_timeout=15)
+            response = api.call_api(
+                path,
+                "GET",
+                header_params=headers,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _return_http_data_only=True,
+                _request_timeout=15,
+            )
             return json.loads(response.data).get("logs", "")
         except (ApiException, ValueError, OSError):
             pass  # cluster gone or dashboard not up yet: try the submitter pod
@@ -66,16 +73,24 @@ def read_logs(api, obj: dict) -> str:
     for pod in reversed(pods):
         try:
             # Raw bytes: the client's str deserialisation of a log returns the bytes' repr.
-            response = core.read_namespaced_pod_log(pod.metadata.name, namespace, _preload_content=False,
-                                                    _request_timeout=15)
+            response = core.read_namespaced_pod_log(
+                pod.metadata.name, namespace, _preload_content=False, _request_timeout=15
+            )
             return response.data.decode("utf-8", errors="replace")
         except ApiException:
             continue
     return ""
 
 
-def follow_logs(api, name: str, namespace: str, *, interval_s: float = 10.0, tail: int | None = None,
-                out: Callable[[str], None] = print) -> JobStatus:
+def follow_logs(
+    api,
+    name: str,
+    namespace: str,
+    *,
+    interval_s: float = 10.0,
+    tail: int | None = None,
+    out: Callable[[str], None] = print,
+) -> JobStatus:
     """`logs -f`: print the driver log, then what is new at each read, until the job is terminal.
 
     A log that got shorter is a new attempt (a RayJob retry on a new cluster): it is printed from its

@@ -38,14 +38,25 @@ def object_path(api_version: str, plural: str, namespace: str, name: str | None 
     return f"{base}/namespaces/{namespace}/{plural}" + (f"/{name}" if name else "")
 
 
-def _call(api, path: str, method: str, *, body: Any = None, query: list | None = None,
-          content_type: str | None = None) -> Any:
+def _call(
+    api, path: str, method: str, *, body: Any = None, query: list | None = None, content_type: str | None = None
+) -> Any:
     headers = {"Accept": "application/json"}
     if content_type:
         headers["Content-Type"] = content_type
-    response = retrying(lambda: api.call_api(path, method, query_params=query or [], header_params=headers, body=body,
-                                             auth_settings=["BearerToken"], _preload_content=False,
-                                             _return_http_data_only=True, _request_timeout=30))
+    response = retrying(
+        lambda: api.call_api(
+            path,
+            method,
+            query_params=query or [],
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _return_http_data_only=True,
+            _request_timeout=30,
+        )
+    )
     return json.loads(response.data or b"{}")
 
 
@@ -73,11 +84,15 @@ def apply_objects(api, objects: list[dict], namespace: str, *, dry_run: bool = F
         if obj["kind"] == "RayJob":
             obj = {**obj, "spec": {**obj["spec"], "suspend": False}}
         what = f"{obj['kind']}/{obj['metadata']['name']}"
-        path = object_path(obj["apiVersion"], KINDS[(obj["apiVersion"], obj["kind"])], namespace, obj["metadata"]["name"])
+        path = object_path(
+            obj["apiVersion"], KINDS[(obj["apiVersion"], obj["kind"])], namespace, obj["metadata"]["name"]
+        )
         try:
             _call(api, path, "PATCH", body=obj, query=query, content_type="application/apply-patch+yaml")
         except ApiException as exc:
-            raise api_error(exc, f"applying {what}" + (f" (applied so far: {', '.join(applied)})" if applied else "")) from None
+            raise api_error(
+                exc, f"applying {what}" + (f" (applied so far: {', '.join(applied)})" if applied else "")
+            ) from None
         applied.append(what)
     return applied
 
@@ -90,8 +105,12 @@ def release_objects(api, release: str, namespace: str) -> list[tuple[str, str, s
     found = []
     for (api_version, _kind), plural in reversed(KINDS.items()):
         try:
-            listing = _call(api, object_path(api_version, plural, namespace), "GET",
-                            query=[("labelSelector", f"{RELEASE_LABEL}={release}")])
+            listing = _call(
+                api,
+                object_path(api_version, plural, namespace),
+                "GET",
+                query=[("labelSelector", f"{RELEASE_LABEL}={release}")],
+            )
         except ApiException as exc:
             if exc.status == 404:
                 continue
@@ -108,8 +127,12 @@ def delete_release(api, release: str, namespace: str) -> list[str]:
     deleted = []
     for api_version, plural, name in release_objects(api, release, namespace):
         try:
-            _call(api, object_path(api_version, plural, namespace, name), "DELETE",
-                  body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"})
+            _call(
+                api,
+                object_path(api_version, plural, namespace, name),
+                "DELETE",
+                body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"},
+            )
         except ApiException as exc:
             if exc.status != 404:  # gone meanwhile: fine
                 raise api_error(exc, f"deleting {plural}/{name}") from None
@@ -117,7 +140,9 @@ def delete_release(api, release: str, namespace: str) -> list[str]:
     return deleted
 
 
-def replace_finished_rayjob(api, obj: dict, namespace: str, *, timeout_s: float = 120.0, interval_s: float = 1.0) -> str | None:
+def replace_finished_rayjob(
+    api, obj: dict, namespace: str, *, timeout_s: float = 120.0, interval_s: float = 1.0
+) -> str | None:
     """A RayJob of the same name that has finished (Complete/Failed) ignores a new spec: delete it (its
     run stays in storage) and wait until it is gone, so the apply creates a fresh one that resumes.
     A running one is left alone with an error; a suspended one is resumed by the apply itself."""
@@ -137,8 +162,10 @@ def replace_finished_rayjob(api, obj: dict, namespace: str, *, timeout_s: float 
     if phase == "Suspended" or current.get("spec", {}).get("suspend"):
         return None
     if phase not in TERMINAL_PHASES:
-        raise K8sError(f"RayJob {namespace}/{name} is {phase}: cancel it first (spleen-deepedit k8s cancel {name} "
-                       f"-n {namespace}), then submit again to resume")
+        raise K8sError(
+            f"RayJob {namespace}/{name} is {phase}: cancel it first (spleen-deepedit k8s cancel {name} "
+            f"-n {namespace}), then submit again to resume"
+        )
     _call(api, path, "DELETE", body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Foreground"})
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -149,4 +176,6 @@ def replace_finished_rayjob(api, obj: dict, namespace: str, *, timeout_s: float 
                 return phase
             raise api_error(exc, f"RayJob {namespace}/{name}") from None
         time.sleep(interval_s)
-    raise K8sError(f"the finished RayJob {namespace}/{name} is still being deleted after {timeout_s:.0f}s: submit again later")
+    raise K8sError(
+        f"the finished RayJob {namespace}/{name} is still being deleted after {timeout_s:.0f}s: submit again later"
+    )

@@ -17,7 +17,9 @@ def _reason(pod, events: list) -> str:
         waiting = status.state.waiting if status.state else None
         if waiting and waiting.reason not in (None, "ContainerCreating", "PodInitializing"):
             return f"{waiting.reason} {waiting.message or ''}".strip()
-    mine = [e for e in events if e.involved_object and e.involved_object.name == pod.metadata.name and e.type == "Warning"]
+    mine = [
+        e for e in events if e.involved_object and e.involved_object.name == pod.metadata.name and e.type == "Warning"
+    ]
     if mine:
         last = max(mine, key=lambda e: str(e.last_timestamp or e.event_time or e.metadata.creation_timestamp or ""))
         return f"{last.reason} {last.message or ''}".strip()
@@ -34,7 +36,9 @@ def pending_pods(api, namespace: str, *, cluster: str | None, job: str) -> list[
         if "{cluster}" in selector and not cluster:
             continue
         label = selector.format(cluster=cluster, job=job)
-        for pod in retrying(partial(core.list_namespaced_pod, namespace, label_selector=label, _request_timeout=15)).items:
+        for pod in retrying(
+            partial(core.list_namespaced_pod, namespace, label_selector=label, _request_timeout=15)
+        ).items:
             if pod.metadata.name not in seen and (pod.status.phase or "Pending") == "Pending":
                 seen.add(pod.metadata.name)
                 pods.append(pod)

@@ -69,9 +69,11 @@ def api_error(exc: Exception, what: str) -> K8sError:
         message = json.loads(getattr(exc, "body", "") or "{}").get("message", "")
     except (ValueError, AttributeError):
         message = ""
-    hint = {404: " (not found: check the name and --namespace)",
-            409: " (already exists: pick another release name or delete the old one)",
-            403: " (forbidden: your account lacks RBAC permission)"}.get(status or 0, "")
+    hint = {
+        404: " (not found: check the name and --namespace)",
+        409: " (already exists: pick another release name or delete the old one)",
+        403: " (forbidden: your account lacks RBAC permission)",
+    }.get(status or 0, "")
     return K8sError(f"{what}: HTTP {status} {message or getattr(exc, 'reason', '')}{hint}".rstrip(), status)
 
 
@@ -87,8 +89,9 @@ def get_rayjob(api, name: str, namespace: str) -> dict:
     from .retry import retrying
 
     try:
-        return retrying(lambda: custom_objects(api).get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace,
-                                                                                 "rayjobs", name))
+        return retrying(
+            lambda: custom_objects(api).get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayjobs", name)
+        )
     except ApiException as exc:
         raise api_error(exc, f"RayJob {namespace}/{name}") from None
 
@@ -107,7 +110,9 @@ def render_chart(chart: str, values_files: Iterable[str], *, release: str, names
     try:
         import helm_python
     except ImportError:
-        raise K8sError("rendering a chart needs helm-python-sdk: pip install 'spleen-deepedit[k8s]', or pass --manifest") from None
+        raise K8sError(
+            "rendering a chart needs helm-python-sdk: pip install 'spleen-deepedit[k8s]', or pass --manifest"
+        ) from None
     values: dict = {}
     for path in values_files:
         values = _deep_merge(values, yaml.safe_load(Path(path).read_text()) or {})
@@ -115,8 +120,13 @@ def render_chart(chart: str, values_files: Iterable[str], *, release: str, names
         rendered = helm_python.Chart.load(chart).render(values, name=release, namespace=namespace, is_install=True)
     except helm_python.HelmError as exc:
         raise K8sError(f"chart {chart}: {exc}") from None
-    return [doc for path, text in rendered.items() if not path.endswith("NOTES.txt")
-            for doc in yaml.safe_load_all(text) if doc]
+    return [
+        doc
+        for path, text in rendered.items()
+        if not path.endswith("NOTES.txt")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
 
 
 def _deep_merge(base: dict, override: dict) -> dict:
@@ -186,9 +196,15 @@ def job_status(obj: dict) -> JobStatus:
     done = int(status.get("failed") or 0) + int(status.get("succeeded") or 0)
     attempt = done if phase in TERMINAL_PHASES else done + (phase != "New")
     return JobStatus(
-        name=obj["metadata"]["name"], phase=phase, job_status=status.get("jobStatus"), reason=status.get("reason"),
-        message=status.get("message"), cluster=status.get("rayClusterName"), job_id=status.get("jobId"),
-        attempt=max(attempt, 0), max_attempts=int(spec.get("backoffLimit") or 0) + 1,
+        name=obj["metadata"]["name"],
+        phase=phase,
+        job_status=status.get("jobStatus"),
+        reason=status.get("reason"),
+        message=status.get("message"),
+        cluster=status.get("rayClusterName"),
+        job_id=status.get("jobId"),
+        attempt=max(attempt, 0),
+        max_attempts=int(spec.get("backoffLimit") or 0) + 1,
         resource_version=obj["metadata"].get("resourceVersion"),
     )
 
@@ -215,8 +231,15 @@ def get_status(api, name: str, namespace: str, *, progress: bool = True, pods: b
     return status
 
 
-def follow(api, name: str, namespace: str, *, interval_s: float = 10.0, timeout_s: float | None = None,
-           out: Callable[[str], None] = print) -> JobStatus:
+def follow(
+    api,
+    name: str,
+    namespace: str,
+    *,
+    interval_s: float = 10.0,
+    timeout_s: float | None = None,
+    out: Callable[[str], None] = print,
+) -> JobStatus:
     """Print a line each time the job's phase, attempt, epoch or Dice changes; return at a terminal phase.
 
     Between reads it watches the RayJob (k8s/watch.py): an operator update wakes it at once, the log
@@ -274,11 +297,19 @@ def cancel(api, name: str, namespace: str, *, delete: bool = False) -> str:
     if job_status(obj).terminal:
         return f"RayJob {namespace}/{name} already {job_status(obj).phase}: nothing to cancel"
     if not obj["spec"].get("shutdownAfterJobFinishes"):
-        raise K8sError(f"RayJob {namespace}/{name} has shutdownAfterJobFinishes false, which KubeRay cannot "
-                       "suspend: use --delete")
+        raise K8sError(
+            f"RayJob {namespace}/{name} has shutdownAfterJobFinishes false, which KubeRay cannot suspend: use --delete"
+        )
     try:
-        custom.patch_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayjobs", name,
-                                              {"spec": {"suspend": True}}, _content_type="application/merge-patch+json")
+        custom.patch_namespaced_custom_object(
+            RAY_GROUP,
+            RAY_VERSION,
+            namespace,
+            "rayjobs",
+            name,
+            {"spec": {"suspend": True}},
+            _content_type="application/merge-patch+json",
+        )
     except ApiException as exc:
         raise api_error(exc, f"suspending RayJob {namespace}/{name}") from None
     return f"suspended RayJob {namespace}/{name}: its Ray cluster is being deleted; checkpoints stay in storage"
@@ -296,13 +327,22 @@ def list_jobs_and_services(api, namespace: str) -> list[dict[str, str]]:
     rows = []
     for plural, kind in (("rayjobs", "RayJob"), ("rayservices", "RayService")):
         try:
-            listing = retrying(partial(custom_objects(api).list_namespaced_custom_object, RAY_GROUP, RAY_VERSION, namespace, plural))
+            listing = retrying(
+                partial(custom_objects(api).list_namespaced_custom_object, RAY_GROUP, RAY_VERSION, namespace, plural)
+            )
         except ApiException as exc:
             raise api_error(exc, f"listing {plural} in {namespace}") from None
         for obj in listing.get("items", []):
             status = obj.get("status") or {}
             phase = status.get("jobDeploymentStatus") if kind == "RayJob" else status.get("serviceStatus")
             detail = status.get("jobStatus") or ""
-            rows.append({"kind": kind, "name": obj["metadata"]["name"], "phase": phase or "New", "detail": detail,
-                         "release": (obj["metadata"].get("labels") or {}).get("app.kubernetes.io/instance", "")})
+            rows.append(
+                {
+                    "kind": kind,
+                    "name": obj["metadata"]["name"],
+                    "phase": phase or "New",
+                    "detail": detail,
+                    "release": (obj["metadata"].get("labels") or {}).get("app.kubernetes.io/instance", ""),
+                }
+            )
     return rows

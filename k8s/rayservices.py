@@ -38,7 +38,9 @@ def _application(config: dict, app: str | None) -> dict:
     if app is None:
         ours = [a for a in apps if any(d.get("name") == DEPLOYMENT for d in a.get("deployments") or [])]
         if len(ours) != 1:
-            raise K8sError(f"serveConfigV2 has {len(ours)} applications with a {DEPLOYMENT} deployment: pass --app NAME")
+            raise K8sError(
+                f"serveConfigV2 has {len(ours)} applications with a {DEPLOYMENT} deployment: pass --app NAME"
+            )
         return ours[0]
     for candidate in apps:
         if candidate.get("name") == app:
@@ -46,8 +48,9 @@ def _application(config: dict, app: str | None) -> dict:
     raise K8sError(f"serveConfigV2 has no application {app!r} (has: {', '.join(a.get('name', '?') for a in apps)})")
 
 
-def promoted_config(serve_config: str, checkpoint: str, *, app: str | None = None,
-                    profile: str | None = None) -> tuple[str, str | None]:
+def promoted_config(
+    serve_config: str, checkpoint: str, *, app: str | None = None, profile: str | None = None
+) -> tuple[str, str | None]:
     """The serveConfigV2 text with the new checkpoint in the deployment's user_config; and the old one.
 
     Only `user_config` changes: `args` (the application's code-level settings) stay as they are, so
@@ -109,8 +112,12 @@ def service_status(obj: dict, app: str | None = None) -> ServiceStatus:
     active = (status.get("activeServiceStatus") or {}).get("applicationStatuses") or {}
     try:
         application = _application(yaml.safe_load(obj["spec"]["serveConfigV2"]) or {}, app)
-        deployment: dict[str, Any] = next((d for d in application.get("deployments") or [] if d.get("name") == DEPLOYMENT), {})
-        checkpoint = (deployment.get("user_config") or {}).get("checkpoint") or (application.get("args") or {}).get("checkpoint")
+        deployment: dict[str, Any] = next(
+            (d for d in application.get("deployments") or [] if d.get("name") == DEPLOYMENT), {}
+        )
+        checkpoint = (deployment.get("user_config") or {}).get("checkpoint") or (application.get("args") or {}).get(
+            "checkpoint"
+        )
     except K8sError:
         checkpoint = None
     generation = obj["metadata"].get("generation")
@@ -129,8 +136,18 @@ def get_service_status(api, name: str, namespace: str, app: str | None = None) -
     return service_status(get_rayservice(api, name, namespace), app)
 
 
-def promote(api, name: str, namespace: str, checkpoint: str, *, app: str | None = None, profile: str | None = None,
-            wait: bool = False, timeout_s: float = 600.0, interval_s: float = 5.0) -> dict[str, Any]:
+def promote(
+    api,
+    name: str,
+    namespace: str,
+    checkpoint: str,
+    *,
+    app: str | None = None,
+    profile: str | None = None,
+    wait: bool = False,
+    timeout_s: float = 600.0,
+    interval_s: float = 5.0,
+) -> dict[str, Any]:
     """Serve `checkpoint` on RayService `name` without downtime; optionally wait until it is applied.
 
     Returns {"previous": old checkpoint, "checkpoint": new, "status": ServiceStatus or None}.
@@ -141,11 +158,14 @@ def promote(api, name: str, namespace: str, checkpoint: str, *, app: str | None 
     patch = promote_patch(service, checkpoint, app=app, profile=profile)
     _, old = promoted_config(service["spec"]["serveConfigV2"], checkpoint, app=app, profile=profile)
     try:
-        custom_objects(api).patch_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, "rayservices", name, patch,
-                                                    _content_type="application/json-patch+json")
+        custom_objects(api).patch_namespaced_custom_object(
+            RAY_GROUP, RAY_VERSION, namespace, "rayservices", name, patch, _content_type="application/json-patch+json"
+        )
     except ApiException as exc:
         if exc.status == 422:
-            raise K8sError(f"RayService {namespace}/{name} changed while promoting (the patch's test failed): run promote again") from None
+            raise K8sError(
+                f"RayService {namespace}/{name} changed while promoting (the patch's test failed): run promote again"
+            ) from None
         raise api_error(exc, f"patching RayService {namespace}/{name}") from None
     result: dict[str, Any] = {"previous": old, "checkpoint": checkpoint, "status": None}
     if wait:
@@ -153,8 +173,9 @@ def promote(api, name: str, namespace: str, checkpoint: str, *, app: str | None 
     return result
 
 
-def wait_applied(api, name: str, namespace: str, *, app: str | None = None, timeout_s: float = 600.0,
-                 interval_s: float = 5.0) -> ServiceStatus:
+def wait_applied(
+    api, name: str, namespace: str, *, app: str | None = None, timeout_s: float = 600.0, interval_s: float = 5.0
+) -> ServiceStatus:
     """Poll until the operator has observed the latest spec and every application is RUNNING."""
     deadline = time.monotonic() + timeout_s
     while True:

@@ -25,8 +25,13 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (HTTPError, ConnectionError, TimeoutError))
 
 
-def retrying(call: Callable[[], T], *, attempts: int = ATTEMPTS, first_pause_s: float | None = None,
-             sleep: Callable[[float], None] = time.sleep) -> T:
+def retrying(
+    call: Callable[[], T],
+    *,
+    attempts: int = ATTEMPTS,
+    first_pause_s: float | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
     """`call()`, again after a pause while it fails transiently; the last error is raised as is."""
     pause = FIRST_PAUSE_S if first_pause_s is None else first_pause_s
     for attempt in range(1, attempts + 1):

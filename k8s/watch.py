@@ -25,13 +25,17 @@ def wait_for_change(api, name: str, namespace: str, resource_version: str | None
 
     started = time.monotonic()
     w = watch.Watch()
-    kwargs = {"field_selector": f"metadata.name={name}", "timeout_seconds": max(1, int(timeout_s)),
-              "_request_timeout": timeout_s + 10}
+    kwargs = {
+        "field_selector": f"metadata.name={name}",
+        "timeout_seconds": max(1, int(timeout_s)),
+        "_request_timeout": timeout_s + 10,
+    }
     if resource_version:
         kwargs["resource_version"] = resource_version
     try:
-        for event in w.stream(custom_objects(api).list_namespaced_custom_object, RAY_GROUP, RAY_VERSION, namespace,
-                              "rayjobs", **kwargs):
+        for event in w.stream(
+            custom_objects(api).list_namespaced_custom_object, RAY_GROUP, RAY_VERSION, namespace, "rayjobs", **kwargs
+        ):
             if event.get("type") in ("ADDED", "MODIFIED", "DELETED"):
                 w.stop()
                 return True

@@ -79,8 +79,13 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "annotate.json"))
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-annotate-"))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.cpus), "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "disabled"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": str(args.cpus),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+    }
     env.pop("RAY_ADDRESS", None)
     try:
         cohort, ckpt = make_cohort(work, args.cases, tuple(args.shape))
@@ -88,20 +93,66 @@ def main() -> int:
         py = [sys.executable, "-m", "trainer"]
 
         # Fixed cost of one `infer` process: interpreter, imports, checkpoint load (no scan).
-        startup = _run(_pinned([sys.executable, "-c", "import sys; sys.path.insert(0, '.');"
-                                "from trainer.predictor import Predictor; from trainer import dicom;"
-                                f"Predictor.from_checkpoint({str(ckpt)!r})"], args.cpus), env)
+        startup = _run(
+            _pinned(
+                [
+                    sys.executable,
+                    "-c",
+                    "import sys; sys.path.insert(0, '.');"
+                    "from trainer.predictor import Predictor; from trainer import dicom;"
+                    f"Predictor.from_checkpoint({str(ckpt)!r})",
+                ],
+                args.cpus,
+            ),
+            env,
+        )
         loop_out = work / "loop"
         t0 = time.perf_counter()
         per_call = []
         for src in sources:
-            per_call.append(_run(_pinned(py + ["infer", "--checkpoint", str(ckpt), "--image", str(src), "--device", "cpu",
-                                               "--output", str(loop_out / f"{src.name.split('.')[0]}.nii.gz")], args.cpus), env))
+            per_call.append(
+                _run(
+                    _pinned(
+                        py
+                        + [
+                            "infer",
+                            "--checkpoint",
+                            str(ckpt),
+                            "--image",
+                            str(src),
+                            "--device",
+                            "cpu",
+                            "--output",
+                            str(loop_out / f"{src.name.split('.')[0]}.nii.gz"),
+                        ],
+                        args.cpus,
+                    ),
+                    env,
+                )
+            )
         loop_s = time.perf_counter() - t0
 
         ann_out = work / "annotate"
-        ann_s = _run(_pinned(py + ["annotate", "--input", str(cohort), "--output", str(ann_out), "--checkpoint", str(ckpt),
-                                   "--num-cpus", str(args.cpus), "--batch-size", str(args.batch_size)], args.cpus), env)
+        ann_s = _run(
+            _pinned(
+                py
+                + [
+                    "annotate",
+                    "--input",
+                    str(cohort),
+                    "--output",
+                    str(ann_out),
+                    "--checkpoint",
+                    str(ckpt),
+                    "--num-cpus",
+                    str(args.cpus),
+                    "--batch-size",
+                    str(args.batch_size),
+                ],
+                args.cpus,
+            ),
+            env,
+        )
         import pandas as pd
 
         manifest = pd.read_parquet(ann_out / "manifest.parquet")
@@ -109,13 +160,24 @@ def main() -> int:
             raise SystemExit(f"annotate failed cases:\n{manifest[manifest.status != 'ok'][['case_id', 'error']]}")
         stages = {k: round(float(manifest[k].sum()), 2) for k in ("read_s", "preprocess_s", "forward_s", "write_s")}
         result = {
-            "cases": args.cases, "shape": list(args.shape), "cpus": args.cpus, "profile": "cpu",
-            "batch_size": args.batch_size, "load_average_at_start": os.getloadavg()[0],
-            "infer_loop": {"wall_s": round(loop_s, 1), "scans_per_min": round(60 * args.cases / loop_s, 2),
-                           "per_call_s": [round(x, 2) for x in per_call], "startup_only_s": round(startup, 2)},
-            "annotate": {"wall_s": round(ann_s, 1), "scans_per_min": round(60 * args.cases / ann_s, 2),
-                         "stage_seconds_summed": stages,
-                         "outside_stages_s": round(ann_s - sum(stages.values()), 1)},
+            "cases": args.cases,
+            "shape": list(args.shape),
+            "cpus": args.cpus,
+            "profile": "cpu",
+            "batch_size": args.batch_size,
+            "load_average_at_start": os.getloadavg()[0],
+            "infer_loop": {
+                "wall_s": round(loop_s, 1),
+                "scans_per_min": round(60 * args.cases / loop_s, 2),
+                "per_call_s": [round(x, 2) for x in per_call],
+                "startup_only_s": round(startup, 2),
+            },
+            "annotate": {
+                "wall_s": round(ann_s, 1),
+                "scans_per_min": round(60 * args.cases / ann_s, 2),
+                "stage_seconds_summed": stages,
+                "outside_stages_s": round(ann_s - sum(stages.values()), 1),
+            },
             "speedup": round(loop_s / ann_s, 2),
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -34,12 +34,22 @@ BEFORE_COMMIT = "d8af4db"
 
 
 def old_codecs():
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{BEFORE_COMMIT}:trainer/serve/codecs.py"],
-                         check=True, capture_output=True, text=True).stdout
+    src = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{BEFORE_COMMIT}:trainer/serve/codecs.py"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     mod = types.ModuleType("old_codecs")
     sys.modules["old_codecs"] = mod  # dataclasses look their module up
-    exec(compile(src.replace("from .errors import ApiError", "from trainer.serve.errors import ApiError"), "old_codecs", "exec"),
-         mod.__dict__)
+    exec(
+        compile(
+            src.replace("from .errors import ApiError", "from trainer.serve.errors import ApiError"),
+            "old_codecs",
+            "exec",
+        ),
+        mod.__dict__,
+    )
     return mod
 
 
@@ -112,37 +122,70 @@ def rows(quick: bool) -> list[dict]:
     bomb = hi.extension_records_bomb(n_before)
     row("extension records", f"{n_before} records, {len(bomb) // 1024} KiB upload", bomb, bomb)
     big = hi.extension_records_bomb(8_000_000)
-    out.append({"row": "extension records (issue size)", "size": f"8 M records, {len(big) // 1024} KiB upload",
-                "before": {"outcome": "not run", "note": "extrapolated: 16 us and 144 B per record -> ~130 s, >1 GiB"},
-                "after": measure(decode_nifti, big, new_limits)})
+    out.append(
+        {
+            "row": "extension records (issue size)",
+            "size": f"8 M records, {len(big) // 1024} KiB upload",
+            "before": {"outcome": "not run", "note": "extrapolated: 16 us and 144 B per record -> ~130 s, >1 GiB"},
+            "after": measure(decode_nifti, big, new_limits),
+        }
+    )
     print("extension records 8M after", out[-1]["after"], flush=True)
 
     small = hi.nifti_bytes(np.zeros((4, 4, 4), np.int16))
-    for n in ((10_000, 20_000) if quick else (20_000, 40_000, 80_000)):
+    for n in (10_000, 20_000) if quick else (20_000, 40_000, 80_000):
         data = hi.empty_members_bomb(n, small)
         row("gzip empty members", f"{n} members, {len(data) // 1024} KiB", data, data)
     data = hi.empty_members_bomb(640_000, small)
-    out.append({"row": "gzip empty members (issue size)", "size": f"640 k members, {len(data) // 2**20} MiB",
-                "before": {"outcome": "not run", "note": "quadratic: ~100 s (issue 15; 4x per doubling above)"},
-                "after": measure(decode_nifti, data, new_limits)})
+    out.append(
+        {
+            "row": "gzip empty members (issue size)",
+            "size": f"640 k members, {len(data) // 2**20} MiB",
+            "before": {"outcome": "not run", "note": "quadratic: ~100 s (issue 15; 4x per doubling above)"},
+            "after": measure(decode_nifti, data, new_limits),
+        }
+    )
     print("gzip 640k after", out[-1]["after"], flush=True)
 
     scaled = (128, 128, 128) if quick else (256, 256, 256)
     z = hi.declared_zeros_bomb(scaled)
-    row("declared float64 zeros (scaled)", f"{'x'.join(map(str, scaled))} float64, {len(z) // 1024} KiB upload", z, z,
-        note="inside every limit before and after: after, the replica's memory budget admits it (see work_bytes)")
+    row(
+        "declared float64 zeros (scaled)",
+        f"{'x'.join(map(str, scaled))} float64, {len(z) // 1024} KiB upload",
+        z,
+        z,
+        note="inside every limit before and after: after, the replica's memory budget admits it (see work_bytes)",
+    )
     if not quick:
         full = hi.declared_zeros_bomb()
-        out.append({"row": "declared float64 zeros (issue size)", "size": f"512x512x1024 float64, {len(full) // 2**20} MiB upload",
-                    "before": {"outcome": 200, "note": "not run here: ~5 GiB peak (2 GiB inflate + float64 + float32 copies)"},
-                    "after": measure(decode_nifti, full, new_limits)})
+        out.append(
+            {
+                "row": "declared float64 zeros (issue size)",
+                "size": f"512x512x1024 float64, {len(full) // 2**20} MiB upload",
+                "before": {
+                    "outcome": 200,
+                    "note": "not run here: ~5 GiB peak (2 GiB inflate + float64 + float32 copies)",
+                },
+                "after": measure(decode_nifti, full, new_limits),
+            }
+        )
         print("declared zeros full after", out[-1]["after"], flush=True)
 
     body = hi.many_clicks_body(200_000 if not quick else 50_000, shape=shape)
-    row("session clicks", f"{len(body) // 1024} KiB of clicks", body, body, old_clicks, new_clicks,
-        note="before: on the event loop, then every click looped over in the batch thread")
-    for name, payload in (("'[' x 100 000", b"[" * 100_000), ("'[' x 5 000", b"[" * 5000),
-                          ("5 000-digit coordinate", b'{"spleen": [[' + b"9" * 5000 + b", 1, 1]]}")):
+    row(
+        "session clicks",
+        f"{len(body) // 1024} KiB of clicks",
+        body,
+        body,
+        old_clicks,
+        new_clicks,
+        note="before: on the event loop, then every click looped over in the batch thread",
+    )
+    for name, payload in (
+        ("'[' x 100 000", b"[" * 100_000),
+        ("'[' x 5 000", b"[" * 5000),
+        ("5 000-digit coordinate", b'{"spleen": [[' + b"9" * 5000 + b", 1, 1]]}"),
+    ):
         row(f"clicks body {name}", f"{len(payload)} B", payload, payload, old_clicks, new_clicks)
     shear = hi.sheared_sform_nifti()
     row("sheared sform that drops an axis", f"{len(shear)} B", shear, shear, old_full, None)
@@ -150,15 +193,24 @@ def rows(quick: bool) -> list[dict]:
 
 
 def write(results: list[dict], path_json: Path, path_md: Path) -> None:
-    meta = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}",
-            "before": BEFORE_COMMIT, "after": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                                                              capture_output=True, text=True).stdout.strip()}
+    meta = {
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "before": BEFORE_COMMIT,
+        "after": subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
+    }
     path_json.write_text(json.dumps({"meta": meta, "rows": results}, indent=1) + "\n")
-    lines = ["# Hostile requests: cost before and after (issue 15)", "",
-             f"Measured by `scripts/bench_hostile.py` on {meta['machine']} (shared, noisy); before = {BEFORE_COMMIT}, after = "
-             f"{meta['after']} (+ uncommitted when run). Decoder and parsing in-process: seconds and peak traced allocation "
-             "(tracemalloc: Python objects and numpy buffers). Outcome = the HTTP status the route answers.", "",
-             "| request | size | before | after |", "|---|---|---|---|"]
+    lines = [
+        "# Hostile requests: cost before and after (issue 15)",
+        "",
+        f"Measured by `scripts/bench_hostile.py` on {meta['machine']} (shared, noisy); before = {BEFORE_COMMIT}, after = "
+        f"{meta['after']} (+ uncommitted when run). Decoder and parsing in-process: seconds and peak traced allocation "
+        "(tracemalloc: Python objects and numpy buffers). Outcome = the HTTP status the route answers.",
+        "",
+        "| request | size | before | after |",
+        "|---|---|---|---|",
+    ]
 
     def cell(m: dict) -> str:
         if "seconds" not in m:

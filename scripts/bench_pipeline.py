@@ -123,8 +123,13 @@ def bench_guidance(repeats: int) -> dict:
     t_ref, _ = _median_time(reference, repeats)
     t_ours, _ = _median_time(ours, repeats)
     max_abs = float(np.abs(np.asarray(reference())[1:] - ours()).max())
-    return {"reference_s": t_ref, "ours_s": t_ours, "speedup": t_ref / t_ours, "max_abs_diff": max_abs,
-            "clicks": sum(len(v) for v in clicks.values())}
+    return {
+        "reference_s": t_ref,
+        "ours_s": t_ours,
+        "speedup": t_ref / t_ours,
+        "max_abs_diff": max_abs,
+        "clicks": sum(len(v) for v in clicks.values()),
+    }
 
 
 # --------------------------------------------------------------------------- cache memory
@@ -157,20 +162,30 @@ def bench_cache_memory(n_cases: int, data_dir: Path) -> dict:
     items = _labelled_items(data_dir, n_cases)
     # The bundle's deterministic part (spec §2): everything before its first random transform is cached
     # at full resolution; the resize to 128^3 runs every iteration after the random flips/rotations.
-    bundle_chain = mt.Compose([
-        mt.LoadImaged(keys=["image", "label"], image_only=True),
-        mt.EnsureChannelFirstd(keys=["image", "label"]),
-        mt.Orientationd(keys=["image", "label"], axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        mt.ScaleIntensityRanged(keys="image", a_min=-175, a_max=250, b_min=0.0, b_max=1.0, clip=True),
-    ])
+    bundle_chain = mt.Compose(
+        [
+            mt.LoadImaged(keys=["image", "label"], image_only=True),
+            mt.EnsureChannelFirstd(keys=["image", "label"]),
+            mt.Orientationd(keys=["image", "label"], axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+            mt.ScaleIntensityRanged(keys="image", a_min=-175, a_max=250, b_min=0.0, b_max=1.0, clip=True),
+        ]
+    )
     ref = CacheDataset(items, transform=bundle_chain, cache_rate=1.0, num_workers=1, progress=False)
-    ours = CacheDataset(items, transform=cache_transforms(TrainConfig(profile="bundle")), cache_rate=1.0, num_workers=1, progress=False)
+    ours = CacheDataset(
+        items, transform=cache_transforms(TrainConfig(profile="bundle")), cache_rate=1.0, num_workers=1, progress=False
+    )
     ref_bytes = sum(_nbytes(x) for x in ref._cache)
     our_bytes = sum(_nbytes(x) for x in ours._cache)
     shapes = [list(np.asarray(x["image"]).shape[1:]) for x in ref._cache]
-    return {"cases": len(items), "shapes": shapes, "reference_bytes": ref_bytes, "ours_bytes": our_bytes,
-            "ratio": ref_bytes / our_bytes, "reference_mb_per_case": ref_bytes / len(items) / 2**20,
-            "ours_mb_per_case": our_bytes / len(items) / 2**20}
+    return {
+        "cases": len(items),
+        "shapes": shapes,
+        "reference_bytes": ref_bytes,
+        "ours_bytes": our_bytes,
+        "ratio": ref_bytes / our_bytes,
+        "reference_mb_per_case": ref_bytes / len(items) / 2**20,
+        "ours_mb_per_case": our_bytes / len(items) / 2**20,
+    }
 
 
 # --------------------------------------------------------------------------- training pipeline
@@ -212,25 +227,27 @@ def _bundle_train_dataset(items: list[dict[str, str]], spatial_size):
     # MONAI 1.6 renamed NormalizeLabelsInDatasetd (the bundle's name, now a deprecated alias).
     normalize = getattr(dt, "RemapLabelsToSequentiald", None) or dt.NormalizeLabelsInDatasetd
     keys = ["image", "label"]
-    chain = mt.Compose([
-        mt.LoadImaged(keys=keys),
-        normalize(keys="label", label_names=LABEL_NAMES),
-        mt.EnsureChannelFirstd(keys=keys),
-        mt.Orientationd(keys=keys, axcodes="RAS"),
-        mt.ScaleIntensityRanged(keys="image", a_min=-175, a_max=250, b_min=0.0, b_max=1.0, clip=True),
-        # random_transforms, at full resolution
-        mt.RandFlipd(keys=keys, spatial_axis=[0], prob=0.1),
-        mt.RandFlipd(keys=keys, spatial_axis=[1], prob=0.1),
-        mt.RandFlipd(keys=keys, spatial_axis=[2], prob=0.1),
-        mt.RandRotate90d(keys=keys, prob=0.1, max_k=3),
-        mt.RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
-        # deepedit_transforms
-        mt.Resized(keys=keys, spatial_size=tuple(spatial_size), mode=["area", "nearest"]),
-        dt.FindAllValidSlicesMissingLabelsd(keys="label", sids="sids"),
-        dt.AddInitialSeedPointMissingLabelsd(keys="label", guidance="guidance", sids="sids"),
-        dt.AddGuidanceSignalDeepEditd(keys="image", guidance="guidance", number_intensity_ch=1),
-        mt.ToTensord(keys=keys),
-    ])
+    chain = mt.Compose(
+        [
+            mt.LoadImaged(keys=keys),
+            normalize(keys="label", label_names=LABEL_NAMES),
+            mt.EnsureChannelFirstd(keys=keys),
+            mt.Orientationd(keys=keys, axcodes="RAS"),
+            mt.ScaleIntensityRanged(keys="image", a_min=-175, a_max=250, b_min=0.0, b_max=1.0, clip=True),
+            # random_transforms, at full resolution
+            mt.RandFlipd(keys=keys, spatial_axis=[0], prob=0.1),
+            mt.RandFlipd(keys=keys, spatial_axis=[1], prob=0.1),
+            mt.RandFlipd(keys=keys, spatial_axis=[2], prob=0.1),
+            mt.RandRotate90d(keys=keys, prob=0.1, max_k=3),
+            mt.RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+            # deepedit_transforms
+            mt.Resized(keys=keys, spatial_size=tuple(spatial_size), mode=["area", "nearest"]),
+            dt.FindAllValidSlicesMissingLabelsd(keys="label", sids="sids"),
+            dt.AddInitialSeedPointMissingLabelsd(keys="label", guidance="guidance", sids="sids"),
+            dt.AddGuidanceSignalDeepEditd(keys="image", guidance="guidance", number_intensity_ch=1),
+            mt.ToTensord(keys=keys),
+        ]
+    )
     ds = CacheDataset(items, transform=chain, cache_rate=1.0, num_workers=2, progress=False)
     ds.transform.set_random_state(seed=SEED)
     return ds
@@ -241,15 +258,19 @@ def _bundle_click_transforms():
     from monai import transforms as mt
     from monai.apps.deepedit import transforms as dt
 
-    return mt.Compose([
-        mt.Activationsd(keys="pred", softmax=True),
-        mt.AsDiscreted(keys="pred", argmax=True),
-        mt.ToNumpyd(keys=["image", "label", "pred"]),
-        dt.FindDiscrepancyRegionsDeepEditd(keys="label", pred="pred", discrepancy="discrepancy"),
-        dt.AddRandomGuidanceDeepEditd(keys="NA", guidance="guidance", discrepancy="discrepancy", probability="probability"),
-        dt.AddGuidanceSignalDeepEditd(keys="image", guidance="guidance", number_intensity_ch=1),
-        mt.ToTensord(keys=["image", "label"]),
-    ])
+    return mt.Compose(
+        [
+            mt.Activationsd(keys="pred", softmax=True),
+            mt.AsDiscreted(keys="pred", argmax=True),
+            mt.ToNumpyd(keys=["image", "label", "pred"]),
+            dt.FindDiscrepancyRegionsDeepEditd(keys="label", pred="pred", discrepancy="discrepancy"),
+            dt.AddRandomGuidanceDeepEditd(
+                keys="NA", guidance="guidance", discrepancy="discrepancy", probability="probability"
+            ),
+            dt.AddGuidanceSignalDeepEditd(keys="image", guidance="guidance", number_intensity_ch=1),
+            mt.ToTensord(keys=["image", "label"]),
+        ]
+    )
 
 
 def _bundle_interaction(batch: dict, net: FakeNetwork, click_transforms, click_prob: float) -> tuple[dict, bool]:
@@ -379,7 +400,9 @@ def bench_train_pipeline(data_dir: Path, n_cases: int, iterations: int, warmup: 
     ref_cache_s = time.perf_counter() - t0
     click_t = _bundle_click_transforms()
     ref_net = FakeNetwork()
-    ref_loader = DataLoader(ref_ds, batch_size=1, shuffle=True, num_workers=0, generator=torch.Generator().manual_seed(SEED))
+    ref_loader = DataLoader(
+        ref_ds, batch_size=1, shuffle=True, num_workers=0, generator=torch.Generator().manual_seed(SEED)
+    )
     rstate = {"it": iter(ref_loader)}
 
     def ref_iteration() -> bool:
@@ -394,16 +417,22 @@ def bench_train_pipeline(data_dir: Path, n_cases: int, iterations: int, warmup: 
         return clicked
 
     logging.getLogger("monai.apps.deepedit.transforms").setLevel(logging.WARNING)
-    samples = _interleaved({"reference": ref_iteration, "ours": ours_iteration}, {"reference": ref_net, "ours": net},
-                           iterations, warmup)
+    samples = _interleaved(
+        {"reference": ref_iteration, "ours": ours_iteration}, {"reference": ref_net, "ours": net}, iterations, warmup
+    )
     ref, ours = _iteration_stats(samples["reference"]), _iteration_stats(samples["ours"])
     ref["cache_s"], ours["cache_s"] = ref_cache_s, ours_cache_s
     set_determinism(seed=None)
-    return {"cases": n_cases, "click_prob": CLICK_PROB_TRAIN, "reference": ref, "ours": ours,
-            "reference_connected_components": connected_components,
-            "speedup": ref["expected_s"] / ours["expected_s"],
-            "speedup_from_medians": ref["expected_from_medians_s"] / ours["expected_from_medians_s"],
-            "speedup_raw_mean": ref["mean_s"] / ours["mean_s"]}
+    return {
+        "cases": n_cases,
+        "click_prob": CLICK_PROB_TRAIN,
+        "reference": ref,
+        "ours": ours,
+        "reference_connected_components": connected_components,
+        "speedup": ref["expected_s"] / ours["expected_s"],
+        "speedup_from_medians": ref["expected_from_medians_s"] / ours["expected_from_medians_s"],
+        "speedup_raw_mean": ref["mean_s"] / ours["mean_s"],
+    }
 
 
 # --------------------------------------------------------------------------- inference overhead
@@ -427,26 +456,43 @@ def _bundle_inference(spatial_size, output_dir: Path):
     from monai import transforms as mt
     from monai.apps.deepedit import transforms as dt
 
-    pre = mt.Compose([
-        mt.LoadImaged(keys="image"),
-        mt.EnsureChannelFirstd(keys="image"),
-        mt.Orientationd(keys="image", axcodes="RAS"),
-        mt.ScaleIntensityRanged(keys="image", a_min=-175, a_max=250, b_min=0.0, b_max=1.0, clip=True),
-        dt.AddGuidanceFromPointsDeepEditd(ref_image="image", guidance="guidance", label_names=LABEL_NAMES),
-        mt.Resized(keys="image", spatial_size=tuple(spatial_size), mode="area"),
-        dt.ResizeGuidanceMultipleLabelDeepEditd(guidance="guidance", ref_image="image"),
-        dt.AddGuidanceSignalDeepEditd(keys="image", guidance="guidance", number_intensity_ch=1),
-        mt.EnsureTyped(keys="image"),
-    ])
-    post = mt.Compose([
-        mt.EnsureTyped(keys="pred"),
-        mt.Activationsd(keys="pred", softmax=True),
-        mt.Invertd(keys="pred", transform=pre, orig_keys="image", meta_key_postfix="meta_dict",
-                   nearest_interp=False, to_tensor=True),
-        mt.AsDiscreted(keys="pred", argmax=True),
-        mt.SaveImaged(keys="pred", meta_keys="pred_meta_dict", output_dir=str(output_dir), output_postfix="trans",
-                      output_dtype=np.float32, separate_folder=True, print_log=False),
-    ])
+    pre = mt.Compose(
+        [
+            mt.LoadImaged(keys="image"),
+            mt.EnsureChannelFirstd(keys="image"),
+            mt.Orientationd(keys="image", axcodes="RAS"),
+            mt.ScaleIntensityRanged(keys="image", a_min=-175, a_max=250, b_min=0.0, b_max=1.0, clip=True),
+            dt.AddGuidanceFromPointsDeepEditd(ref_image="image", guidance="guidance", label_names=LABEL_NAMES),
+            mt.Resized(keys="image", spatial_size=tuple(spatial_size), mode="area"),
+            dt.ResizeGuidanceMultipleLabelDeepEditd(guidance="guidance", ref_image="image"),
+            dt.AddGuidanceSignalDeepEditd(keys="image", guidance="guidance", number_intensity_ch=1),
+            mt.EnsureTyped(keys="image"),
+        ]
+    )
+    post = mt.Compose(
+        [
+            mt.EnsureTyped(keys="pred"),
+            mt.Activationsd(keys="pred", softmax=True),
+            mt.Invertd(
+                keys="pred",
+                transform=pre,
+                orig_keys="image",
+                meta_key_postfix="meta_dict",
+                nearest_interp=False,
+                to_tensor=True,
+            ),
+            mt.AsDiscreted(keys="pred", argmax=True),
+            mt.SaveImaged(
+                keys="pred",
+                meta_keys="pred_meta_dict",
+                output_dir=str(output_dir),
+                output_postfix="trans",
+                output_dtype=np.float32,
+                separate_folder=True,
+                print_log=False,
+            ),
+        ]
+    )
     return pre, post
 
 
@@ -486,17 +532,26 @@ def bench_inference(image_path: Path, clicks: dict, runs: int, out_dir: Path) ->
 
     def summary(name: str) -> dict:
         overhead = [t for t, _ in samples[name]]
-        return {"runs": runs, "overhead_s": statistics.median(overhead), "overhead_all_s": [round(t, 4) for t in overhead],
-                "network_s": statistics.median(n for _, n in samples[name]),
-                "end_to_end_s": statistics.median(t + n for t, n in samples[name])}
+        return {
+            "runs": runs,
+            "overhead_s": statistics.median(overhead),
+            "overhead_all_s": [round(t, 4) for t in overhead],
+            "network_s": statistics.median(n for _, n in samples[name]),
+            "end_to_end_s": statistics.median(t + n for t, n in samples[name]),
+        }
 
     ref, ours_r = summary("reference"), summary("ours")
     stage_medians = {k: statistics.median(s[k] for s in stages[1:]) for k in stages[-1]}  # [0]: warm-up
     ours_r["stages_s"] = stage_medians
     ref_files = sorted((out_dir / "bundle").rglob("*.nii.gz"))
-    return {"image": image_path.name, "clicks": clicks, "reference": ref, "ours": ours_r,
-            "ratio": ref["overhead_s"] / ours_r["overhead_s"],
-            "reference_output": [str(p.relative_to(out_dir)) for p in ref_files]}
+    return {
+        "image": image_path.name,
+        "clicks": clicks,
+        "reference": ref,
+        "ours": ours_r,
+        "ratio": ref["overhead_s"] / ours_r["overhead_s"],
+        "reference_output": [str(p.relative_to(out_dir)) for p in ref_files],
+    }
 
 
 # --------------------------------------------------------------------------- output
@@ -520,10 +575,17 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=7, help="runs per timing (medians); >= 5 for the table")
     parser.add_argument("--cases", type=int, default=3, help="512x512xZ phantoms for cache and pipeline benchmarks")
     parser.add_argument("--iterations", type=int, default=30, help="timed training iterations per path")
-    parser.add_argument("--data", type=Path, default=None,
-                        help="reuse phantoms written by trainer.synth.write_dataset (needs cases+1 labelled, 1 test)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 2 repeats, 4 iterations, 1 case of 256x256x48; prints, writes nothing")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="reuse phantoms written by trainer.synth.write_dataset (needs cases+1 labelled, 1 test)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 2 repeats, 4 iterations, 1 case of 256x256x48; prints, writes nothing",
+    )
     args = parser.parse_args()
     shape = (512, 512, 100)
     if args.quick:
@@ -534,7 +596,10 @@ def main() -> int:
     load_start = os.getloadavg()
 
     g = bench_guidance(args.repeats)
-    print(f"guidance 128^3: MONAI {g['reference_s']*1e3:.1f} ms, ours {g['ours_s']*1e3:.2f} ms -> {g['speedup']:.0f}x (max |diff| {g['max_abs_diff']:.1e})", flush=True)
+    print(
+        f"guidance 128^3: MONAI {g['reference_s'] * 1e3:.1f} ms, ours {g['ours_s'] * 1e3:.2f} ms -> {g['speedup']:.0f}x (max |diff| {g['max_abs_diff']:.1e})",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data
         if data_dir is None:
@@ -544,24 +609,37 @@ def main() -> int:
             t0 = time.perf_counter()
             # cases + 1 labelled: build_datasets keeps the last one for validation.
             write_dataset(data_dir, args.cases + 1, seed=0, test_cases=1, shape=shape)
-            print(f"phantoms: {args.cases + 1} labelled + 1 test of {shape} in {time.perf_counter() - t0:.0f} s", flush=True)
+            print(
+                f"phantoms: {args.cases + 1} labelled + 1 test of {shape} in {time.perf_counter() - t0:.0f} s",
+                flush=True,
+            )
         c = bench_cache_memory(args.cases, data_dir)
-        print(f"cache: bundle {c['reference_mb_per_case']:.0f} MB/case, ours {c['ours_mb_per_case']:.1f} MB/case -> {c['ratio']:.1f}x smaller", flush=True)
+        print(
+            f"cache: bundle {c['reference_mb_per_case']:.0f} MB/case, ours {c['ours_mb_per_case']:.1f} MB/case -> {c['ratio']:.1f}x smaller",
+            flush=True,
+        )
 
         p = bench_train_pipeline(data_dir, args.cases, args.iterations, warmup=2)
         pr, po = p["reference"], p["ours"]
-        print(f"train pipeline/iteration (network excluded): bundle {pr['expected_s']:.3f} s "
-              f"(click {pr['mean_click_s']:.3f}, auto {pr['mean_auto_s']:.3f}, {pr['click_iterations']}/{pr['iterations']} clicked), "
-              f"ours {po['expected_s']*1e3:.1f} ms (click {po['mean_click_s']*1e3:.1f}, auto {po['mean_auto_s']*1e3:.1f}, "
-              f"{po['click_iterations']}/{po['iterations']} clicked) -> {p['speedup']:.1f}x", flush=True)
+        print(
+            f"train pipeline/iteration (network excluded): bundle {pr['expected_s']:.3f} s "
+            f"(click {pr['mean_click_s']:.3f}, auto {pr['mean_auto_s']:.3f}, {pr['click_iterations']}/{pr['iterations']} clicked), "
+            f"ours {po['expected_s'] * 1e3:.1f} ms (click {po['mean_click_s'] * 1e3:.1f}, auto {po['mean_auto_s'] * 1e3:.1f}, "
+            f"{po['click_iterations']}/{po['iterations']} clicked) -> {p['speedup']:.1f}x",
+            flush=True,
+        )
 
         test_image = sorted((data_dir / "imagesTs").glob("*.nii.gz"))[0]
         clicks = _test_clicks(data_dir / "labelsTs" / test_image.name)
         i = bench_inference(test_image, clicks, args.repeats, Path(tmp) / "out")
         ir, io = i["reference"], i["ours"]
-        print(f"inference overhead: bundle {ir['overhead_s']:.2f} s (e2e {ir['end_to_end_s']:.2f}), "
-              f"ours {io['overhead_s']:.2f} s (e2e {io['end_to_end_s']:.2f}; stages "
-              + ", ".join(f"{k} {v:.2f}" for k, v in io["stages_s"].items()) + f") -> {i['ratio']:.1f}x", flush=True)
+        print(
+            f"inference overhead: bundle {ir['overhead_s']:.2f} s (e2e {ir['end_to_end_s']:.2f}), "
+            f"ours {io['overhead_s']:.2f} s (e2e {io['end_to_end_s']:.2f}; stages "
+            + ", ".join(f"{k} {v:.2f}" for k, v in io["stages_s"].items())
+            + f") -> {i['ratio']:.1f}x",
+            flush=True,
+        )
     load_end = os.getloadavg()
 
     if args.quick:
@@ -599,13 +677,13 @@ def main() -> int:
         "| benchmark | reference (MONAI / bundle) | ours | ratio | goal |",
         "|---|---|---|---|---|",
         f"| guidance encoding at 128³, {g['clicks']} clicks (max abs diff {g['max_abs_diff']:.1e}); medians of {args.repeats} | "
-        f"{g['reference_s']*1e3:.1f} ms | {g['ours_s']*1e3:.2f} ms | {g['speedup']:.0f}× faster | ≥ 100× ({_miss(g['speedup'], 100)}) |",
+        f"{g['reference_s'] * 1e3:.1f} ms | {g['ours_s'] * 1e3:.2f} ms | {g['speedup']:.0f}× faster | ≥ 100× ({_miss(g['speedup'], 100)}) |",
         f"| dataset cache memory, {c['cases']} cases of {'×'.join(map(str, c['shapes'][0]))} | {c['reference_mb_per_case']:.0f} MB/case | "
         f"{c['ours_mb_per_case']:.1f} MB/case | {c['ratio']:.1f}× smaller | ≥ 10× ({_miss(c['ratio'], 10)}) |",
         f"| data + click pipeline per training iteration, network excluded, {p['cases']} cached cases, p(click) = {p['click_prob']}; "
         f"{pr['iterations']} seeded iterations per path ({pr['click_iterations']} / {po['click_iterations']} click iterations) | "
         f"{pr['expected_s']:.3f} s (click it. {pr['mean_click_s']:.3f} s, auto it. {pr['mean_auto_s']:.3f} s) | "
-        f"{po['expected_s']*1e3:.1f} ms (click it. {po['mean_click_s']*1e3:.1f} ms, auto it. {po['mean_auto_s']*1e3:.1f} ms) | "
+        f"{po['expected_s'] * 1e3:.1f} ms (click it. {po['mean_click_s'] * 1e3:.1f} ms, auto it. {po['mean_auto_s'] * 1e3:.1f} ms) | "
         f"{p['speedup']:.1f}× faster (from medians: {p['speedup_from_medians']:.1f}×) | ≥ 10× ({_miss(p['speedup'], 10)}) |",
         f"| inference overhead (end to end − network), {i['image']} int16 .nii.gz → mask .nii.gz, "
         f"{sum(len(v) for v in clicks.values())} clicks, 128³; medians of {args.repeats} | "
@@ -640,7 +718,9 @@ def main() -> int:
         "",
     ]
     if p["speedup"] < 10 or po["mean_click_s"] > 3 * po["mean_auto_s"]:
-        head = f"Pipeline goal missed by {10 / p['speedup']:.1f}×." if p["speedup"] < 10 else "Pipeline: our slowest step."
+        head = (
+            f"Pipeline goal missed by {10 / p['speedup']:.1f}×." if p["speedup"] < 10 else "Pipeline: our slowest step."
+        )
         md += [
             f"**{head}** Our click iterations cost "
             f"{po['mean_click_s'] * 1e3:.0f} ms against {po['mean_auto_s'] * 1e3:.0f} ms for automatic ones; the "

@@ -31,9 +31,11 @@ from trainer.network import build_network  # noqa: E402
 from trainer.predictor import Predictor  # noqa: E402
 
 #: (name, shape, spacing mm): a compact phantom and two clinical scans (0.7 mm in-plane, 2.5 and 1.25 mm slices).
-SCANS = (("compact 112x112x48", (112, 112, 48), (3.5, 3.5, 5.0)),
-         ("clinical 512x512x160", (512, 512, 160), (0.7, 0.7, 2.5)),
-         ("clinical 512x512x320", (512, 512, 320), (0.7, 0.7, 1.25)))
+SCANS = (
+    ("compact 112x112x48", (112, 112, 48), (3.5, 3.5, 5.0)),
+    ("clinical 512x512x160", (512, 512, 160), (0.7, 0.7, 2.5)),
+    ("clinical 512x512x320", (512, 512, 320), (0.7, 0.7, 1.25)),
+)
 
 
 class BallAnswer(torch.nn.Module):
@@ -86,13 +88,17 @@ def measure(profile_name: str, repeats: int) -> list[dict]:
             click_times.append(time.perf_counter() - t0)
             stages.append(pred.timings)
         click = statistics.median(click_times)
-        rows.append({
-            "scan": name, "grid_forward_s": round(grid, 4), "click_round_trip_s": round(click, 4),
-            "ratio": round(click / grid, 3),
-            "window_s": round(statistics.median(s["window"] for s in stages), 4),
-            "postprocess_s": round(statistics.median(s["postprocess"] for s in stages), 4),
-            "fine_volume_mb": round(prepared.fine.element_size() * prepared.fine.nelement() / 2**20, 2),
-        })
+        rows.append(
+            {
+                "scan": name,
+                "grid_forward_s": round(grid, 4),
+                "click_round_trip_s": round(click, 4),
+                "ratio": round(click / grid, 3),
+                "window_s": round(statistics.median(s["window"] for s in stages), 4),
+                "postprocess_s": round(statistics.median(s["postprocess"] for s in stages), 4),
+                "fine_volume_mb": round(prepared.fine.element_size() * prepared.fine.nelement() / 2**20, 2),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -104,14 +110,25 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="benchmarks/refine.json")
     args = parser.parse_args(argv)
     rows = measure(args.profile, args.repeats)
-    result = {"profile": args.profile, "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-              "target": "click round trip <= 1.5x one grid forward", "rows": rows}
+    result = {
+        "profile": args.profile,
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "target": "click round trip <= 1.5x one grid forward",
+        "rows": rows,
+    }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# Session click with refinement vs one grid forward ({args.profile} profile, {result['torch_threads']} threads)", "",
-             "| scan | grid forward (s) | click round trip (s) | ratio | window (s) | blend + upsample (s) | fine volume (MB) |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['scan']} | {r['grid_forward_s']} | {r['click_round_trip_s']} | {r['ratio']} | {r['window_s']} | "
-              f"{r['postprocess_s']} | {r['fine_volume_mb']} |" for r in rows]
+    lines = [
+        f"# Session click with refinement vs one grid forward ({args.profile} profile, {result['torch_threads']} threads)",
+        "",
+        "| scan | grid forward (s) | click round trip (s) | ratio | window (s) | blend + upsample (s) | fine volume (MB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['scan']} | {r['grid_forward_s']} | {r['click_round_trip_s']} | {r['ratio']} | {r['window_s']} | "
+        f"{r['postprocess_s']} | {r['fine_volume_mb']} |"
+        for r in rows
+    ]
     Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -89,7 +89,8 @@ def _measure(shape, predictor, api, reps: int) -> dict:
     # (proxy, replica hop, body transfer) and queueing.
     server_med = {k: statistics.median(v[1:]) for k, v in server_s.items()}  # v[0] is the warm-up
     return {
-        "volume_shape": list(shape), "upload_bytes": len(body),
+        "volume_shape": list(shape),
+        "upload_bytes": len(body),
         "median_s": {k: round(v, 4) for k, v in med.items()},
         "http_overhead_fraction": round(med["http_full"] / med["in_process"] - 1, 4),
         "server_stage_time_median_s": {k: round(v, 4) for k, v in server_med.items()},
@@ -101,12 +102,21 @@ def _measure(shape, predictor, api, reps: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Ray Serve DeepEdit benchmark (loopback only)")
-    p.add_argument("--checkpoint", default=None, help="checkpoint to serve (default: a random-init checkpoint of --profile)")
+    p.add_argument(
+        "--checkpoint", default=None, help="checkpoint to serve (default: a random-init checkpoint of --profile)"
+    )
     p.add_argument("--profile", default="cpu", help="profile of the random-init checkpoint")
-    p.add_argument("--shapes", nargs="+", default=[(128, 128, 64), (384, 384, 96)],
-                   type=lambda t: tuple(int(v) for v in t.split("x")), help="synthetic CT shapes, e.g. 128x128x64")
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        default=[(128, 128, 64), (384, 384, 96)],
+        type=lambda t: tuple(int(v) for v in t.split("x")),
+        help="synthetic CT shapes, e.g. 128x128x64",
+    )
     p.add_argument("--reps", type=int, default=10, help="timed repetitions per measurement")
-    p.add_argument("--load-requests", type=int, default=24, help="requests of each load test (concurrency 4, first shape)")
+    p.add_argument(
+        "--load-requests", type=int, default=24, help="requests of each load test (concurrency 4, first shape)"
+    )
     p.add_argument("--port", type=int, default=8123)
     p.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = p.parse_args(argv)
@@ -127,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     if ckpt is None:
         torch.manual_seed(0)
         ckpt = str(tmp / f"random_{args.profile}.pt")
-        save_checkpoint(Checkpoint(model=build_network(get_profile(args.profile)).state_dict(), profile=args.profile, epoch=0), ckpt)
+        save_checkpoint(
+            Checkpoint(model=build_network(get_profile(args.profile)).state_dict(), profile=args.profile, epoch=0), ckpt
+        )
     url = start_local(ckpt, port=args.port, num_cpus=2, max_upload_bytes=1024**3)
     runs = []
     try:
@@ -140,20 +152,31 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(_measure(shape, predictor, api, args.reps))
             if n == 0:
                 body, clicks = _volume(shape)
-                runs[0]["loadtest_segment_c4"] = loadtest.run(url, body, requests=args.load_requests, concurrency=4,
-                                                              mode="segment", clicks=clicks)
-                runs[0]["loadtest_session_click_c4"] = loadtest.run(url, body, requests=args.load_requests, concurrency=4,
-                                                                    mode="session", clicks=clicks)
+                runs[0]["loadtest_segment_c4"] = loadtest.run(
+                    url, body, requests=args.load_requests, concurrency=4, mode="segment", clicks=clicks
+                )
+                runs[0]["loadtest_session_click_c4"] = loadtest.run(
+                    url, body, requests=args.load_requests, concurrency=4, mode="session", clicks=clicks
+                )
     finally:
         stop_local()
 
     results = {
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": "cpu",
-                    "load_average_1m_at_end": round(os.getloadavg()[0], 2),
-                    "note": "shared 2-core machine; other jobs ran concurrently, so absolute times are noisy"},
-        "setup": {"profile": info["model"]["profile"], "spatial_size": info["model"]["spatial_size"],
-                  "torch_threads": threads, "reps": args.reps, "checkpoint": os.path.basename(ckpt)},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "device": "cpu",
+            "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+            "note": "shared 2-core machine; other jobs ran concurrently, so absolute times are noisy",
+        },
+        "setup": {
+            "profile": info["model"]["profile"],
+            "spatial_size": info["model"]["spatial_size"],
+            "torch_threads": threads,
+            "reps": args.reps,
+            "checkpoint": os.path.basename(ckpt),
+        },
         "runs": runs,
     }
     out = Path(args.out)
@@ -178,13 +201,19 @@ def main(argv: list[str] | None = None) -> int:
             f"| {srv['http_full'] * 1000:.0f} / {r['transport_overhead_median_s']['http_full'] * 1000:.0f} ms "
             f"| {m['http_click'] * 1000:.0f} ms | {r['session_click_vs_full_upload']:.2f}× |"
         )
-    md += ["", "HTTP overhead goal: ≤ 10 %. A session click skips the upload, decode and preprocessing: it costs one "
-           "forward pass plus the inverse resize, so its advantage grows with the volume.", ""]
+    md += [
+        "",
+        "HTTP overhead goal: ≤ 10 %. A session click skips the upload, decode and preprocessing: it costs one "
+        "forward pass plus the inverse resize, so its advantage grows with the volume.",
+        "",
+    ]
     for key, label in (("loadtest_segment_c4", "full upload"), ("loadtest_session_click_c4", "session clicks")):
         t = runs[0][key]
-        md.append(f"- Load test, {label}, {t['requests']} requests at concurrency 4 ({'×'.join(map(str, runs[0]['volume_shape']))}): "
-                  f"p50 {t.get('p50_s', 0) * 1000:.0f} ms, p95 {t.get('p95_s', 0) * 1000:.0f} ms, "
-                  f"p99 {t.get('p99_s', 0) * 1000:.0f} ms, {t['throughput_rps']:.2f} req/s, {t['errors']} errors.")
+        md.append(
+            f"- Load test, {label}, {t['requests']} requests at concurrency 4 ({'×'.join(map(str, runs[0]['volume_shape']))}): "
+            f"p50 {t.get('p50_s', 0) * 1000:.0f} ms, p95 {t.get('p95_s', 0) * 1000:.0f} ms, "
+            f"p99 {t.get('p99_s', 0) * 1000:.0f} ms, {t['throughput_rps']:.2f} req/s, {t['errors']} errors."
+        )
     md.append("")
     (out / "serve.md").write_text("\n".join(md))
     print("\n".join(md))

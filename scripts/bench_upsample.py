@@ -37,7 +37,9 @@ class _Unused(torch.nn.Module):
 def _soft_label(predictor: Predictor, label: np.ndarray, affine: np.ndarray) -> tuple[torch.Tensor, object]:
     prepared = predictor.preprocess(label.astype(np.float32), affine)
     size = predictor.profile.spatial_size
-    ras = torch.from_numpy(np.ascontiguousarray(nib.orientations.apply_orientation(label.astype(np.float32), prepared.to_ras)))
+    ras = torch.from_numpy(
+        np.ascontiguousarray(nib.orientations.apply_orientation(label.astype(np.float32), prepared.to_ras))
+    )
     soft = F.interpolate(ras[None, None], size=size, mode="area")[0]
     return soft, prepared
 
@@ -46,7 +48,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=40)
     parser.add_argument("--seed", type=int, default=1000)
-    parser.add_argument("--shape", type=int, nargs=3, default=[192, 192, 80], help="phantom grid (a scan larger than the grids)")
+    parser.add_argument(
+        "--shape", type=int, nargs=3, default=[192, 192, 80], help="phantom grid (a scan larger than the grids)"
+    )
     parser.add_argument("--out", default="benchmarks/upsample.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
@@ -66,8 +70,13 @@ def main(argv=None) -> int:
         results[profile_name] = {mode: float(np.mean(v)) for mode, v in scores.items()}
         results[profile_name] |= {f"{mode}_min": float(np.min(v)) for mode, v in scores.items()}
         print(profile_name, json.dumps(results[profile_name]))
-    out = {"cases": args.cases, "seed": args.seed, "shape": args.shape, "machine": platform.processor() or platform.machine(),
-           "mean_dice_of_a_perfect_grid_answer": results}
+    out = {
+        "cases": args.cases,
+        "seed": args.seed,
+        "shape": args.shape,
+        "machine": platform.processor() or platform.machine(),
+        "mean_dice_of_a_perfect_grid_answer": results,
+    }
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     return 0
 

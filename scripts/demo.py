@@ -32,7 +32,9 @@ def synthesise(data: Path, cases: int, test_cases: int) -> None:
         shutil.rmtree(data)  # another size: start clean (no stale files from the old one)
     t0 = time.perf_counter()
     meta = write_dataset(data, cases, seed=0, test_cases=test_cases)
-    print(f"wrote {meta['numTraining']} labelled + {meta['numTest']} held-out phantoms in {time.perf_counter() - t0:.1f}s")
+    print(
+        f"wrote {meta['numTraining']} labelled + {meta['numTest']} held-out phantoms in {time.perf_counter() - t0:.1f}s"
+    )
 
 
 def train(data: Path, out: Path, minutes: float) -> Path:
@@ -46,7 +48,9 @@ def train(data: Path, out: Path, minutes: float) -> Path:
     print(f"profile cpu: {cfg.profile_spec.description}; up to {cfg.num_epochs} epochs or {minutes:g} min")
     t0 = time.perf_counter()
     metrics = run(cfg, str(data), LocalRuntime(out))
-    print(f"trained {metrics['epoch']} epochs in {time.perf_counter() - t0:.0f}s; last validation spleen Dice {metrics['val_dice']:.3f}")
+    print(
+        f"trained {metrics['epoch']} epochs in {time.perf_counter() - t0:.0f}s; last validation spleen Dice {metrics['val_dice']:.3f}"
+    )
     # The final weights, not `best.pt`: the cosine schedule ends on its smallest steps, while the
     # best validation epoch of 6 cases is often an earlier, noisier high-rate one (measured on the
     # held-out phantoms: 0.912 automatic for last.pt against 0.897 for best.pt).
@@ -57,8 +61,12 @@ def evaluate(checkpoint: Path, data: Path, out: Path) -> dict:
     from trainer.config import EvaluateConfig
     from trainer.evaluate import evaluate_checkpoint
 
-    summary = evaluate_checkpoint(EvaluateConfig(checkpoint=checkpoint, data_dir=data, output_dir=out, split="test", max_clicks=10))
-    print(f"held-out spleen Dice: automatic {summary['dice_auto']:.3f}, after 5 clicks {summary['dice_by_clicks'][5]:.3f}")
+    summary = evaluate_checkpoint(
+        EvaluateConfig(checkpoint=checkpoint, data_dir=data, output_dir=out, split="test", max_clicks=10)
+    )
+    print(
+        f"held-out spleen Dice: automatic {summary['dice_auto']:.3f}, after 5 clicks {summary['dice_by_clicks'][5]:.3f}"
+    )
     return summary
 
 
@@ -83,8 +91,10 @@ def serve_and_segment(checkpoint: Path, data: Path, port: int, clicks: int = 5) 
     try:
         client = DeepEditClient(url)
         auto = client.segment(image)
-        print(f"{image.name}: automatic  spleen Dice {float(spleen_dice(auto.mask, label)):.3f}  "
-              f"round trip {auto.seconds * 1000:.0f} ms")
+        print(
+            f"{image.name}: automatic  spleen Dice {float(spleen_dice(auto.mask, label)):.3f}  "
+            f"round trip {auto.seconds * 1000:.0f} ms"
+        )
         rng = np.random.default_rng(0)
         given: dict[str, list] = {"spleen": [], "background": []}
         mask = auto.mask
@@ -97,8 +107,10 @@ def serve_and_segment(checkpoint: Path, data: Path, port: int, clicks: int = 5) 
                 given[name].append([int(v) for v in point])
                 res = session.click(given)
                 mask = res.mask
-                print(f"{image.name}: {n} click(s) spleen Dice {float(spleen_dice(mask, label)):.3f}  "
-                      f"round trip {res.seconds * 1000:.0f} ms  ({name} click at {list(point)})")
+                print(
+                    f"{image.name}: {n} click(s) spleen Dice {float(spleen_dice(mask, label)):.3f}  "
+                    f"round trip {res.seconds * 1000:.0f} ms  ({name} click at {list(point)})"
+                )
         client.close()
     finally:
         stop_local()

@@ -107,7 +107,9 @@ def benchmark_on_ray(profile: str, steps: int, warmup: int, batch_size: int, use
         lambda config: benchmark(**config),
         train_loop_config={"profile": profile, "steps": steps, "warmup": warmup, "batch_size": batch_size},
         scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=use_gpu),
-        run_config=ray.train.RunConfig(name=f"gpu-check-{int(time.time())}", storage_path=tempfile.mkdtemp(prefix="gpu-check-")),
+        run_config=ray.train.RunConfig(
+            name=f"gpu-check-{int(time.time())}", storage_path=tempfile.mkdtemp(prefix="gpu-check-")
+        ),
     )
     return dict(trainer.fit().return_value)
 
@@ -159,8 +161,13 @@ def cuda_parity() -> dict:
     root = Path(__file__).resolve().parents[1]
     env = os.environ | {"SPLEEN_DEEPEDIT_PARITY_DEVICE": "cuda"}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "tests/test_model_zoo_parity.py", "-k", "128"],
-                          cwd=root, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-s", "tests/test_model_zoo_parity.py", "-k", "128"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     print(proc.stdout[-2000:])
     return {"ok": proc.returncode == 0, "seconds": time.perf_counter() - t0}
 
@@ -171,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (cuDNN autotuning, allocator)")
     p.add_argument("--batch-size", type=int, default=1, help="volumes per step")
     p.add_argument("--no-ray", action="store_true", help="run the step benchmark in this process, not in a Ray worker")
-    p.add_argument("--cpu-smoke", action="store_true", help="no GPU: run the benchmark on CPU at the tiny profile (tests this script)")
+    p.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="no GPU: run the benchmark on CPU at the tiny profile (tests this script)",
+    )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--parity", action="store_true", help="also run the model-zoo inference parity test on CUDA")
     args = p.parse_args(argv)
@@ -180,8 +191,10 @@ def main(argv: list[str] | None = None) -> int:
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus == 0 and not args.cpu_smoke:
-        print(f"gpu_check: no CUDA device visible (torch {torch.__version__}, CUDA build: {torch.version.cuda}); "
-              "nothing to check. Run it on a GPU node.")
+        print(
+            f"gpu_check: no CUDA device visible (torch {torch.__version__}, CUDA build: {torch.version.cuda}); "
+            "nothing to check. Run it on a GPU node."
+        )
         return 0
     profile = "bundle" if gpus else "tiny"
     results: dict = {"gpus": gpus, "torch": torch.__version__, "cuda": torch.version.cuda}
@@ -192,20 +205,26 @@ def main(argv: list[str] | None = None) -> int:
         results["train_step"] = benchmark_on_ray(profile, args.steps, args.warmup, args.batch_size, use_gpu=gpus > 0)
     step = results["train_step"]
     mem = step.get("peak_memory_gib")
-    print(f"train step ({step['profile']} {step['spatial_size']}, AMP {step['amp']}, batch {step['batch_size']}, "
-          f"{'Ray worker' if step.get('ray_worker') else 'in-process'} on {step.get('gpu_name') or step['device']}): "
-          f"{step['step_seconds_median'] * 1000:.0f} ms/step median, {step['samples_per_s']:.2f} samples/s"
-          + (f", peak GPU memory {mem:.2f} GiB" if mem is not None else ""))
+    print(
+        f"train step ({step['profile']} {step['spatial_size']}, AMP {step['amp']}, batch {step['batch_size']}, "
+        f"{'Ray worker' if step.get('ray_worker') else 'in-process'} on {step.get('gpu_name') or step['device']}): "
+        f"{step['step_seconds_median'] * 1000:.0f} ms/step median, {step['samples_per_s']:.2f} samples/s"
+        + (f", peak GPU memory {mem:.2f} GiB" if mem is not None else "")
+    )
     if gpus >= 2:
         results["nccl"] = nccl_allreduce()
         n = results["nccl"]
-        print(f"NCCL all-reduce, 2 processes, {n['size_mib']} MiB: {'OK' if n['nccl_allreduce_ok'] else 'WRONG RESULT'}, "
-              f"{n['seconds'] * 1000:.1f} ms, bus bandwidth {n['bus_bandwidth_gb_s']:.1f} GB/s")
+        print(
+            f"NCCL all-reduce, 2 processes, {n['size_mib']} MiB: {'OK' if n['nccl_allreduce_ok'] else 'WRONG RESULT'}, "
+            f"{n['seconds'] * 1000:.1f} ms, bus bandwidth {n['bus_bandwidth_gb_s']:.1f} GB/s"
+        )
     elif gpus == 1:
         print("NCCL all-reduce: skipped (needs 2 GPUs; 1 visible)")
     if args.parity and gpus:
         results["parity"] = cuda_parity()
-        print(f"model-zoo parity on CUDA (fp16): {'OK' if results['parity']['ok'] else 'FAILED'} in {results['parity']['seconds']:.0f} s")
+        print(
+            f"model-zoo parity on CUDA (fp16): {'OK' if results['parity']['ok'] else 'FAILED'} in {results['parity']['seconds']:.0f} s"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     if "parity" in results and not results["parity"]["ok"]:

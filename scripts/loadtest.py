@@ -46,8 +46,17 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[k]
 
 
-def run(url: str, body: bytes, *, requests: int, concurrency: int, mode: str = "segment", clicks: dict | None = None,
-        token: str | None = None, timeout_s: float = 120.0) -> dict:
+def run(
+    url: str,
+    body: bytes,
+    *,
+    requests: int,
+    concurrency: int,
+    mode: str = "segment",
+    clicks: dict | None = None,
+    token: str | None = None,
+    timeout_s: float = 120.0,
+) -> dict:
     """Send `requests` requests with `concurrency` workers; returns the summary dict."""
     import httpx
 
@@ -55,8 +64,9 @@ def run(url: str, body: bytes, *, requests: int, concurrency: int, mode: str = "
     if not 1 <= requests <= HARD_MAX_REQUESTS or not 1 <= concurrency <= HARD_MAX_CONCURRENCY:
         raise ValueError(f"requests must be in 1..{HARD_MAX_REQUESTS} and concurrency in 1..{HARD_MAX_CONCURRENCY}")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s,
-                          limits=httpx.Limits(max_connections=concurrency))
+    client = httpx.Client(
+        base_url=url.rstrip("/"), headers=headers, timeout=timeout_s, limits=httpx.Limits(max_connections=concurrency)
+    )
     session_path = None
     if mode == "session":
         r = client.post("/v1/sessions", content=body)
@@ -84,9 +94,14 @@ def run(url: str, body: bytes, *, requests: int, concurrency: int, mode: str = "
     ok = [dt for status, dt in results if status == 200]
     statuses = Counter(str(status) for status, _ in results)
     summary = {
-        "mode": mode, "requests": requests, "concurrency": concurrency, "wall_s": round(wall, 3),
+        "mode": mode,
+        "requests": requests,
+        "concurrency": concurrency,
+        "wall_s": round(wall, 3),
         "throughput_rps": round(len(ok) / wall, 3) if wall > 0 else 0.0,
-        "ok": len(ok), "errors": requests - len(ok), "statuses": dict(statuses),
+        "ok": len(ok),
+        "errors": requests - len(ok),
+        "statuses": dict(statuses),
     }
     if ok:
         summary.update({f"p{q}_s": round(percentile(ok, q), 4) for q in (50, 95, 99)})
@@ -99,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="service base URL (loopback only)")
     p.add_argument("--image", required=True, help=".nii/.nii.gz volume to send")
     p.add_argument("-n", "--requests", type=int, default=32, help=f"requests (at most {HARD_MAX_REQUESTS})")
-    p.add_argument("-c", "--concurrency", type=int, default=4, help=f"concurrent clients (at most {HARD_MAX_CONCURRENCY})")
+    p.add_argument(
+        "-c", "--concurrency", type=int, default=4, help=f"concurrent clients (at most {HARD_MAX_CONCURRENCY})"
+    )
     p.add_argument("--mode", choices=("segment", "session"), default="segment")
     p.add_argument("--clicks", default=None, help='JSON clicks, e.g. {"spleen": [[i, j, k]]}')
     p.add_argument("--token-env", default=None, help="environment variable holding the bearer token")
@@ -110,16 +127,28 @@ def main(argv: list[str] | None = None) -> int:
             body = f.read()
         clicks = json.loads(args.clicks) if args.clicks else None
         token = os.environ.get(args.token_env) if args.token_env else None
-        s = run(args.url, body, requests=args.requests, concurrency=args.concurrency, mode=args.mode, clicks=clicks, token=token)
+        s = run(
+            args.url,
+            body,
+            requests=args.requests,
+            concurrency=args.concurrency,
+            mode=args.mode,
+            clicks=clicks,
+            token=token,
+        )
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(s, indent=2))
     else:
-        lat = " ".join(f"p{q}={s[f'p{q}_s'] * 1000:.1f}ms" for q in (50, 95, 99)) if s["ok"] else "no successful requests"
-        print(f"{s['requests']} requests ({s['mode']}) at concurrency {s['concurrency']} in {s['wall_s']:.2f}s: "
-              f"{lat}; throughput {s['throughput_rps']:.2f} req/s; errors {s['errors']} {s['statuses']}")
+        lat = (
+            " ".join(f"p{q}={s[f'p{q}_s'] * 1000:.1f}ms" for q in (50, 95, 99)) if s["ok"] else "no successful requests"
+        )
+        print(
+            f"{s['requests']} requests ({s['mode']}) at concurrency {s['concurrency']} in {s['wall_s']:.2f}s: "
+            f"{lat}; throughput {s['throughput_rps']:.2f} req/s; errors {s['errors']} {s['statuses']}"
+        )
     return 0 if s["errors"] == 0 else 1
 
 

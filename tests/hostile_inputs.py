@@ -77,8 +77,15 @@ def sheared_sform_nifti(shape=(8, 8, 8)) -> bytes:
     return gzip.compress(bytes(raw) + np.zeros(int(np.prod(shape)), "<i2").tobytes())
 
 
-def header_with(shape=(8, 8, 8), datatype: int = 4, bitpix: int = 16, vox_offset: float = 352, data_bytes: int | None = None,
-                sform=None, **fields) -> bytes:
+def header_with(
+    shape=(8, 8, 8),
+    datatype: int = 4,
+    bitpix: int = 16,
+    vox_offset: float = 352,
+    data_bytes: int | None = None,
+    sform=None,
+    **fields,
+) -> bytes:
     """A NIfTI-1 upload with arbitrary header fields (for malformed-header cases)."""
     raw = _header(shape, datatype, bitpix, vox_offset, sform=sform)
     import nibabel as nib

@@ -17,8 +17,19 @@ from pathlib import Path
 
 import pytest
 
-PORT_FLAGS = ("s3.port", "s3.port.grpc", "s3.port.lance", "master.port", "master.port.grpc", "filer.port",
-              "filer.port.grpc", "volume.port", "volume.port.grpc", "admin.port", "admin.port.grpc")
+PORT_FLAGS = (
+    "s3.port",
+    "s3.port.grpc",
+    "s3.port.lance",
+    "master.port",
+    "master.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "admin.port",
+    "admin.port.grpc",
+)
 
 
 def free_port() -> int:
@@ -63,8 +74,18 @@ def start_seaweedfs(root: Path, bucket: str, access_key: str, secret_key: str, *
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3.port']}",
         "SPLEEN_DEEPEDIT_CACHE": str(root / "cache"),
     }
-    args = [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-bucket={bucket}",
-            "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-master.telemetry=false"]
+    args = [
+        weed,
+        "mini",
+        f"-dir={root / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-bucket={bucket}",
+        "-admin.ui=false",
+        "-webdav=false",
+        "-s3.port.iceberg=0",
+        "-master.telemetry=false",
+    ]
     args += [f"-{flag}={port}" for flag, port in ports.items()]
     log = open(root / "weed.log", "w")
     proc = subprocess.Popen(args, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)

@@ -38,7 +38,9 @@ SHAPE = (48, 40, 16)
 
 def _checkpoint(path: Path, seed: int = 0, epoch: int = 0) -> Path:
     torch.manual_seed(seed)
-    save_checkpoint(Checkpoint(model=build_network(get_profile("tiny")).state_dict(), profile="tiny", epoch=epoch), path)
+    save_checkpoint(
+        Checkpoint(model=build_network(get_profile("tiny")).state_dict(), profile="tiny", epoch=epoch), path
+    )
     return path
 
 
@@ -72,11 +74,24 @@ def _cohort(root: Path, n_good: int, *, corrupt: bool = True, kinds=("nifti", "d
 
 
 def test_group_cases_and_ids():
-    rows = group_cases(["a.nii.gz", "b.nii", "sub/c.zip", "pat1/ser1/1.dcm", "pat1/ser1/2.dcm", "pat1/ser2/x",
-                        ".hidden/1.dcm", "d/__MACOSX/._1.dcm"])
+    rows = group_cases(
+        [
+            "a.nii.gz",
+            "b.nii",
+            "sub/c.zip",
+            "pat1/ser1/1.dcm",
+            "pat1/ser1/2.dcm",
+            "pat1/ser2/x",
+            ".hidden/1.dcm",
+            "d/__MACOSX/._1.dcm",
+        ]
+    )
     by_id = {r["case_id"]: r for r in rows}
     assert sorted(by_id) == ["a", "b", "pat1__ser1", "pat1__ser2", "sub__c"]
-    assert by_id["pat1__ser1"]["kind"] == "dicom_dir" and json.loads(by_id["pat1__ser1"]["keys"]) == ["pat1/ser1/1.dcm", "pat1/ser1/2.dcm"]
+    assert by_id["pat1__ser1"]["kind"] == "dicom_dir" and json.loads(by_id["pat1__ser1"]["keys"]) == [
+        "pat1/ser1/1.dcm",
+        "pat1/ser1/2.dcm",
+    ]
     assert by_id["sub__c"]["kind"] == "dicom_zip" and by_id["a"]["kind"] == "nifti"
     from trainer.data import DataError
 
@@ -138,13 +153,35 @@ def test_config_and_cli_errors(tmp_path, capsys):
     AnnotateConfig(input=str(tmp_path / "a"), output=str(tmp_path / "ab"), checkpoint="c")
     ckpt = _checkpoint(tmp_path / "m.pt")
     (tmp_path / "empty").mkdir()
-    assert main(["annotate", "--input", str(tmp_path / "empty"), "--output", str(tmp_path / "o"), "--checkpoint", str(ckpt)]) == 2
+    assert (
+        main(
+            ["annotate", "--input", str(tmp_path / "empty"), "--output", str(tmp_path / "o"), "--checkpoint", str(ckpt)]
+        )
+        == 2
+    )
     assert "no cases under" in capsys.readouterr().err
-    assert main(["annotate", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o"), "--checkpoint", str(ckpt)]) == 2
+    assert (
+        main(
+            ["annotate", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o"), "--checkpoint", str(ckpt)]
+        )
+        == 2
+    )
     assert "is not a folder" in capsys.readouterr().err
     _cohort(tmp_path / "in", 1, corrupt=False)
-    assert main(["annotate", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"), "--checkpoint",
-                 str(tmp_path / "missing.pt")]) == 2
+    assert (
+        main(
+            [
+                "annotate",
+                "--input",
+                str(tmp_path / "in"),
+                "--output",
+                str(tmp_path / "o"),
+                "--checkpoint",
+                str(tmp_path / "missing.pt"),
+            ]
+        )
+        == 2
+    )
     assert "missing.pt" in capsys.readouterr().err
 
 
@@ -234,8 +271,9 @@ def test_annotate_cohort_with_corrupt_cases_then_rerun_skips(local_ray, tmp_path
 def test_annotate_writes_dicom_seg(local_ray, tmp_path):
     hd = pytest.importorskip("highdicom")
     cohort = _cohort(tmp_path / "cohort", 3, corrupt=False)  # NIfTI, DICOM folder, DICOM zip
-    cfg = AnnotateConfig(input=str(cohort), output=str(tmp_path / "out"), checkpoint=str(_checkpoint(tmp_path / "m.pt")),
-                         format="dcm")
+    cfg = AnnotateConfig(
+        input=str(cohort), output=str(tmp_path / "out"), checkpoint=str(_checkpoint(tmp_path / "m.pt")), format="dcm"
+    )
     if not local_ray.cluster_resources().get("GPU"):  # asking for GPUs this Ray lacks fails fast, not forever
         from dataclasses import replace
 
@@ -248,7 +286,10 @@ def test_annotate_writes_dicom_seg(local_ray, tmp_path):
         assert by_kind[kind]["status"] == "ok", by_kind[kind]["error"]
         seg = hd.seg.segread(by_kind[kind]["output"])
         assert seg.SegmentSequence[0].SegmentLabel == "Spleen"
-        assert seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion == result.model_version[:64]
+        assert (
+            seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion
+            == result.model_version[:64]
+        )
 
 
 @pytest.mark.ray
@@ -266,7 +307,9 @@ def test_annotate_s3_input_and_output(local_ray, s3_env, tmp_path):
             client.upload_file(str(path), BUCKET, f"in/{path.relative_to(cohort).as_posix()}")
     ckpt = _checkpoint(tmp_path / "m.pt")
     client.upload_file(str(ckpt), BUCKET, "models/m.pt")
-    cfg = AnnotateConfig(input=f"s3://{BUCKET}/in", output=f"s3://{BUCKET}/out", checkpoint=f"s3://{BUCKET}/models/m.pt")
+    cfg = AnnotateConfig(
+        input=f"s3://{BUCKET}/in", output=f"s3://{BUCKET}/out", checkpoint=f"s3://{BUCKET}/models/m.pt"
+    )
     result = annotate(cfg, progress=False)
     assert result.count("ok") == 3 and result.count("failed") == 2, [(r["case_id"], r["error"]) for r in result.rows]
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="out/")["Contents"]}

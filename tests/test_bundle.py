@@ -49,13 +49,28 @@ def run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     """Run a command from the repository root; fail with its output's tail when it fails."""
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        pytest.fail(f"{' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+        pytest.fail(
+            f"{' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
 def bundle(config_file: str, bundle_root: Path, dataset_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "monai.bundle", "run", "--config_file", config_file,
-                "--bundle_root", str(bundle_root), "--dataset_dir", str(dataset_dir), *overrides])
+    return run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            config_file,
+            "--bundle_root",
+            str(bundle_root),
+            "--dataset_dir",
+            str(dataset_dir),
+            *overrides,
+        ]
+    )
 
 
 def messages(exc: BaseException) -> str:
@@ -102,10 +117,29 @@ def test_metadata_has_the_model_zoo_fields_offline():
     from trainer.config import CLICK_CHANNELS, LABELS, PROFILES
 
     meta = json.loads((CONFIGS / "metadata.json").read_text())
-    for key in ("schema", "version", "changelog", "monai_version", "pytorch_version", "numpy_version",
-                "optional_packages_version", "name", "task", "description", "authors", "copyright",
-                "data_source", "data_type", "image_classes", "label_classes", "pred_classes", "eval_metrics",
-                "intended_use", "references", "network_data_format"):
+    for key in (
+        "schema",
+        "version",
+        "changelog",
+        "monai_version",
+        "pytorch_version",
+        "numpy_version",
+        "optional_packages_version",
+        "name",
+        "task",
+        "description",
+        "authors",
+        "copyright",
+        "data_source",
+        "data_type",
+        "image_classes",
+        "label_classes",
+        "pred_classes",
+        "eval_metrics",
+        "intended_use",
+        "references",
+        "network_data_format",
+    ):
         assert meta.get(key) not in (None, "", [], {}), key
     assert meta["schema"].startswith("https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/")
     assert meta["version"] in meta["changelog"]
@@ -120,11 +154,21 @@ def test_metadata_has_the_model_zoo_fields_offline():
     assert "spleen-only" in meta["eval_metrics_note"]
 
     image = meta["network_data_format"]["inputs"]["image"]
-    assert image == {**image, "type": "image", "format": "hounsfield", "modality": "CT", "num_channels": 3,
-                     "dtype": "float32", "value_range": [0, 1], "is_patch_data": False}
+    assert image == {
+        **image,
+        "type": "image",
+        "format": "hounsfield",
+        "modality": "CT",
+        "num_channels": 3,
+        "dtype": "float32",
+        "value_range": [0, 1],
+        "is_patch_data": False,
+    }
     assert image["spatial_shape"] == list(PROFILES["bundle"].spatial_size)
     # The click channels in the order the network reads them (spec §7.1): ch1 spleen, ch2 background.
-    assert [image["channel_def"][str(i + 1)] for i in range(len(CLICK_CHANNELS))] == [f"{c} clicks" for c in CLICK_CHANNELS]
+    assert [image["channel_def"][str(i + 1)] for i in range(len(CLICK_CHANNELS))] == [
+        f"{c} clicks" for c in CLICK_CHANNELS
+    ]
     pred = meta["network_data_format"]["outputs"]["pred"]
     assert pred["format"] == "segmentation" and pred["num_channels"] == 2
     assert pred["channel_def"] == {str(v): k for k, v in LABELS.items()}
@@ -152,7 +196,9 @@ def test_every_training_setting_has_its_home_in_python_and_is_overridable():
 
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "train.json"))
-    parser.update({"profile": "tiny", "epochs": 3, "learning_rate": 0.01, "click_prob_train": 0.5, "spatial_size": [32, 32, 32]})
+    parser.update(
+        {"profile": "tiny", "epochs": 3, "learning_rate": 0.01, "click_prob_train": 0.5, "spatial_size": [32, 32, 32]}
+    )
     cfg = parser.get_parsed_content("train_config")
     assert (cfg.profile, cfg.num_epochs, cfg.lr, cfg.click_prob_train) == ("tiny", 3, 0.01, 0.5)
     assert cfg.seed == TrainConfig().seed
@@ -258,10 +304,14 @@ def _assert_mask_in_original_geometry(mask_path: Path, image_path: Path, dtype=n
 
 def test_inference_command_takes_clicks_named_after_labels(trained, dataset, tmp_path):
     datalist = tmp_path / "clicks.json"
-    datalist.write_text(json.dumps([
-        {"image": "imagesTs/spleen_005.nii.gz", "spleen": [[32, 32, 16]], "background": [[2, 2, 2]]},
-        {"image": str(dataset / "imagesTr" / "spleen_001.nii.gz")},
-    ]))
+    datalist.write_text(
+        json.dumps(
+            [
+                {"image": "imagesTs/spleen_005.nii.gz", "spleen": [[32, 32, 16]], "background": [[2, 2, 2]]},
+                {"image": str(dataset / "imagesTr" / "spleen_001.nii.gz")},
+            ]
+        )
+    )
     bundle(INFERENCE, trained, dataset, "--profile", "tiny", "--datalist", str(datalist))
     for name, folder in (("spleen_005", "imagesTs"), ("spleen_001", "imagesTr")):
         mask = trained / "eval" / name / f"{name}_trans.nii.gz"
@@ -333,7 +383,7 @@ def test_best_model_export_is_rank_0_only_and_keeps_an_existing_model(tmp_path):
     "data, message",
     [
         ([{"image": "a.nii.gz", "liver": [[1, 2, 3]]}], "unknown key(s) ['liver']"),
-        ([{"spleen": [[1, 2, 3]]}], "\"image\" path"),
+        ([{"spleen": [[1, 2, 3]]}], '"image" path'),
         ([], "non-empty list"),
         ("missing.json", "does not exist"),
     ],
@@ -354,10 +404,33 @@ def test_torchrun_two_processes_train_with_files_and_logs_on_rank_0_only(dataset
     """Each rank gets its own bundle_root, so any file rank 1 wrote would show up in its folder."""
     logs = tmp_path / "logs"
     per_rank_root = f"$'{tmp_path}/rank' + __import__('os').environ['RANK']"
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-         "--log-dir", str(logs), "--redirects", "3",
-         "-m", "monai.bundle", "run", "--config_file", MULTI_GPU,
-         "--bundle_root", per_rank_root, "--dataset_dir", str(dataset), "--profile", "tiny", "--epochs", "1"])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nnodes=1",
+            "--nproc_per_node=2",
+            "--log-dir",
+            str(logs),
+            "--redirects",
+            "3",
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            MULTI_GPU,
+            "--bundle_root",
+            per_rank_root,
+            "--dataset_dir",
+            str(dataset),
+            "--profile",
+            "tiny",
+            "--epochs",
+            "1",
+        ]
+    )
     rank_logs = {}
     for rank in (0, 1):
         (folder,) = logs.glob(f"*/attempt_0/{rank}")

@@ -35,7 +35,11 @@ RELEASE, NAMESPACE = "spleen", "ml"
 
 #: The least a user must set for each chart (the schema requires them).
 IMAGE = {"image": {"repository": "registry.example.com/ml/spleen-deepedit"}}
-TRAIN_REQUIRED = {**IMAGE, "storage": {"uri": "s3://deepedit/runs"}, "dataset": {"uri": "s3://deepedit/datasets/Task09_Spleen"}}
+TRAIN_REQUIRED = {
+    **IMAGE,
+    "storage": {"uri": "s3://deepedit/runs"},
+    "dataset": {"uri": "s3://deepedit/datasets/Task09_Spleen"},
+}
 SERVE_REQUIRED = {**IMAGE, "serve": {"checkpoint": "s3://deepedit/runs/spleen/checkpoint_epoch_0001/checkpoint.pt"}}
 
 
@@ -174,7 +178,7 @@ def undocumented_values(text: str) -> list[str]:
         if i and lines[i - 1].strip().startswith("# --"):
             inside = indent
             continue
-        following = next((n for n in lines[i + 1:] if n.strip() and not n.strip().startswith("#")), "")
+        following = next((n for n in lines[i + 1 :] if n.strip() and not n.strip().startswith("#")), "")
         if key.match(following) and len(following) - len(following.lstrip()) > indent:
             continue  # a parent key: its children carry the comments
         missing.append(f"line {i + 1}: {line.strip()}")
@@ -239,7 +243,9 @@ def test_chart_should_inject_s3_credentials_with_envfrom_into_head_and_workers(c
     assert all("envFrom" not in containers(g)[0] for g in cluster_groups(ray))
 
 
-@pytest.mark.parametrize("chart,required,pod_monitors", [(TRAIN, TRAIN_REQUIRED, 2), (SERVE, SERVE_REQUIRED, 2)], ids=["train", "serve"])
+@pytest.mark.parametrize(
+    "chart,required,pod_monitors", [(TRAIN, TRAIN_REQUIRED, 2), (SERVE, SERVE_REQUIRED, 2)], ids=["train", "serve"]
+)
 @pytest.mark.parametrize("enabled", [False, True], ids=["off", "on"])
 def test_chart_should_create_pod_monitors_only_when_enabled(chart, required, pod_monitors, enabled):
     objects = render(chart, merge(required, {"podMonitor": {"enabled": enabled}}))["objects"]
@@ -257,7 +263,9 @@ def test_chart_should_create_pod_monitors_only_when_enabled(chart, required, pod
 @pytest.mark.parametrize("chart,required", [(TRAIN, TRAIN_REQUIRED), (SERVE, SERVE_REQUIRED)], ids=["train", "serve"])
 @pytest.mark.parametrize("create", [False, True], ids=["off", "on"])
 def test_chart_should_create_a_service_account_only_when_asked(chart, required, create):
-    values = merge(required, {"serviceAccount": {"create": create, "annotations": {"eks.amazonaws.com/role-arn": "arn:x"}}})
+    values = merge(
+        required, {"serviceAccount": {"create": create, "annotations": {"eks.amazonaws.com/role-arn": "arn:x"}}}
+    )
     objects = render(chart, values)["objects"]
     validate_all(objects)
     accounts = by_kind(objects, "ServiceAccount")
@@ -298,8 +306,16 @@ def test_train_chart_should_render_valid_objects_for_defaults_and_ci_values():
         ({"rayVersion": "2.9.0"}, "rayVersion"),
         ({"training": {"profile": "huge"}}, "profile"),
     ],
-    ids=["missing-storage", "storage-not-s3-or-path", "workers-0", "missing-dataset", "unknown-train-setting",
-         "credentials-in-runtime-env", "other-ray-version", "unknown-profile"],
+    ids=[
+        "missing-storage",
+        "storage-not-s3-or-path",
+        "workers-0",
+        "missing-dataset",
+        "unknown-train-setting",
+        "credentials-in-runtime-env",
+        "other-ray-version",
+        "unknown-profile",
+    ],
 )
 def test_train_chart_should_reject_wrong_values(bad, message):
     with pytest.raises(helm_python.HelmValuesError, match=message):
@@ -345,8 +361,15 @@ def test_train_chart_entrypoint_should_parse_with_the_trainer_cli_and_config():
 
 
 #: The least mode annotate needs: no dataset; the cases and a checkpoint.
-ANNOTATE_REQUIRED = {**IMAGE, "storage": {"uri": "s3://deepedit/runs"}, "mode": "annotate",
-                     "annotate": {"input": "s3://deepedit/cohort", "checkpoint": "s3://deepedit/runs/spleen/checkpoint_epoch_0001/checkpoint.pt"}}
+ANNOTATE_REQUIRED = {
+    **IMAGE,
+    "storage": {"uri": "s3://deepedit/runs"},
+    "mode": "annotate",
+    "annotate": {
+        "input": "s3://deepedit/cohort",
+        "checkpoint": "s3://deepedit/runs/spleen/checkpoint_epoch_0001/checkpoint.pt",
+    },
+}
 
 
 @pytest.mark.parametrize("gpus,concurrency,expected", [(1, 0, 2), (0, 0, 2), (2, 5, 5)])
@@ -365,18 +388,26 @@ def test_train_chart_annotate_mode_should_run_annotate_with_the_cli_s_arguments(
     assert args.output == f"s3://deepedit/runs/annotations/{RELEASE}"  # storage.uri + the run name
     assert args.format == "nii.gz" and args.concurrency == expected and args.num_gpus == (1.0 if gpus else 0.0)
     assert not args.redo
-    explicit = merge(values, {"annotate": {"output": "/mnt/annotations", "format": "dcm", "redo": True, "batchSize": 4}})
-    args = build_parser().parse_args(shlex.split(one(render(TRAIN, explicit)["objects"], "RayJob")["spec"]["entrypoint"])[1:])
+    explicit = merge(
+        values, {"annotate": {"output": "/mnt/annotations", "format": "dcm", "redo": True, "batchSize": 4}}
+    )
+    args = build_parser().parse_args(
+        shlex.split(one(render(TRAIN, explicit)["objects"], "RayJob")["spec"]["entrypoint"])[1:]
+    )
     assert args.output == "/mnt/annotations" and args.format == "dcm" and args.redo and args.batch_size == 4
 
 
-@pytest.mark.parametrize("bad,message", [
-    ({"annotate": {"input": ""}}, "/annotate/input"),
-    ({"annotate": {"checkpoint": ""}}, "/annotate/checkpoint"),
-    ({"annotate": {"format": "png"}}, "/annotate/format"),
-    ({"annotate": {"input": "http://host/cases"}}, "/annotate/input"),
-    ({"mode": "infer"}, "/mode"),
-], ids=["missing-input", "missing-checkpoint", "bad-format", "input-not-s3-or-path", "unknown-mode"])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ({"annotate": {"input": ""}}, "/annotate/input"),
+        ({"annotate": {"checkpoint": ""}}, "/annotate/checkpoint"),
+        ({"annotate": {"format": "png"}}, "/annotate/format"),
+        ({"annotate": {"input": "http://host/cases"}}, "/annotate/input"),
+        ({"mode": "infer"}, "/mode"),
+    ],
+    ids=["missing-input", "missing-checkpoint", "bad-format", "input-not-s3-or-path", "unknown-mode"],
+)
 def test_train_chart_annotate_mode_should_reject_wrong_values(bad, message):
     with pytest.raises(helm_python.HelmValuesError, match=message):
         render(TRAIN, merge(ANNOTATE_REQUIRED, bad))
@@ -390,7 +421,9 @@ def test_train_chart_should_use_one_rank_per_gpu_and_request_gpus_on_workers():
     assert worker["replicas"] == worker["minReplicas"] == worker["maxReplicas"] == 3
     res = containers(worker)[0]["resources"]
     assert res["limits"]["nvidia.com/gpu"] == 2 and res["requests"]["nvidia.com/gpu"] == 2
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in worker["template"]["spec"]["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in worker["template"]["spec"][
+        "tolerations"
+    ]
     head = containers(job["spec"]["rayClusterSpec"]["headGroupSpec"])[0]
     assert "nvidia.com/gpu" not in str(head["resources"])
 
@@ -401,8 +434,11 @@ def test_train_chart_should_keep_the_run_name_stable_and_enable_train_state_trac
     job = rayjob(merge(TRAIN_REQUIRED, {"runtimeEnv": {"envVars": {"NCCL_DEBUG": "INFO"}}}))
     runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     RuntimeEnv(**runtime_env)  # Ray accepts it
-    assert runtime_env["env_vars"] == {"RAY_TRAIN_ENABLE_STATE_TRACKING": "1", "SPLEEN_DEEPEDIT_RUN_NAME": RELEASE,
-                                       "NCCL_DEBUG": "INFO"}
+    assert runtime_env["env_vars"] == {
+        "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
+        "SPLEEN_DEEPEDIT_RUN_NAME": RELEASE,
+        "NCCL_DEBUG": "INFO",
+    }
     named = rayjob(merge(TRAIN_REQUIRED, {"training": {"runName": "spleen-v2"}}))
     assert "--run-name spleen-v2" in named["spec"]["entrypoint"]
 
@@ -426,7 +462,9 @@ def test_train_chart_should_label_the_job_for_kueue_only_when_a_queue_is_set(que
 @pytest.mark.parametrize("shutdown", [True, False], ids=["on", "off"])
 def test_train_chart_should_set_the_ttl_only_with_shutdown_after_job_finishes(shutdown):
     """KubeRay rejects ttlSecondsAfterFinished without shutdownAfterJobFinishes (operator-side rule)."""
-    rendered = render(TRAIN, merge(TRAIN_REQUIRED, {"job": {"shutdownAfterJobFinishes": shutdown, "activeDeadlineSeconds": 7200}}))
+    rendered = render(
+        TRAIN, merge(TRAIN_REQUIRED, {"job": {"shutdownAfterJobFinishes": shutdown, "activeDeadlineSeconds": 7200}})
+    )
     job = one(rendered["objects"], "RayJob")
     assert crd_errors(job) == []
     assert ("ttlSecondsAfterFinished" in job["spec"]) == shutdown
@@ -435,11 +473,14 @@ def test_train_chart_should_set_the_ttl_only_with_shutdown_after_job_finishes(sh
 
 
 def test_train_chart_should_warn_in_notes_when_storage_is_not_object_storage():
-    values = merge(TRAIN_REQUIRED, {
-        "storage": {"uri": "/mnt/runs"},
-        "extraVolumes": [{"name": "runs", "persistentVolumeClaim": {"claimName": "deepedit-runs"}}],
-        "extraVolumeMounts": [{"name": "runs", "mountPath": "/mnt/runs"}],
-    })
+    values = merge(
+        TRAIN_REQUIRED,
+        {
+            "storage": {"uri": "/mnt/runs"},
+            "extraVolumes": [{"name": "runs", "persistentVolumeClaim": {"claimName": "deepedit-runs"}}],
+            "extraVolumeMounts": [{"name": "runs", "mountPath": "/mnt/runs"}],
+        },
+    )
     rendered = render(TRAIN, values)
     validate_all(rendered["objects"])
     assert "WARNING: storage.uri /mnt/runs is not object storage" in rendered["notes"]
@@ -484,7 +525,9 @@ def check_serve_config(config: dict) -> None:
         assert app["import_path"] == "trainer.serve.app:build_app"
         ServeArgs(**app["args"])
         for deployment in app["deployments"]:
-            assert set(deployment) <= set(DeploymentSchema.model_fields), set(deployment) - set(DeploymentSchema.model_fields)
+            assert set(deployment) <= set(DeploymentSchema.model_fields), set(deployment) - set(
+                DeploymentSchema.model_fields
+            )
             assert deployment["name"] == "DeepEdit"
             if "autoscaling_config" in deployment:
                 AutoscalingConfig(**deployment["autoscaling_config"])
@@ -507,7 +550,10 @@ def test_serve_chart_should_render_valid_objects_and_serve_config_for_defaults_a
 def test_serve_chart_should_put_the_checkpoint_in_user_config_and_gpus_in_args():
     config = serve_config(rayservice(SERVE_REQUIRED))
     app = config["applications"][0]
-    assert app["deployments"][0]["user_config"] == {"checkpoint": SERVE_REQUIRED["serve"]["checkpoint"], "profile": None}
+    assert app["deployments"][0]["user_config"] == {
+        "checkpoint": SERVE_REQUIRED["serve"]["checkpoint"],
+        "profile": None,
+    }
     assert app["args"]["num_gpus"] == 1 and app["args"]["max_upload_bytes"] == 512 * 1024 * 1024
     assert app["args"]["session_max_bytes"] == 2 * 1024**3  # large ints stay ints (not 2.147483648e+09)
     assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
@@ -522,8 +568,12 @@ def test_serve_chart_should_pass_the_click_radius_even_when_zero(radius):
 
 @pytest.mark.parametrize("enabled", [False, True], ids=["off", "on"])
 def test_serve_chart_should_autoscale_replicas_and_pods_only_when_enabled(enabled):
-    service = rayservice(merge(SERVE_REQUIRED, {"autoscaling": {"enabled": enabled, "minReplicas": 1, "maxReplicas": 3},
-                                                "workers": {"maxReplicas": 3}}))
+    service = rayservice(
+        merge(
+            SERVE_REQUIRED,
+            {"autoscaling": {"enabled": enabled, "minReplicas": 1, "maxReplicas": 3}, "workers": {"maxReplicas": 3}},
+        )
+    )
     assert crd_errors(service) == []
     config = serve_config(service)
     check_serve_config(config)
@@ -561,8 +611,13 @@ def test_serve_chart_should_read_the_api_token_from_a_secret_only_when_auth_is_e
 @pytest.mark.parametrize("service_on", [False, True], ids=["service-off", "service-on"])
 @pytest.mark.parametrize("ingress_on", [False, True], ids=["ingress-off", "ingress-on"])
 def test_serve_chart_should_expose_the_serve_service_and_ingress_only_when_enabled(service_on, ingress_on):
-    values = merge(SERVE_REQUIRED, {"service": {"enabled": service_on, "type": "LoadBalancer"},
-                                    "ingress": {"enabled": ingress_on, "tlsSecret": "tls"}})
+    values = merge(
+        SERVE_REQUIRED,
+        {
+            "service": {"enabled": service_on, "type": "LoadBalancer"},
+            "ingress": {"enabled": ingress_on, "tlsSecret": "tls"},
+        },
+    )
     rendered = render(SERVE, values)
     validate_all(rendered["objects"])
     service = one(rendered["objects"], "RayService")
@@ -597,8 +652,15 @@ def test_serve_chart_should_set_the_upgrade_strategy(strategy):
         ({"upgradeStrategy": "Rolling"}, "upgradeStrategy"),
         ({"serve": {"clickRadius": -1}}, "/serve/clickRadius"),
     ],
-    ids=["missing-checkpoint", "unsupported-scheme", "batch-0", "workers-0",
-         "autoscaling-not-bool", "unknown-upgrade-strategy", "negative-click-radius"],
+    ids=[
+        "missing-checkpoint",
+        "unsupported-scheme",
+        "batch-0",
+        "workers-0",
+        "autoscaling-not-bool",
+        "unknown-upgrade-strategy",
+        "negative-click-radius",
+    ],
 )
 def test_serve_chart_should_reject_wrong_values(bad, message):
     with pytest.raises(helm_python.HelmValuesError, match=message):
@@ -653,16 +715,25 @@ def test_rendered_rayjob_entrypoint_should_train_and_write_a_checkpoint_to_s3(lo
     for path in data.rglob("*"):
         if path.is_file():
             s3.upload_file(str(path), "deepedit", f"datasets/Task09_Spleen/{path.relative_to(data).as_posix()}")
-    values = merge(ci_values(TRAIN), {
-        "storage": {"uri": "s3://deepedit/runs", "endpoint": loopback_s3["AWS_ENDPOINT_URL"]},
-        "dataset": {"uri": "s3://deepedit/datasets/Task09_Spleen"},
-        "training": {"epochs": 1, "outputDir": str(tmp_path / "out"),
-                     "config": {"amp": False, "val_every": 1, "cache_workers": 1, "seed": 7}},
-    })
+    values = merge(
+        ci_values(TRAIN),
+        {
+            "storage": {"uri": "s3://deepedit/runs", "endpoint": loopback_s3["AWS_ENDPOINT_URL"]},
+            "dataset": {"uri": "s3://deepedit/datasets/Task09_Spleen"},
+            "training": {
+                "epochs": 1,
+                "outputDir": str(tmp_path / "out"),
+                "config": {"amp": False, "val_every": 1, "cache_workers": 1, "seed": 7},
+            },
+        },
+    )
     objects = render(TRAIN, values)["objects"]
     job, config_map = one(objects, "RayJob"), one(objects, "ConfigMap")
     (tmp_path / "train.yaml").write_text(config_map["data"]["train.yaml"])  # what the ConfigMap mount holds
-    argv = [a.replace("/etc/spleen-deepedit/train.yaml", str(tmp_path / "train.yaml")) for a in shlex.split(job["spec"]["entrypoint"])]
+    argv = [
+        a.replace("/etc/spleen-deepedit/train.yaml", str(tmp_path / "train.yaml"))
+        for a in shlex.split(job["spec"]["entrypoint"])
+    ]
     argv[0] = str(Path(sys.executable).with_name(argv[0]))
     runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     head = containers(cluster_groups(job)[0])[0]
@@ -671,8 +742,15 @@ def test_rendered_rayjob_entrypoint_should_train_and_write_a_checkpoint_to_s3(lo
     assert env["SPLEEN_DEEPEDIT_CACHE"] == "/var/cache/spleen-deepedit"
     env.update(SPLEEN_DEEPEDIT_CACHE=str(tmp_path / "cache"), XDG_CACHE_HOME=str(tmp_path / "xdg"))
     # A private local Ray (never another test's cluster), no token auth, loopback only.
-    env.update(RAY_ADDRESS="local", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1",
-               RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", GLOO_SOCKET_IFNAME="lo")
+    env.update(
+        RAY_ADDRESS="local",
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        OMP_NUM_THREADS="1",
+        RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        GLOO_SOCKET_IFNAME="lo",
+    )
     done = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="deepedit", Prefix=f"runs/{RELEASE}/").get("Contents", [])]
@@ -706,23 +784,31 @@ def test_rendered_serve_config_should_deploy_on_local_serve_answer_readyz_and_ta
         torch.manual_seed(seed)
         model = build_network(get_profile("tiny")).state_dict()
         save_checkpoint(Checkpoint(model=model, profile="tiny", epoch=seed), tmp_path / f"ckpt{seed}.pt")
-    values = merge(ci_values(SERVE), {"serve": {"checkpoint": str(tmp_path / "ckpt1.pt"), "cpusPerReplica": 0.5},
-                                      "autoscaling": {"enabled": False}})
+    values = merge(
+        ci_values(SERVE),
+        {"serve": {"checkpoint": str(tmp_path / "ckpt1.pt"), "cpusPerReplica": 0.5}, "autoscaling": {"enabled": False}},
+    )
     service = one(render(SERVE, values)["objects"], "RayService")
     config = serve_config(service)
     check_serve_config(config)
     port = _free_port()
     config["http_options"] = {"host": "127.0.0.1", "port": port}  # loopback here; 0.0.0.0 in the pod
     token = "chart-test-token-0123456789abcdef"
-    for key, value in {"DEEPEDIT_AUTH_TOKEN": token, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-                       "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}.items():
+    for key, value in {
+        "DEEPEDIT_AUTH_TOKEN": token,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    }.items():
         monkeypatch.setenv(key, value)  # the Secret's env var, as the pod has it
 
     def ready(expect_not: str | None = None, timeout: float = 180.0) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                r = httpx.get(f"http://127.0.0.1:{port}/readyz", headers={"Authorization": f"Bearer {token}"}, timeout=5)
+                r = httpx.get(
+                    f"http://127.0.0.1:{port}/readyz", headers={"Authorization": f"Bearer {token}"}, timeout=5
+                )
                 if r.status_code == 200 and r.json().get("model_version") != expect_not:
                     return r.json()
             except (httpx.HTTPError, ValueError):
@@ -746,8 +832,11 @@ def test_rendered_serve_config_should_deploy_on_local_serve_answer_readyz_and_ta
         def probe() -> None:  # keeps calling /readyz while the model is swapped
             while not stop.is_set():
                 try:
-                    codes.append(httpx.get(f"http://127.0.0.1:{port}/readyz", headers={"Authorization": f"Bearer {token}"},
-                                           timeout=10).status_code)
+                    codes.append(
+                        httpx.get(
+                            f"http://127.0.0.1:{port}/readyz", headers={"Authorization": f"Bearer {token}"}, timeout=10
+                        ).status_code
+                    )
                 except httpx.HTTPError:
                     codes.append(0)
                 time.sleep(0.05)

@@ -43,13 +43,24 @@ pytestmark = pytest.mark.helm
 # ----------------------------------------------------------------------------- the restricted profile
 
 #: Volume types the restricted profile allows ("Volume Types" control).
-RESTRICTED_VOLUME_TYPES = frozenset({"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
-                                     "persistentVolumeClaim", "projected", "secret"})
+RESTRICTED_VOLUME_TYPES = frozenset(
+    {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+)
 #: Baseline "Sysctls": the safe set.
-SAFE_SYSCTLS = frozenset({"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
-                          "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
-                          "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
-                          "net.ipv4.tcp_keepalive_probes"})
+SAFE_SYSCTLS = frozenset(
+    {
+        "kernel.shm_rmid_forced",
+        "net.ipv4.ip_local_port_range",
+        "net.ipv4.ip_unprivileged_port_start",
+        "net.ipv4.tcp_syncookies",
+        "net.ipv4.ping_group_range",
+        "net.ipv4.ip_local_reserved_ports",
+        "net.ipv4.tcp_keepalive_time",
+        "net.ipv4.tcp_fin_timeout",
+        "net.ipv4.tcp_keepalive_intvl",
+        "net.ipv4.tcp_keepalive_probes",
+    }
+)
 #: Baseline "SELinux": allowed types (user and role must be unset).
 SELINUX_TYPES = frozenset({"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"})
 
@@ -82,7 +93,11 @@ def restricted_violations(pod: dict, where: str) -> list[str]:
     bad_selinux(psc.get("seLinuxOptions"), f"{where}: pod", bad)
     if (psc.get("appArmorProfile") or {}).get("type") not in (None, "RuntimeDefault", "Localhost"):
         bad(f"{where}: pod appArmorProfile")
-    containers = [*(pod.get("initContainers") or []), *(pod.get("containers") or []), *(pod.get("ephemeralContainers") or [])]
+    containers = [
+        *(pod.get("initContainers") or []),
+        *(pod.get("containers") or []),
+        *(pod.get("ephemeralContainers") or []),
+    ]
     if not containers:
         bad(f"{where}: no containers")
     for c in containers:
@@ -126,10 +141,13 @@ def bad_selinux(options: dict | None, where: str, bad) -> None:
 
 def test_the_restricted_checker_should_catch_each_control():
     """The checker itself fails pods that break each control (else a green test proves nothing)."""
-    good = {"securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
-            "containers": [{"name": "c", "securityContext": {"allowPrivilegeEscalation": False,
-                                                             "capabilities": {"drop": ["ALL"]}}}],
-            "volumes": [{"name": "v", "emptyDir": {}}]}
+    good = {
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [
+            {"name": "c", "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}
+        ],
+        "volumes": [{"name": "v", "emptyDir": {}}],
+    }
     assert restricted_violations(good, "good") == []
     breakers = [
         lambda p: p.update(hostNetwork=True),
@@ -171,14 +189,25 @@ def operator_pods(obj: dict) -> dict[str, dict]:
     head.setdefault("volumes", []).append({"name": "shared-mem", "emptyDir": {"medium": "Memory"}})
     if cluster.get("enableInTreeAutoscaling"):
         options = cluster.get("autoscalerOptions") or {}
-        head["containers"].append({"name": "autoscaler", "image": "same", "securityContext": options.get("securityContext")})
+        head["containers"].append(
+            {"name": "autoscaler", "image": "same", "securityContext": options.get("securityContext")}
+        )
     pods["head"] = head
     for group in cluster["workerGroupSpecs"]:
         worker = copy.deepcopy(group["template"]["spec"])
         ray = worker["containers"][0]
-        worker["initContainers"] = [{"name": "wait-gcs-ready", "image": ray["image"], "securityContext": copy.deepcopy(ray.get("securityContext")),
-                                     "volumeMounts": copy.deepcopy(ray.get("volumeMounts")),
-                                     "resources": {"limits": {"cpu": "200m", "memory": "256Mi"}, "requests": {"cpu": "200m", "memory": "256Mi"}}}]
+        worker["initContainers"] = [
+            {
+                "name": "wait-gcs-ready",
+                "image": ray["image"],
+                "securityContext": copy.deepcopy(ray.get("securityContext")),
+                "volumeMounts": copy.deepcopy(ray.get("volumeMounts")),
+                "resources": {
+                    "limits": {"cpu": "200m", "memory": "256Mi"},
+                    "requests": {"cpu": "200m", "memory": "256Mi"},
+                },
+            }
+        ]
         pods[f"worker-{group['groupName']}"] = worker
     if obj["kind"] == "RayJob" and spec.get("submissionMode", "K8sJobMode") == "K8sJobMode":
         assert "submitterPodTemplate" in spec, "K8sJobMode without submitterPodTemplate: KubeRay builds a bare pod"
@@ -190,8 +219,10 @@ def ray_object(objects: list[dict]) -> dict:
     return next(o for o in objects if o["apiVersion"] == "ray.io/v1")
 
 
-PVC = {"extraVolumes": [{"name": "runs", "persistentVolumeClaim": {"claimName": "runs"}}],
-       "extraVolumeMounts": [{"name": "runs", "mountPath": "/mnt/runs"}]}
+PVC = {
+    "extraVolumes": [{"name": "runs", "persistentVolumeClaim": {"claimName": "runs"}}],
+    "extraVolumeMounts": [{"name": "runs", "mountPath": "/mnt/runs"}],
+}
 COMMON_TOGGLES = {
     "sa-create": {"serviceAccount": {"create": True}},
     "sa-named": {"serviceAccount": {"name": "ml-runner"}},
@@ -201,27 +232,48 @@ COMMON_TOGGLES = {
     "podmonitor": {"podMonitor": {"enabled": True}},
     "pull-secrets": {"image": {"pullSecrets": ["regcred"]}},
     "pvc": PVC,
-    "extensions": {"runtimeClassName": "nvidia", "priorityClassName": "ml-high", "env": [{"name": "A", "value": "1"}],
-                   "envFrom": [{"configMapRef": {"name": "extra"}}],
-                   "head": {"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
-                                                           "whenUnsatisfiable": "ScheduleAnyway",
-                                                           "labelSelector": {"matchLabels": {"a": "b"}}}],
-                            "rayStartParams": {"object-store-memory": "1000000000"}}},
+    "extensions": {
+        "runtimeClassName": "nvidia",
+        "priorityClassName": "ml-high",
+        "env": [{"name": "A", "value": "1"}],
+        "envFrom": [{"configMapRef": {"name": "extra"}}],
+        "head": {
+            "topologySpreadConstraints": [
+                {
+                    "maxSkew": 1,
+                    "topologyKey": "kubernetes.io/hostname",
+                    "whenUnsatisfiable": "ScheduleAnyway",
+                    "labelSelector": {"matchLabels": {"a": "b"}},
+                }
+            ],
+            "rayStartParams": {"object-store-memory": "1000000000"},
+        },
+    },
 }
-TRAIN_CASES = {"defaults": TRAIN_REQUIRED, "ci": ci_values(TRAIN),
-               **{k: merge(TRAIN_REQUIRED, v) for k, v in COMMON_TOGGLES.items()},
-               "http-mode": merge(TRAIN_REQUIRED, {"job": {"submissionMode": "HTTPMode"}}),
-               "config": merge(TRAIN_REQUIRED, {"training": {"config": {"amp": False}}}),
-               "cpu": merge(TRAIN_REQUIRED, {"workers": {"gpusPerWorker": 0}}),
-               "annotate": ANNOTATE_REQUIRED,
-               "annotate-ci": merge(ci_values(TRAIN), {"mode": "annotate", "annotate": ANNOTATE_REQUIRED["annotate"]})}
-SERVE_CASES = {"defaults": SERVE_REQUIRED, "ci": ci_values(SERVE),
-               **{k: merge(SERVE_REQUIRED, v) for k, v in COMMON_TOGGLES.items()},
-               "autoscaling": merge(SERVE_REQUIRED, {"autoscaling": {"enabled": True}}),
-               "autoscaling-sa-create": merge(SERVE_REQUIRED, {"autoscaling": {"enabled": True}, "serviceAccount": {"create": True}}),
-               "auth-off": merge(SERVE_REQUIRED, {"auth": {"enabled": False}}),
-               "ingress": merge(SERVE_REQUIRED, {"ingress": {"enabled": True}, "service": {"enabled": True}})}
-CASES = [(TRAIN, name, values) for name, values in TRAIN_CASES.items()] + [(SERVE, name, values) for name, values in SERVE_CASES.items()]
+TRAIN_CASES = {
+    "defaults": TRAIN_REQUIRED,
+    "ci": ci_values(TRAIN),
+    **{k: merge(TRAIN_REQUIRED, v) for k, v in COMMON_TOGGLES.items()},
+    "http-mode": merge(TRAIN_REQUIRED, {"job": {"submissionMode": "HTTPMode"}}),
+    "config": merge(TRAIN_REQUIRED, {"training": {"config": {"amp": False}}}),
+    "cpu": merge(TRAIN_REQUIRED, {"workers": {"gpusPerWorker": 0}}),
+    "annotate": ANNOTATE_REQUIRED,
+    "annotate-ci": merge(ci_values(TRAIN), {"mode": "annotate", "annotate": ANNOTATE_REQUIRED["annotate"]}),
+}
+SERVE_CASES = {
+    "defaults": SERVE_REQUIRED,
+    "ci": ci_values(SERVE),
+    **{k: merge(SERVE_REQUIRED, v) for k, v in COMMON_TOGGLES.items()},
+    "autoscaling": merge(SERVE_REQUIRED, {"autoscaling": {"enabled": True}}),
+    "autoscaling-sa-create": merge(
+        SERVE_REQUIRED, {"autoscaling": {"enabled": True}, "serviceAccount": {"create": True}}
+    ),
+    "auth-off": merge(SERVE_REQUIRED, {"auth": {"enabled": False}}),
+    "ingress": merge(SERVE_REQUIRED, {"ingress": {"enabled": True}, "service": {"enabled": True}}),
+}
+CASES = [(TRAIN, name, values) for name, values in TRAIN_CASES.items()] + [
+    (SERVE, name, values) for name, values in SERVE_CASES.items()
+]
 CASE_IDS = [f"{chart.name.rsplit('-', 1)[1]}-{name}" for chart, name, _ in CASES]
 
 
@@ -251,14 +303,23 @@ def test_every_pod_the_operator_builds_should_meet_the_restricted_profile(chart,
 
 
 def test_train_chart_should_specify_a_small_submitter_pod_that_never_restarts_and_has_deadlines():
-    values = merge(TRAIN_REQUIRED, {"image": {"pullSecrets": ["regcred"]}, "serviceAccount": {"create": True},
-                                    "submitter": {"nodeSelector": {"pool": "cpu"}, "tolerations": [{"key": "x", "operator": "Exists"}]}})
+    values = merge(
+        TRAIN_REQUIRED,
+        {
+            "image": {"pullSecrets": ["regcred"]},
+            "serviceAccount": {"create": True},
+            "submitter": {"nodeSelector": {"pool": "cpu"}, "tolerations": [{"key": "x", "operator": "Exists"}]},
+        },
+    )
     job = one(render(TRAIN, values)["objects"], "RayJob")
     spec = job["spec"]
     pod = spec["submitterPodTemplate"]["spec"]
     # KubeRay does not default restartPolicy for a user template (common/job.go); a Job needs Never/OnFailure.
     assert pod["restartPolicy"] == "Never"
-    assert pod["imagePullSecrets"] == [{"name": "regcred"}] and pod["serviceAccountName"] == f"{RELEASE}-spleen-deepedit-train"
+    assert (
+        pod["imagePullSecrets"] == [{"name": "regcred"}]
+        and pod["serviceAccountName"] == f"{RELEASE}-spleen-deepedit-train"
+    )
     assert pod["nodeSelector"] == {"pool": "cpu"} and pod["tolerations"] == [{"key": "x", "operator": "Exists"}]
     assert pod["automountServiceAccountToken"] is False
     container = pod["containers"][0]
@@ -279,7 +340,12 @@ def test_ray_pods_should_keep_the_root_filesystem_read_only_with_sized_scratch_v
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     mounts = {m["mountPath"]: m["name"] for m in head["containers"][0]["volumeMounts"]}
     # `ray-logs` is KubeRay's name for /tmp/ray: an autoscaler sidecar shares the same volume (pod.go addEmptyDir).
-    assert mounts == {"/tmp": "tmp", "/tmp/ray": "ray-logs", "/var/cache/spleen-deepedit": "dataset-cache", "/outputs": "outputs"}
+    assert mounts == {
+        "/tmp": "tmp",
+        "/tmp/ray": "ray-logs",
+        "/var/cache/spleen-deepedit": "dataset-cache",
+        "/outputs": "outputs",
+    }
     env = {e["name"]: e.get("value") for e in head["containers"][0]["env"]}
     assert env["SPLEEN_DEEPEDIT_CACHE"] == "/var/cache/spleen-deepedit"  # trainer/storage.py cache_root
     assert "--output /outputs/" in job["spec"]["entrypoint"]
@@ -291,8 +357,11 @@ def test_ray_pods_should_keep_the_root_filesystem_read_only_with_sized_scratch_v
 
 
 @pytest.mark.parametrize("autoscaling", [False, True], ids=["fixed", "autoscaling"])
-@pytest.mark.parametrize("account", [{}, {"create": True}, {"name": "ml-runner"}, {"create": True, "name": "made-here"}],
-                         ids=["none", "create", "named", "create-named"])
+@pytest.mark.parametrize(
+    "account",
+    [{}, {"create": True}, {"name": "ml-runner"}, {"create": True, "name": "made-here"}],
+    ids=["none", "create", "named", "create-named"],
+)
 def test_serve_autoscaler_should_get_an_account_and_a_token_with_every_service_account_setting(autoscaling, account):
     """Ray's KubeRay autoscaler reads the mounted token unconditionally; KubeRay binds its Role to the
     head's account, or creates one per cluster when the head names none (reconcileAutoscalerServiceAccount)."""
@@ -326,9 +395,15 @@ def test_chart_should_refuse_the_default_service_account_by_name(chart, required
 
 @pytest.mark.parametrize("chart,required", [(TRAIN, TRAIN_REQUIRED), (SERVE, SERVE_REQUIRED)], ids=["train", "serve"])
 def test_ray_token_auth_should_be_on_by_default_with_the_token_from_a_secret(chart, required):
-    cluster = lambda values: (lambda s: s.get("rayClusterSpec") or s["rayClusterConfig"])(ray_object(render(chart, values)["objects"])["spec"])  # noqa: E731
+    def cluster(values):
+        spec = ray_object(render(chart, values)["objects"])["spec"]
+        return spec.get("rayClusterSpec") or spec["rayClusterConfig"]
+
     assert cluster(required)["authOptions"] == {"mode": "token"}  # KubeRay makes a Secret per cluster
-    assert cluster(merge(required, {"rayAuth": {"secretName": "ray-token"}}))["authOptions"] == {"mode": "token", "secretName": "ray-token"}
+    assert cluster(merge(required, {"rayAuth": {"secretName": "ray-token"}}))["authOptions"] == {
+        "mode": "token",
+        "secretName": "ray-token",
+    }
     off = render(chart, merge(required, {"rayAuth": {"enabled": False}}))
     assert cluster(merge(required, {"rayAuth": {"enabled": False}}))["authOptions"] == {"mode": "disabled"}
     assert "WARNING: rayAuth.enabled is false" in off["notes"]
@@ -344,7 +419,10 @@ def test_serve_chart_should_enable_api_auth_by_default_with_a_generated_secret()
     token = base64.b64decode(secret["data"]["token"]).decode()
     assert len(token) == 48 and token.isalnum()
     service = one(rendered["objects"], "RayService")
-    for group in (service["spec"]["rayClusterConfig"]["headGroupSpec"], *service["spec"]["rayClusterConfig"]["workerGroupSpecs"]):
+    for group in (
+        service["spec"]["rayClusterConfig"]["headGroupSpec"],
+        *service["spec"]["rayClusterConfig"]["workerGroupSpecs"],
+    ):
         env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
         assert env["DEEPEDIT_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": name, "key": "token"}
     assert token not in json.dumps(service)  # only the Secret holds it
@@ -371,7 +449,9 @@ def test_serve_helm_test_pod_should_check_health_and_one_segmentation_with_the_t
     assert "/healthz" in script and "client.segment(" in script
     env = {e["name"]: e for e in container["env"]}
     assert env["DEEPEDIT_URL"]["value"] == f"http://{RELEASE}-spleen-deepedit-serve-serve-svc:8000"
-    assert env["DEEPEDIT_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == f"{RELEASE}-spleen-deepedit-serve-api-token"
+    assert (
+        env["DEEPEDIT_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == f"{RELEASE}-spleen-deepedit-serve-api-token"
+    )
     assert pod["spec"]["restartPolicy"] == "Never"
     import kubernetes_validate
 
@@ -390,15 +470,33 @@ def test_chart_should_require_an_image_repository(chart, required):
 
 def test_train_chart_should_refuse_more_ranks_than_the_worker_group_holds():
     with pytest.raises(helm_python.HelmError, match=r"training.numWorkers 5 .* 2 x 2 GPU\(s\) = 4 ranks"):
-        render(TRAIN, merge(TRAIN_REQUIRED, {"training": {"numWorkers": 5}, "workers": {"replicas": 2, "gpusPerWorker": 2}}))
-    job = one(render(TRAIN, merge(TRAIN_REQUIRED, {"training": {"numWorkers": 3}, "workers": {"replicas": 2, "gpusPerWorker": 2}}))["objects"], "RayJob")
+        render(
+            TRAIN,
+            merge(TRAIN_REQUIRED, {"training": {"numWorkers": 5}, "workers": {"replicas": 2, "gpusPerWorker": 2}}),
+        )
+    job = one(
+        render(
+            TRAIN,
+            merge(TRAIN_REQUIRED, {"training": {"numWorkers": 3}, "workers": {"replicas": 2, "gpusPerWorker": 2}}),
+        )["objects"],
+        "RayJob",
+    )
     assert "--num-workers 3" in job["spec"]["entrypoint"]
 
 
 def test_chart_should_pass_extensions_per_group():
-    values = merge(TRAIN_REQUIRED, COMMON_TOGGLES["extensions"], PVC, {"workers": {"env": [{"name": "NCCL_DEBUG", "value": "INFO"}],
-                                                                                  "priorityClassName": "gpu-batch",
-                                                                                  "rayStartParams": {"num-cpus": "6"}}})
+    values = merge(
+        TRAIN_REQUIRED,
+        COMMON_TOGGLES["extensions"],
+        PVC,
+        {
+            "workers": {
+                "env": [{"name": "NCCL_DEBUG", "value": "INFO"}],
+                "priorityClassName": "gpu-batch",
+                "rayStartParams": {"num-cpus": "6"},
+            }
+        },
+    )
     job = one(render(TRAIN, values)["objects"], "RayJob")
     assert crd_errors(job) == []
     cluster = job["spec"]["rayClusterSpec"]
@@ -462,7 +560,10 @@ def test_serve_schema_corners_should_all_be_valid_serve_args_or_refused_with_a_m
         app = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
         ServeArgs(**app["args"])
         deployment = app["deployments"][0]
-        if "autoscaling_config" in deployment and deployment["autoscaling_config"]["min_replicas"] <= deployment["autoscaling_config"]["max_replicas"]:
+        if (
+            "autoscaling_config" in deployment
+            and deployment["autoscaling_config"]["min_replicas"] <= deployment["autoscaling_config"]["max_replicas"]
+        ):
             AutoscalingConfig(**deployment["autoscaling_config"])
     # maxBatchSize 64 > maxOngoingRequests 8, maxOngoingRequests 1 < maxBatchSize 4: the chart says to raise it.
     assert refused == ["serve.maxBatchSize", "serve.maxOngoingRequests"]
@@ -480,8 +581,12 @@ def _selects(selector: dict | None, labels: dict) -> bool:
             return False
     for expr in selector.get("matchExpressions") or []:
         key, op, values = expr["key"], expr["operator"], expr.get("values") or []
-        matches = {"In": labels.get(key) in values, "NotIn": labels.get(key) not in values,
-                   "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        matches = {
+            "In": labels.get(key) in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
         if not matches:
             return False
     return True
@@ -509,7 +614,10 @@ OWN_NS = {"kubernetes.io/metadata.name": NAMESPACE}
 SOURCES = {
     "same-release": ({"app.kubernetes.io/instance": RELEASE}, OWN_NS),  # + the chart's name label, below
     "other-release": ({"app.kubernetes.io/instance": "other"}, OWN_NS),
-    "kuberay-operator": ({"app.kubernetes.io/name": "kuberay-operator"}, {"kubernetes.io/metadata.name": "kuberay-system"}),
+    "kuberay-operator": (
+        {"app.kubernetes.io/name": "kuberay-operator"},
+        {"kubernetes.io/metadata.name": "kuberay-system"},
+    ),
     "prometheus": ({"app.kubernetes.io/name": "prometheus"}, {"kubernetes.io/metadata.name": "monitoring"}),
     "ingress-nginx": ({"app.kubernetes.io/name": "ingress-nginx"}, {"kubernetes.io/metadata.name": "ingress-nginx"}),
     "other-in-monitoring": ({"app.kubernetes.io/name": "grafana"}, {"kubernetes.io/metadata.name": "monitoring"}),
@@ -518,11 +626,24 @@ SOURCES = {
 PORTS = [6379, 8265, 10001, 8000, 8080, 44227, 44217, 12345]
 
 
-@pytest.mark.parametrize("chart,required,expected", [
-    (TRAIN, TRAIN_REQUIRED, {("kuberay-operator", 8265), ("prometheus", 8080), ("prometheus", 44227)}),
-    (SERVE, SERVE_REQUIRED, {("kuberay-operator", 8265), ("prometheus", 8080), ("prometheus", 44227), ("prometheus", 44217),
-                             ("ingress-nginx", 8000)}),
-], ids=["train", "serve"])
+@pytest.mark.parametrize(
+    "chart,required,expected",
+    [
+        (TRAIN, TRAIN_REQUIRED, {("kuberay-operator", 8265), ("prometheus", 8080), ("prometheus", 44227)}),
+        (
+            SERVE,
+            SERVE_REQUIRED,
+            {
+                ("kuberay-operator", 8265),
+                ("prometheus", 8080),
+                ("prometheus", 44227),
+                ("prometheus", 44217),
+                ("ingress-nginx", 8000),
+            },
+        ),
+    ],
+    ids=["train", "serve"],
+)
 def test_network_policy_should_admit_exactly_ray_operator_ingress_and_prometheus_flows(chart, required, expected):
     objects = render(chart, required)["objects"]
     validate_all(objects)
@@ -544,7 +665,11 @@ def test_network_policy_should_admit_exactly_ray_operator_ingress_and_prometheus
                 got.add((source, port))
     same = {("same-release", p) for p in PORTS}  # Ray's own dynamic ports: all, but only inside the release
     assert got == same | expected
-    assert not [o for o in render(chart, merge(required, {"networkPolicy": {"enabled": False}}))["objects"] if o["kind"] == "NetworkPolicy"]
+    assert not [
+        o
+        for o in render(chart, merge(required, {"networkPolicy": {"enabled": False}}))["objects"]
+        if o["kind"] == "NetworkPolicy"
+    ]
 
 
 # ----------------------------------------------------------------------------- Checkov
@@ -581,18 +706,44 @@ def test_checkov_kubernetes_checks_should_pass_on_every_pod_outside_the_skip_lis
             for c in pod["containers"]:  # the autoscaler sidecar as KubeRay builds it (pod.go BuildAutoscalerContainer)
                 if c["name"] == "autoscaler":
                     c["image"] = pod["containers"][0]["image"]
-                    c["resources"] = {"limits": {"cpu": "500m", "memory": "512Mi"}, "requests": {"cpu": "500m", "memory": "512Mi"}}
-            docs.append({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{chart.name}-{name}-{role}", "namespace": NAMESPACE},
-                         "spec": pod})
+                    c["resources"] = {
+                        "limits": {"cpu": "500m", "memory": "512Mi"},
+                        "requests": {"cpu": "500m", "memory": "512Mi"},
+                    }
+            docs.append(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {"name": f"{chart.name}-{name}-{role}", "namespace": NAMESPACE},
+                    "spec": pod,
+                }
+            )
         docs += [t for t in rendered["tests"]]
         docs += [o for o in rendered["objects"] if o["apiVersion"] != "ray.io/v1" and o["kind"] != "PodMonitor"]
     (tmp_path / "pods.yaml").write_text(yaml.safe_dump_all(docs))
-    done = subprocess.run([_checkov(), "-f", str(tmp_path / "pods.yaml"), "--framework", "kubernetes", "-o", "json",
-                           "--skip-check", ",".join(CHECKOV_SKIPS), "--quiet", "--compact"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            _checkov(),
+            "-f",
+            str(tmp_path / "pods.yaml"),
+            "--framework",
+            "kubernetes",
+            "-o",
+            "json",
+            "--skip-check",
+            ",".join(CHECKOV_SKIPS),
+            "--quiet",
+            "--compact",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     report = json.loads(done.stdout)
     reports = report if isinstance(report, list) else [report]
-    failed = [f"{c['check_id']} {c['resource']}: {c['check_name']}" for r in reports for c in r["results"]["failed_checks"]]
+    failed = [
+        f"{c['check_id']} {c['resource']}: {c['check_name']}" for r in reports for c in r["results"]["failed_checks"]
+    ]
     assert failed == [], "\n".join(failed)
     passed = sum(r["summary"]["passed"] for r in reports)
     assert passed > 100, passed  # it really checked the pods
@@ -624,7 +775,9 @@ def test_walkthrough_values_files_should_render_valid_restricted_objects(chart, 
 
 def test_walkthrough_should_install_the_operator_without_a_servicemonitor_before_its_crd_exists():
     """Step 2 runs on an empty cluster: a ServiceMonitor there fails with "no matches for kind"."""
-    values = yaml.safe_load((Path(__file__).resolve().parents[1] / "k8s/manifests/kuberay-operator-values.yaml").read_text())
+    values = yaml.safe_load(
+        (Path(__file__).resolve().parents[1] / "k8s/manifests/kuberay-operator-values.yaml").read_text()
+    )
     assert values["metrics"]["serviceMonitor"]["enabled"] is False
     text = DOCS.read_text()
     step2, step3 = text.index("## 2. Install the KubeRay operator"), text.index("## 3. Monitoring")

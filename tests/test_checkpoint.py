@@ -15,8 +15,15 @@ def _ckpt():
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model(torch.rand(1, 3, 32, 32, 32)).mean().backward()
     opt.step()
-    return Checkpoint(model=model.state_dict(), profile="tiny", epoch=3, optimizer=opt.state_dict(),
-                      scaler={"scale": 1.0}, config={"profile": "tiny"}, metrics={"val_dice": 0.5})
+    return Checkpoint(
+        model=model.state_dict(),
+        profile="tiny",
+        epoch=3,
+        optimizer=opt.state_dict(),
+        scaler={"scale": 1.0},
+        config={"profile": "tiny"},
+        metrics={"val_dice": 0.5},
+    )
 
 
 def test_round_trip(tmp_path):
@@ -60,9 +67,17 @@ def test_bundle_state_dict_loads_into_the_predictor(tmp_path):
     """A plain state_dict of MONAI's DynUNet with the bundle's arguments (the model-zoo model.pt)."""
     from monai.networks.nets import DynUNet
 
-    net = DynUNet(spatial_dims=3, in_channels=3, out_channels=2, kernel_size=[3, 3, 3, 3, 3, 3],
-                  strides=[1, 2, 2, 2, 2, [2, 2, 1]], upsample_kernel_size=[2, 2, 2, 2, [2, 2, 1]],
-                  norm_name="instance", deep_supervision=False, res_block=True)
+    net = DynUNet(
+        spatial_dims=3,
+        in_channels=3,
+        out_channels=2,
+        kernel_size=[3, 3, 3, 3, 3, 3],
+        strides=[1, 2, 2, 2, 2, [2, 2, 1]],
+        upsample_kernel_size=[2, 2, 2, 2, [2, 2, 1]],
+        norm_name="instance",
+        deep_supervision=False,
+        res_block=True,
+    )
     assert sum(p.numel() for p in net.parameters()) == 31_001_282
     save_state_dict(net.state_dict(), tmp_path / "model.pt")
     ckpt = load_checkpoint(tmp_path / "model.pt")

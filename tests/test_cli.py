@@ -39,15 +39,34 @@ def test_synth_rejects_zero_cases(capsys, tmp_path):
 
 
 def test_train_bad_inputs(capsys, tmp_path, tiny_dataset):
-    assert "does not exist" in _error(capsys, ["train", "--data", str(tmp_path / "missing"), "--output", str(tmp_path / "o")])
+    assert "does not exist" in _error(
+        capsys, ["train", "--data", str(tmp_path / "missing"), "--output", str(tmp_path / "o")]
+    )
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("learning_rat: 0.1\n")
-    err = _error(capsys, ["train", "--data", str(tiny_dataset), "--output", str(tmp_path / "o"), "--config", str(bad_yaml)])
+    err = _error(
+        capsys, ["train", "--data", str(tiny_dataset), "--output", str(tmp_path / "o"), "--config", str(bad_yaml)]
+    )
     assert "learning_rat" in err and "learning_rate" in err
     bad_yaml.write_text("click_prob_train: 1.5\n")
-    assert "1.5" in _error(capsys, ["train", "--data", str(tiny_dataset), "--output", str(tmp_path / "o"), "--config", str(bad_yaml)])
-    assert "nope.yaml" in _error(capsys, ["train", "--data", str(tiny_dataset), "--output", str(tmp_path / "o"), "--config", str(tmp_path / "nope.yaml")])
-    assert "learning_rate" in _error(capsys, ["train", "--data", str(tiny_dataset), "--output", str(tmp_path / "o"), "--learning-rate", "-1"])
+    assert "1.5" in _error(
+        capsys, ["train", "--data", str(tiny_dataset), "--output", str(tmp_path / "o"), "--config", str(bad_yaml)]
+    )
+    assert "nope.yaml" in _error(
+        capsys,
+        [
+            "train",
+            "--data",
+            str(tiny_dataset),
+            "--output",
+            str(tmp_path / "o"),
+            "--config",
+            str(tmp_path / "nope.yaml"),
+        ],
+    )
+    assert "learning_rate" in _error(
+        capsys, ["train", "--data", str(tiny_dataset), "--output", str(tmp_path / "o"), "--learning-rate", "-1"]
+    )
     assert not (tmp_path / "o" / "checkpoints").exists()  # nothing half-written
 
 
@@ -79,11 +98,17 @@ def test_infer_bad_inputs(capsys, tmp_path, tiny_dataset):
     assert "unknown click label" in _error(capsys, base + ["--clicks", '{"liver": [[1, 1, 1]]}'])
     assert "not valid JSON" in _error(capsys, base + ["--clicks", '{"spleen": [[1, 1, 1]'])
     assert "nofile.json" in _error(capsys, base + ["--clicks", str(tmp_path / "nofile.json")])
-    assert "missing.pt" in _error(capsys, ["infer", "--checkpoint", str(tmp_path / "missing.pt"), "--image", image, "--output", str(out)])
-    assert "missing.nii.gz" in _error(capsys, ["infer", "--checkpoint", str(ckpt), "--image", str(tmp_path / "missing.nii.gz"), "--output", str(out)])
+    assert "missing.pt" in _error(
+        capsys, ["infer", "--checkpoint", str(tmp_path / "missing.pt"), "--image", image, "--output", str(out)]
+    )
+    assert "missing.nii.gz" in _error(
+        capsys, ["infer", "--checkpoint", str(ckpt), "--image", str(tmp_path / "missing.nii.gz"), "--output", str(out)]
+    )
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(ckpt.read_bytes()[:2000])
-    assert "corrupt.pt" in _error(capsys, ["infer", "--checkpoint", str(corrupt), "--image", image, "--output", str(out)])
+    assert "corrupt.pt" in _error(
+        capsys, ["infer", "--checkpoint", str(corrupt), "--image", image, "--output", str(out)]
+    )
     assert not out.exists()
     # And a good call through the real console entry point.
     clicks = tmp_path / "clicks.json"
@@ -96,9 +121,13 @@ def test_infer_bad_inputs(capsys, tmp_path, tiny_dataset):
 def test_unusable_device_is_a_one_line_error(capsys, tmp_path):
     import torch
 
-    assert "not a torch device" in _error(capsys, ["infer", "--checkpoint", "x", "--image", "y", "--output", "z", "--device", "gpu0"])
+    assert "not a torch device" in _error(
+        capsys, ["infer", "--checkpoint", "x", "--image", "y", "--output", "z", "--device", "gpu0"]
+    )
     if not torch.cuda.is_available():
-        assert "no CUDA device" in _error(capsys, ["train", "--data", str(tmp_path), "--output", str(tmp_path), "--device", "cuda"])
+        assert "no CUDA device" in _error(
+            capsys, ["train", "--data", str(tmp_path), "--output", str(tmp_path), "--device", "cuda"]
+        )
 
 
 @pytest.mark.parametrize("value", ["-1", "nan", "inf", "abc"])
@@ -115,14 +144,38 @@ def test_evaluate_flags_become_a_typed_config_with_its_defaults():
 
     args = build_parser().parse_args(["evaluate", "--checkpoint", "c.pt", "--data", "d", "--output", "o"])
     assert evaluate_config(args) == EvaluateConfig(checkpoint="c.pt", data_dir="d", output_dir="o")
-    args = build_parser().parse_args(["evaluate", "--checkpoint", "c.pt", "--data", "d", "--output", "o",
-                                      "--split", "test", "--max-clicks", "3", "--click-radius", "0", "--dicom"])
+    args = build_parser().parse_args(
+        [
+            "evaluate",
+            "--checkpoint",
+            "c.pt",
+            "--data",
+            "d",
+            "--output",
+            "o",
+            "--split",
+            "test",
+            "--max-clicks",
+            "3",
+            "--click-radius",
+            "0",
+            "--dicom",
+        ]
+    )
     cfg = evaluate_config(args)
     assert (cfg.split, cfg.max_clicks, cfg.click_radius, cfg.dicom) == ("test", 3, 0.0, True)
 
 
 def test_evaluate_bad_settings_are_one_line_errors_before_any_work(capsys, tmp_path):
-    base = ["evaluate", "--checkpoint", str(tmp_path / "missing.pt"), "--data", str(tmp_path), "--output", str(tmp_path / "r")]
+    base = [
+        "evaluate",
+        "--checkpoint",
+        str(tmp_path / "missing.pt"),
+        "--data",
+        str(tmp_path),
+        "--output",
+        str(tmp_path / "r"),
+    ]
     assert "max_clicks must be an integer >= 0, got -1" in _error(capsys, base + ["--max-clicks", "-1"])
     assert "missing.pt" in _error(capsys, base)
     assert not (tmp_path / "r").exists()

@@ -73,10 +73,16 @@ def _phantom_masks(seed=0, size=32):
 
     case = generate_case(np.random.default_rng(seed))
     chain = Compose(preprocess_transforms((size,) * 3, ["image", "label"]))
-    d = chain({
-        "image": MetaTensor(torch.from_numpy(case.image.astype(np.float32))[None], affine=torch.as_tensor(case.affine)),
-        "label": MetaTensor(torch.from_numpy(case.label.astype(np.float32))[None], affine=torch.as_tensor(case.affine)),
-    })
+    d = chain(
+        {
+            "image": MetaTensor(
+                torch.from_numpy(case.image.astype(np.float32))[None], affine=torch.as_tensor(case.affine)
+            ),
+            "label": MetaTensor(
+                torch.from_numpy(case.label.astype(np.float32))[None], affine=torch.as_tensor(case.affine)
+            ),
+        }
+    )
     image = np.asarray(d["image"])[0]
     return np.asarray(d["label"])[0] > 0.5, body_mask(image), image
 

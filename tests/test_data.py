@@ -66,7 +66,9 @@ def test_unmatched_names(tmp_path):
 
 
 def test_dataset_json_naming_missing_file(tmp_path):
-    (tmp_path / "dataset.json").write_text(json.dumps({"training": [{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}]}))
+    (tmp_path / "dataset.json").write_text(
+        json.dumps({"training": [{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}]})
+    )
     with pytest.raises(DataError, match="x.nii.gz"):
         list_dataset(tmp_path)
 

@@ -79,8 +79,9 @@ def test_the_serve_batch_decorator_starts_from_serve_args():
     from trainer.serve.core import _SERVE_DEFAULTS
     from trainer.serve.settings import ServeArgs
 
-    assert _SERVE_DEFAULTS == {name: ServeArgs.model_fields[name].default
-                               for name in ("max_batch_size", "batch_wait_timeout_s")}
+    assert _SERVE_DEFAULTS == {
+        name: ServeArgs.model_fields[name].default for name in ("max_batch_size", "batch_wait_timeout_s")
+    }
 
 
 def test_the_validation_fraction_has_one_home():
@@ -136,7 +137,9 @@ def test_the_serve_chart_schema_bounds_are_serve_args_bounds():
             continue
         bounds = _field_bounds(fields[name])
         # A pattern only where ServeArgs has one (the chart may check a device name more closely).
-        words = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum") + (("pattern",) if "pattern" in bounds else ())
+        words = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum") + (
+            ("pattern",) if "pattern" in bounds else ()
+        )
         mine = {word: prop[word] for word in words if word in prop}
         assert mine == bounds, (key, mine, bounds)
         checked += 1
@@ -149,7 +152,9 @@ def test_the_batch_wait_has_one_default():
     from trainer.serve.settings import serve_default
 
     values = yaml.safe_load((SERVE / "values.yaml").read_text())["serve"]
-    assert values["batchWaitTimeoutS"] == _SERVE_DEFAULTS["batch_wait_timeout_s"] == serve_default("batch_wait_timeout_s")
+    assert (
+        values["batchWaitTimeoutS"] == _SERVE_DEFAULTS["batch_wait_timeout_s"] == serve_default("batch_wait_timeout_s")
+    )
 
 
 def test_the_two_default_profiles_are_the_trainer_s_and_the_bundle_s():
@@ -164,6 +169,10 @@ def test_the_two_default_profiles_are_the_trainer_s_and_the_bundle_s():
 def test_environment_variables_are_read_in_one_module():
     """trainer/env.py names every variable the project reads or sets; no other module touches os.environ."""
     root = Path(__file__).resolve().parents[1]
-    readers = [str(path.relative_to(root)) for package in ("trainer", "k8s") for path in (root / package).rglob("*.py")
-               if path.name != "env.py" and re.search(r"os\.environ|os\.getenv|os\.putenv", path.read_text())]
+    readers = [
+        str(path.relative_to(root))
+        for package in ("trainer", "k8s")
+        for path in (root / package).rglob("*.py")
+        if path.name != "env.py" and re.search(r"os\.environ|os\.getenv|os\.putenv", path.read_text())
+    ]
     assert readers == [], readers

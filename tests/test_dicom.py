@@ -53,12 +53,15 @@ def _decoder_available(uid: str) -> bool:
         return False
 
 
-@pytest.mark.parametrize("orientation,syntax", [
-    ("RAS", None),
-    ("LPS", "1.2.840.10008.1.2.4.90"),  # JPEG 2000 Lossless
-    ("LAS", "1.2.840.10008.1.2.5"),  # RLE Lossless; LAS: the slice normal points inferior, so k reverses
-    ("LPS", "1.2.840.10008.1.2.4.80"),  # JPEG-LS Lossless
-])
+@pytest.mark.parametrize(
+    "orientation,syntax",
+    [
+        ("RAS", None),
+        ("LPS", "1.2.840.10008.1.2.4.90"),  # JPEG 2000 Lossless
+        ("LAS", "1.2.840.10008.1.2.5"),  # RLE Lossless; LAS: the slice normal points inferior, so k reverses
+        ("LPS", "1.2.840.10008.1.2.4.80"),  # JPEG-LS Lossless
+    ],
+)
 def test_series_geometry_matches_nifti_and_monai(tmp_path, orientation, syntax):
     if syntax is not None and not _decoder_available(syntax):
         pytest.skip(f"no encoder/decoder for {syntax} installed")
@@ -105,8 +108,11 @@ def test_zip_and_file_list_read_like_the_folder(tmp_path):
         for f in sorted(folder.iterdir()):
             zf.write(f, f"study/series/{f.name}")
         zf.writestr("__MACOSX/._IM00000.dcm", b"junk")  # ignored, as are hidden files and DICOMDIR
-    for vol in (read_series(archive), read_series_bytes(archive.read_bytes()),
-                read_files([(f.name, f.read_bytes()) for f in folder.iterdir()])):
+    for vol in (
+        read_series(archive),
+        read_series_bytes(archive.read_bytes()),
+        read_files([(f.name, f.read_bytes()) for f in folder.iterdir()]),
+    ):
         np.testing.assert_array_equal(vol.image, ref.image)
         np.testing.assert_allclose(vol.affine, ref.affine)
         assert pickle.loads(pickle.dumps(vol.meta)).n_slices == SHAPE[2]  # no open stream kept: Ray can pass it on
@@ -120,7 +126,10 @@ def _rewrite(path: Path, **changes) -> None:
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("IM*.dcm"), key=lambda p: int(pydicom.dcmread(p, stop_before_pixels=True, force=True).InstanceNumber))
+    return sorted(
+        folder.glob("IM*.dcm"),
+        key=lambda p: int(pydicom.dcmread(p, stop_before_pixels=True, force=True).InstanceNumber),
+    )
 
 
 def _err(source, limits=None) -> DicomError:
@@ -161,7 +170,9 @@ def test_bad_series_each_get_their_error(tmp_path):
     for f in _files(d)[7:]:
         ds = pydicom.dcmread(f)
         z = [float(v) for v in ds.ImagePositionPatient]
-        normal = np.cross(np.asarray(ds.ImageOrientationPatient[:3], float), np.asarray(ds.ImageOrientationPatient[3:], float))
+        normal = np.cross(
+            np.asarray(ds.ImageOrientationPatient[:3], float), np.asarray(ds.ImageOrientationPatient[3:], float)
+        )
         _rewrite(f, ImagePositionPatient=[f"{v:.6f}" for v in np.asarray(z) + 0.4 * float(ds.SliceThickness) * normal])
     e = _err(d)
     assert e.code == "uneven_spacing" and "tolerance" in str(e)
@@ -171,7 +182,10 @@ def test_bad_series_each_get_their_error(tmp_path):
         ds = pydicom.dcmread(f)
         # About 6 degrees: each slice shifted a tenth of the slice gap along the column direction.
         shift = np.asarray(ds.ImageOrientationPatient[3:], float) * 0.1 * float(ds.SliceThickness) * k
-        _rewrite(f, ImagePositionPatient=[f"{v:.6f}" for v in np.asarray([float(v) for v in ds.ImagePositionPatient]) + shift])
+        _rewrite(
+            f,
+            ImagePositionPatient=[f"{v:.6f}" for v in np.asarray([float(v) for v in ds.ImagePositionPatient]) + shift],
+        )
     assert _err(d).code == "gantry_tilt"
 
     d = variant("rounded")  # positions written to 0.1 mm, as some scanners do: still one regular series
@@ -239,9 +253,17 @@ def test_bad_series_each_get_their_error(tmp_path):
 
 def test_seg_reads_back_references_source_and_passes_dciodvfy(tmp_path):
     case, folder = _series(tmp_path, "LAS")
-    private = {"PatientAge": "042Y", "PatientWeight": "70", "PatientComments": "private note", "OtherPatientNames": "Alias^Name",
-               "StudyDescription": "ABDOMEN CT", "InstitutionName": "General Hospital", "OperatorsName": "Op^Erator",
-               "StationName": "CT01", "PatientBirthDate": "19800101"}
+    private = {
+        "PatientAge": "042Y",
+        "PatientWeight": "70",
+        "PatientComments": "private note",
+        "OtherPatientNames": "Alias^Name",
+        "StudyDescription": "ABDOMEN CT",
+        "InstitutionName": "General Hospital",
+        "OperatorsName": "Op^Erator",
+        "StationName": "CT01",
+        "PatientBirthDate": "19800101",
+    }
     for f in folder.iterdir():
         _rewrite(f, **private)
     vol = read_series(folder)
@@ -261,17 +283,24 @@ def test_seg_reads_back_references_source_and_passes_dciodvfy(tmp_path):
     assert (prop.CodeValue, prop.CodingSchemeDesignator) == ("78961009", "SCT")
     algo = desc.SegmentationAlgorithmIdentificationSequence[0]
     assert algo.AlgorithmName == "spleen-deepedit" and algo.AlgorithmVersion == "last.pt@epoch3#abc123"
-    referenced = {item.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for item in s.ReferencedInstanceSequence}
+    referenced = {
+        item.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for item in s.ReferencedInstanceSequence
+    }
     assert referenced == {ds.SOPInstanceUID for ds in src}
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == src[0].SeriesInstanceUID
     # The mask read back frame by frame, in source-slice order.
-    frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=[ds.SOPInstanceUID for ds in src],
-                                               segment_numbers=[1])[..., 0]
+    frames = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[ds.SOPInstanceUID for ds in src], segment_numbers=[1]
+    )[..., 0]
     np.testing.assert_array_equal(frames.transpose(2, 1, 0), mask)
     assert int(mask.sum()) > 0
     # Only what the standard has the SEG share with its source: Patient and General Study modules'
     # Type 1/2 attributes; nothing optional (age, weight, comments, study description, institution, ...).
-    assert seg.PatientName == src[0].PatientName and seg.PatientBirthDate == "19800101" and seg.StudyDate == src[0].StudyDate
+    assert (
+        seg.PatientName == src[0].PatientName
+        and seg.PatientBirthDate == "19800101"
+        and seg.StudyDate == src[0].StudyDate
+    )
     leaked = [k for k, v in private.items() if k != "PatientBirthDate" and k in seg]
     assert not leaked, leaked
     values = {str(el.value) for el in seg.iterall() if el.VR in ("LO", "PN", "LT", "SH", "ST", "AS", "DS", "UT")}
@@ -351,8 +380,26 @@ def test_synth_writes_dicom_series_of_its_phantoms(tmp_path, capsys):
 
     if not _decoder_available("1.2.840.10008.1.2.5"):
         pytest.skip("no RLE encoder")
-    assert main(["synth", "--out", str(tmp_path), "--cases", "2", "--test-cases", "1", "--shape", "40", "36", "12",
-                 "--dicom", "rle"]) == 0
+    assert (
+        main(
+            [
+                "synth",
+                "--out",
+                str(tmp_path),
+                "--cases",
+                "2",
+                "--test-cases",
+                "1",
+                "--shape",
+                "40",
+                "36",
+                "12",
+                "--dicom",
+                "rle",
+            ]
+        )
+        == 0
+    )
     assert "3 DICOM series (rle)" in capsys.readouterr().out
     for nifti in sorted(tmp_path.glob("images*/*.nii.gz")):
         vol = read_series(tmp_path / "dicom" / nifti.parent.name / nifti.name[: -len(".nii.gz")])

@@ -33,8 +33,18 @@ def check_in_step(out: Path, steps: int) -> None:
 
 @pytest.mark.slow
 def test_torchrun_ranks_agree_to_skip_a_step_one_rank_cannot_take(tiny_dataset, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-           str(HELPER), str(tiny_dataset), str(tmp_path), json.dumps(FAULTS)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        str(HELPER),
+        str(tiny_dataset),
+        str(tmp_path),
+        json.dumps(FAULTS),
+    ]
     env = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(Path(__file__).parents[1])}
     import os
 

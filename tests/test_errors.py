@@ -52,16 +52,38 @@ def test_old_import_paths_still_work():
     from trainer.storage import StorageError
     from trainer.train import TrainingDiverged
 
-    assert (ConfigError, StorageError, DataError, DicomError, CheckpointError, ClickError, TrainingDiverged,
-            K8sError) == (errors.ConfigError, errors.StorageError, errors.DataError, errors.DicomError,
-                          errors.CheckpointError, errors.ClickError, errors.TrainingDiverged, errors.K8sError)
+    assert (
+        ConfigError,
+        StorageError,
+        DataError,
+        DicomError,
+        CheckpointError,
+        ClickError,
+        TrainingDiverged,
+        K8sError,
+    ) == (
+        errors.ConfigError,
+        errors.StorageError,
+        errors.DataError,
+        errors.DicomError,
+        errors.CheckpointError,
+        errors.ClickError,
+        errors.TrainingDiverged,
+        errors.K8sError,
+    )
 
 
 def test_user_input_errors_stay_value_errors():
     # pydantic reports a ValueError raised in a validator (serve settings' check_uri -> StorageError);
     # click and number parsers catch ValueError.
-    for cls in (errors.ConfigError, errors.StorageError, errors.DataError, errors.DicomError,
-                errors.CheckpointError, errors.ClickError):
+    for cls in (
+        errors.ConfigError,
+        errors.StorageError,
+        errors.DataError,
+        errors.DicomError,
+        errors.CheckpointError,
+        errors.ClickError,
+    ):
         assert issubclass(cls, ValueError), cls
 
 

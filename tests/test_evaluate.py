@@ -170,7 +170,11 @@ def test_test_split_needs_labels_ts(phantoms, tmp_path):
 
 def test_evaluate_checkpoint_writes_the_report(phantoms, trained, tmp_path):
     out = tmp_path / "report"
-    summary = evaluate_checkpoint(EvaluateConfig(checkpoint=trained / "checkpoints" / "best.pt", data_dir=phantoms, output_dir=out, max_clicks=MAX_CLICKS))
+    summary = evaluate_checkpoint(
+        EvaluateConfig(
+            checkpoint=trained / "checkpoints" / "best.pt", data_dir=phantoms, output_dir=out, max_clicks=MAX_CLICKS
+        )
+    )
 
     saved = json.loads((out / "summary.json").read_text())
     assert saved == summary
@@ -197,8 +201,22 @@ def test_evaluate_checkpoint_writes_the_report(phantoms, trained, tmp_path):
 
 def test_cli_evaluate_exits_0(phantoms, trained, tmp_path):
     out = tmp_path / "cli_report"
-    cmd = [sys.executable, "-m", "trainer", "evaluate", "--checkpoint", str(trained / "checkpoints" / "last.pt"),
-           "--data", str(phantoms), "--output", str(out), "--max-clicks", "1", "--split", "test"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer",
+        "evaluate",
+        "--checkpoint",
+        str(trained / "checkpoints" / "last.pt"),
+        "--data",
+        str(phantoms),
+        "--output",
+        str(out),
+        "--max-clicks",
+        "1",
+        "--split",
+        "test",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "spleen Dice" in proc.stdout
@@ -238,10 +256,16 @@ def test_evaluate_dicom_series_images_score_like_their_nifti(phantoms, tmp_path)
     ckpt = tmp_path / "model.pt"
     save_checkpoint(Checkpoint(model=build_network(get_profile("tiny")).state_dict(), profile="tiny", epoch=0), ckpt)
     with pytest.raises(DataError, match="dicom/imagesTr"):
-        evaluate_checkpoint(EvaluateConfig(checkpoint=ckpt, data_dir=data, output_dir=tmp_path / "none", max_clicks=0, dicom=True))
+        evaluate_checkpoint(
+            EvaluateConfig(checkpoint=ckpt, data_dir=data, output_dir=tmp_path / "none", max_clicks=0, dicom=True)
+        )
     write_dicom_dataset(data)
-    nifti = evaluate_checkpoint(EvaluateConfig(checkpoint=ckpt, data_dir=data, output_dir=tmp_path / "nifti", max_clicks=1))
-    dicom = evaluate_checkpoint(EvaluateConfig(checkpoint=ckpt, data_dir=data, output_dir=tmp_path / "dicom", max_clicks=1, dicom=True))
+    nifti = evaluate_checkpoint(
+        EvaluateConfig(checkpoint=ckpt, data_dir=data, output_dir=tmp_path / "nifti", max_clicks=1)
+    )
+    dicom = evaluate_checkpoint(
+        EvaluateConfig(checkpoint=ckpt, data_dir=data, output_dir=tmp_path / "dicom", max_clicks=1, dicom=True)
+    )
     assert dicom["cases"] == nifti["cases"] == 2
     assert dicom["dice_auto"] == pytest.approx(nifti["dice_auto"], abs=1e-4)
     # The label lands on the same voxels of the series' array (some phantoms read back with k reversed).
@@ -265,10 +289,21 @@ def test_the_val_split_is_the_one_the_checkpoint_was_trained_with(phantoms, tmp_
     torch.manual_seed(0)
     cfg = TrainConfig(profile="tiny", val_fraction=0.5)
     path = tmp_path / "c.pt"
-    save_checkpoint(Checkpoint(model=build_network(get_profile("tiny")).state_dict(), profile="tiny",
-                               config=cfg.to_dict()), path)
-    summary = evaluate_checkpoint(EvaluateConfig(checkpoint=f"file://{path}", data_dir=phantoms, output_dir=tmp_path / "r", max_clicks=0))
-    assert summary["case_names"] == [Path(c["image"]).name.removesuffix(".nii.gz")
-                                     for c in select_cases(phantoms, "val", 0.5)]
+    save_checkpoint(
+        Checkpoint(model=build_network(get_profile("tiny")).state_dict(), profile="tiny", config=cfg.to_dict()), path
+    )
+    summary = evaluate_checkpoint(
+        EvaluateConfig(checkpoint=f"file://{path}", data_dir=phantoms, output_dir=tmp_path / "r", max_clicks=0)
+    )
+    assert summary["case_names"] == [
+        Path(c["image"]).name.removesuffix(".nii.gz") for c in select_cases(phantoms, "val", 0.5)
+    ]
     assert summary["cases"] == 3
-    assert evaluate_checkpoint(EvaluateConfig(checkpoint=path, data_dir=phantoms, output_dir=tmp_path / "r2", max_clicks=0, val_fraction=0.2))["cases"] == 2
+    assert (
+        evaluate_checkpoint(
+            EvaluateConfig(
+                checkpoint=path, data_dir=phantoms, output_dir=tmp_path / "r2", max_clicks=0, val_fraction=0.2
+            )
+        )["cases"]
+        == 2
+    )

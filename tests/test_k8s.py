@@ -36,7 +36,14 @@ TOKEN = "fake-token"
 
 
 def _status(code: int, reason: str, message: str) -> dict:
-    return {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "reason": reason, "message": message}
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure",
+        "code": code,
+        "reason": reason,
+        "message": message,
+    }
 
 
 def _json_patch(doc: dict, ops: list[dict]) -> dict:
@@ -102,8 +109,12 @@ class FakeKubeAPI(ThreadingHTTPServer):
 
 
 #: /api/v1/namespaces/{ns}/{plural}[/{name}] and /apis/{group}/{version}/namespaces/{ns}/{plural}[/{name}]
-_OBJECT_PATH = re.compile(r"^/(?:api/v1|apis/[^/]+/[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+))?$")
-_PROXY_PATH = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/services/(?P<svc>[^/]+):dashboard/proxy/api/jobs/(?P<job>[^/]+)/logs$")
+_OBJECT_PATH = re.compile(
+    r"^/(?:api/v1|apis/[^/]+/[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+))?$"
+)
+_PROXY_PATH = re.compile(
+    r"^/api/v1/namespaces/(?P<ns>[^/]+)/services/(?P<svc>[^/]+):dashboard/proxy/api/jobs/(?P<job>[^/]+)/logs$"
+)
 _POD_LOG_PATH = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<pod>[^/]+)/log$")
 
 
@@ -129,10 +140,17 @@ class _Handler(BaseHTTPRequestHandler):
         body = json.loads(raw) if raw else None
         srv = self.server
         with srv.lock:
-            srv.requests.append({"method": method, "path": path, "query": query, "body": body,
-                                 "content_type": self.headers.get("Content-Type"),
-                                 "auth": self.headers.get("Authorization"),
-                                 "ray_auth": self.headers.get("x-ray-authorization")})
+            srv.requests.append(
+                {
+                    "method": method,
+                    "path": path,
+                    "query": query,
+                    "body": body,
+                    "content_type": self.headers.get("Content-Type"),
+                    "auth": self.headers.get("Authorization"),
+                    "ray_auth": self.headers.get("x-ray-authorization"),
+                }
+            )
             if self.headers.get("Authorization") != f"Bearer {TOKEN}":
                 return self._reply(401, _status(401, "Unauthorized", "no or wrong bearer token"))
             for i, (part, code) in enumerate(srv.failures):
@@ -149,7 +167,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._reply(200, srv.pods[m["pod"]])
             if path == f"/api/v1/namespaces/{NS}/pods" and srv.pod_objects:
                 wanted = dict(s.split("=", 1) for s in query.get("labelSelector", [""])[0].split(",") if s)
-                items = [p for p in srv.pod_objects if all(p["metadata"]["labels"].get(k) == v for k, v in wanted.items())]
+                items = [
+                    p for p in srv.pod_objects if all(p["metadata"]["labels"].get(k) == v for k, v in wanted.items())
+                ]
                 return self._reply(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
             if path == f"/api/v1/namespaces/{NS}/pods":
                 items = [{"metadata": {"name": n, "namespace": NS, "labels": {"job-name": "x"}}} for n in srv.pods]
@@ -181,8 +201,13 @@ class _Handler(BaseHTTPRequestHandler):
             return self._watch(plural, ns, query)
         if method == "GET" and name is None:  # list, with an equality labelSelector
             wanted = dict(s.split("=", 1) for s in query.get("labelSelector", [""])[0].split(",") if s)
-            items = [copy.deepcopy(o) for (p, n, _), o in srv.objects.items() if p == plural and n == ns
-                     and all((o["metadata"].get("labels") or {}).get(k) == v for k, v in wanted.items())]
+            items = [
+                copy.deepcopy(o)
+                for (p, n, _), o in srv.objects.items()
+                if p == plural
+                and n == ns
+                and all((o["metadata"].get("labels") or {}).get(k) == v for k, v in wanted.items())
+            ]
             return self._reply(200, {"kind": "List", "apiVersion": "v1", "metadata": {}, "items": items})
         if method == "PATCH" and self.headers.get("Content-Type") == "application/apply-patch+yaml":
             if body["metadata"].get("name") != name or body["metadata"].get("namespace") != ns:
@@ -191,8 +216,11 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._reply(422, _status(422, "Invalid", "fieldManager is required for apply patch"))
             old = srv.objects.get(key)
             obj = _merge_patch(old, body) if old else copy.deepcopy(body)  # SSA, approximated as a merge
-            obj["metadata"].update(uid=f"uid-{name}", resourceVersion=srv.next_rv(),
-                                   generation=(old or {}).get("metadata", {}).get("generation", 0) + 1)
+            obj["metadata"].update(
+                uid=f"uid-{name}",
+                resourceVersion=srv.next_rv(),
+                generation=(old or {}).get("metadata", {}).get("generation", 0) + 1,
+            )
             if query.get("dryRun") != ["All"]:
                 srv.objects[key] = obj
             return self._reply(201 if old is None else 200, obj)
@@ -204,8 +232,9 @@ class _Handler(BaseHTTPRequestHandler):
             if key in srv.objects:
                 return self._reply(409, _status(409, "AlreadyExists", f'{plural} "{name}" already exists'))
             obj = copy.deepcopy(body)
-            obj["metadata"].update(uid=f"uid-{name}", generation=1, resourceVersion=srv.next_rv(),
-                                   creationTimestamp="2026-01-01T00:00:00Z")
+            obj["metadata"].update(
+                uid=f"uid-{name}", generation=1, resourceVersion=srv.next_rv(), creationTimestamp="2026-01-01T00:00:00Z"
+            )
             if query.get("dryRun") != ["All"]:
                 srv.objects[key] = obj
             return self._reply(201, obj)
@@ -277,12 +306,18 @@ def fake_api():
 @pytest.fixture()
 def kubeconfig(fake_api, tmp_path) -> str:
     path = tmp_path / "kubeconfig"
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": fake_api.url}}],
-        "users": [{"name": "fake", "user": {"token": TOKEN}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": NS}}],
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "fake",
+                "clusters": [{"name": "fake", "cluster": {"server": fake_api.url}}],
+                "users": [{"name": "fake", "user": {"token": TOKEN}}],
+                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": NS}}],
+            }
+        )
+    )
     return str(path)
 
 
@@ -295,19 +330,35 @@ def k8s(kubeconfig: str, *argv: str) -> int:
 
 
 RAYJOB = {
-    "apiVersion": "ray.io/v1", "kind": "RayJob",
+    "apiVersion": "ray.io/v1",
+    "kind": "RayJob",
     "metadata": {"name": "spleen-r1", "labels": {"app.kubernetes.io/instance": "spleen-r1"}},
-    "spec": {"entrypoint": "spleen-deepedit train --ray --data s3://b/d --output /tmp/o --storage s3://b/runs "
-                           "--run-name spleen-r1 --num-workers 2 --profile tiny",
-             "shutdownAfterJobFinishes": True, "backoffLimit": 2, "rayClusterSpec": {"headGroupSpec": {}}},
+    "spec": {
+        "entrypoint": "spleen-deepedit train --ray --data s3://b/d --output /tmp/o --storage s3://b/runs "
+        "--run-name spleen-r1 --num-workers 2 --profile tiny",
+        "shutdownAfterJobFinishes": True,
+        "backoffLimit": 2,
+        "rayClusterSpec": {"headGroupSpec": {}},
+    },
 }
-CONFIG_MAP = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "spleen-r1-config"}, "data": {"train.yaml": "amp: false\n"}}
+CONFIG_MAP = {
+    "apiVersion": "v1",
+    "kind": "ConfigMap",
+    "metadata": {"name": "spleen-r1-config"},
+    "data": {"train.yaml": "amp: false\n"},
+}
 
 
 def _epoch(epoch: int, epochs: int, val: str) -> str:
     """The line the trainer prints (its own formatter), behind the prefix Ray adds to a worker's output."""
-    metrics = {"epoch": epoch, "loss": (60 - epoch) / 100, "train_dice": 0.5, "epoch_seconds": 12.0, "samples_per_s": 2.0,
-               "val_dice": None if val == "-" else float(val)}
+    metrics = {
+        "epoch": epoch,
+        "loss": (60 - epoch) / 100,
+        "train_dice": 0.5,
+        "epoch_seconds": 12.0,
+        "samples_per_s": 2.0,
+        "val_dice": None if val == "-" else float(val),
+    }
     return f"(RayTrainWorker pid=123, ip=10.0.0.7) {format_epoch_line(metrics, epochs)}\n"
 
 
@@ -316,10 +367,18 @@ def _script(final: str = "Complete") -> list[tuple[dict, str]]:
     log1 = "INFO ray train: run 'spleen-r1'\n" + _epoch(1, 3, "-")
     log2 = log1 + _epoch(2, 3, "0.7012")
     log3 = log2 + _epoch(3, 3, "0.8123")
-    last = ({**running, "jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED", "failed": 1, "succeeded": 1}
-            if final == "Complete"
-            else {**running, "jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "failed": 3, "reason": "AppFailed",
-                  "message": "Job failed after 3 attempts"})
+    last = (
+        {**running, "jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED", "failed": 1, "succeeded": 1}
+        if final == "Complete"
+        else {
+            **running,
+            "jobDeploymentStatus": "Failed",
+            "jobStatus": "FAILED",
+            "failed": 3,
+            "reason": "AppFailed",
+            "message": "Job failed after 3 attempts",
+        }
+    )
     return [
         ({"jobDeploymentStatus": "Initializing", "rayClusterName": "spleen-r1-abcde"}, ""),
         ({**running, "jobStatus": "PENDING"}, ""),
@@ -331,23 +390,35 @@ def _script(final: str = "Complete") -> list[tuple[dict, str]]:
 
 
 def _serve_config(checkpoint: str) -> str:
-    return yaml.safe_dump({
-        "proxy_location": "EveryNode", "http_options": {"host": "0.0.0.0", "port": 8000},
-        "applications": [{
-            "name": "deepedit", "route_prefix": "/", "import_path": "trainer.serve.app:build_app",
-            "args": {"checkpoint": checkpoint, "num_gpus": 1, "max_batch_size": 4},
-            "deployments": [{"name": "DeepEdit", "user_config": {"checkpoint": checkpoint, "profile": None}}],
-        }],
-    }, sort_keys=False)
+    return yaml.safe_dump(
+        {
+            "proxy_location": "EveryNode",
+            "http_options": {"host": "0.0.0.0", "port": 8000},
+            "applications": [
+                {
+                    "name": "deepedit",
+                    "route_prefix": "/",
+                    "import_path": "trainer.serve.app:build_app",
+                    "args": {"checkpoint": checkpoint, "num_gpus": 1, "max_batch_size": 4},
+                    "deployments": [{"name": "DeepEdit", "user_config": {"checkpoint": checkpoint, "profile": None}}],
+                }
+            ],
+        },
+        sort_keys=False,
+    )
 
 
 def _add_rayservice(fake_api: FakeKubeAPI, checkpoint: str) -> None:
     fake_api.objects[("rayservices", NS, "deepedit")] = {
-        "apiVersion": "ray.io/v1", "kind": "RayService",
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
         "metadata": {"name": "deepedit", "namespace": NS, "generation": 1},
         "spec": {"serveConfigV2": _serve_config(checkpoint), "rayClusterConfig": {"headGroupSpec": {}}},
-        "status": {"observedGeneration": 1, "serviceStatus": "Running",
-                   "activeServiceStatus": {"applicationStatuses": {"deepedit": {"status": "RUNNING"}}}},
+        "status": {
+            "observedGeneration": 1,
+            "serviceStatus": "Running",
+            "activeServiceStatus": {"applicationStatuses": {"deepedit": {"status": "RUNNING"}}},
+        },
     }
 
 
@@ -363,8 +434,10 @@ def test_submit_should_apply_configmap_then_rayjob_from_manifests(fake_api, kube
     manifest.write_text(yaml.safe_dump_all([RAYJOB, CONFIG_MAP]))
     assert k8s(kubeconfig, "submit", "--manifest", str(manifest)) == 0
     applies = _applied(fake_api)
-    assert [p["path"] for p in applies] == [f"/api/v1/namespaces/{NS}/configmaps/spleen-r1-config",
-                                            f"/apis/ray.io/v1/namespaces/{NS}/rayjobs/spleen-r1"]
+    assert [p["path"] for p in applies] == [
+        f"/api/v1/namespaces/{NS}/configmaps/spleen-r1-config",
+        f"/apis/ray.io/v1/namespaces/{NS}/rayjobs/spleen-r1",
+    ]
     assert all(p["query"]["fieldManager"] == ["spleen-deepedit"] and p["query"]["force"] == ["true"] for p in applies)
     assert all(p["auth"] == f"Bearer {TOKEN}" for p in fake_api.requests)
     stored = fake_api.objects[("rayjobs", NS, "spleen-r1")]
@@ -383,7 +456,8 @@ def test_submit_should_render_the_training_chart_from_a_values_file(fake_api, ku
     job = fake_api.objects[("rayjobs", NS, "spleen-r2-spleen-deepedit-train")]
     assert "--run-name spleen-r2 " in job["spec"]["entrypoint"]
     assert [p["path"].rsplit("/", 1)[0] for p in _applied(fake_api) if "podmonitors" in p["path"]] == [
-        f"/apis/monitoring.coreos.com/v1/namespaces/{NS}/podmonitors"] * 2
+        f"/apis/monitoring.coreos.com/v1/namespaces/{NS}/podmonitors"
+    ] * 2
 
 
 def test_submit_should_run_annotate_from_the_training_chart_in_mode_annotate(fake_api, kubeconfig, tmp_path, capsys):
@@ -391,13 +465,16 @@ def test_submit_should_run_annotate_from_the_training_chart_in_mode_annotate(fak
     pytest.importorskip("helm_python", reason="pip install helm-python-sdk")
     ci = yaml.safe_load((ROOT / "charts/spleen-deepedit-train/ci/ci-values.yaml").read_text())
     ci.pop("dataset")
-    ci.update(mode="annotate", annotate={"input": "s3://deepedit/cohort", "checkpoint": "s3://deepedit/runs/r1/checkpoint.pt"})
+    ci.update(
+        mode="annotate", annotate={"input": "s3://deepedit/cohort", "checkpoint": "s3://deepedit/runs/r1/checkpoint.pt"}
+    )
     values = tmp_path / "annotate.yaml"
     values.write_text(yaml.safe_dump(ci))
     assert k8s(kubeconfig, "submit", "-f", str(values), "--release", "cohort-a") == 0
     job = fake_api.objects[("rayjobs", NS, "cohort-a-spleen-deepedit-train")]
-    assert job["spec"]["entrypoint"].startswith("spleen-deepedit annotate --input s3://deepedit/cohort "
-                                                "--output s3://deepedit/runs/annotations/cohort-a ")
+    assert job["spec"]["entrypoint"].startswith(
+        "spleen-deepedit annotate --input s3://deepedit/cohort --output s3://deepedit/runs/annotations/cohort-a "
+    )
     # Credentials the same way as training: the Secret by envFrom on every Ray pod, never in the job.
     assert "AWS_SECRET" not in json.dumps(job["spec"].get("runtimeEnvYAML", ""))
     assert "follow it with: spleen-deepedit k8s follow cohort-a-spleen-deepedit-train" in capsys.readouterr().out
@@ -453,7 +530,9 @@ def test_submit_should_replace_a_finished_job_and_refuse_a_running_one(fake_api,
 
 def test_submit_should_refuse_kinds_it_does_not_manage(fake_api, kubeconfig, tmp_path, capsys):
     manifest = tmp_path / "rendered.yaml"
-    manifest.write_text(yaml.safe_dump_all([RAYJOB, {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}}]))
+    manifest.write_text(
+        yaml.safe_dump_all([RAYJOB, {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}}])
+    )
     assert k8s(kubeconfig, "submit", "--manifest", str(manifest)) == 2
     assert "cannot create kind(s) ['Deployment']" in capsys.readouterr().err
     assert fake_api.requests_of("PATCH") == [] and fake_api.requests_of("POST") == []
@@ -474,7 +553,10 @@ def test_submit_should_retry_a_transient_api_error(fake_api, kubeconfig, tmp_pat
 
 
 def _submitted(fake_api: FakeKubeAPI, final: str = "Complete") -> None:
-    fake_api.objects[("rayjobs", NS, "spleen-r1")] = {**copy.deepcopy(RAYJOB), "metadata": {"name": "spleen-r1", "namespace": NS}}
+    fake_api.objects[("rayjobs", NS, "spleen-r1")] = {
+        **copy.deepcopy(RAYJOB),
+        "metadata": {"name": "spleen-r1", "namespace": NS},
+    }
     fake_api.job_script = _script(final)
 
 
@@ -565,8 +647,11 @@ def test_logs_should_send_the_ray_token_from_the_cluster_secret(fake_api, kubeco
     fake_api.ray_token = "ray-secret-token"
     # KubeRay's per-cluster Secret, named after the RayCluster (raycluster_controller.go reconcileAuthSecret).
     fake_api.objects[("secrets", NS, "spleen-r1-abcde")] = {
-        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "spleen-r1-abcde", "namespace": NS},
-        "data": {"auth_token": base64.b64encode(b"ray-secret-token").decode()}}
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "spleen-r1-abcde", "namespace": NS},
+        "data": {"auth_token": base64.b64encode(b"ray-secret-token").decode()},
+    }
     fake_api.job_step = 4
     assert k8s(kubeconfig, "logs", "spleen-r1", "--tail", "1") == 0
     assert "epoch" in capsys.readouterr().out
@@ -577,13 +662,22 @@ def test_logs_should_send_the_ray_token_from_the_cluster_secret(fake_api, kubeco
 
 def test_list_should_show_jobs_and_services_with_phase_and_release(fake_api, kubeconfig, capsys):
     _submitted(fake_api)
-    fake_api.objects[("rayjobs", NS, "spleen-r1")]["status"] = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}
+    fake_api.objects[("rayjobs", NS, "spleen-r1")]["status"] = {
+        "jobDeploymentStatus": "Running",
+        "jobStatus": "RUNNING",
+    }
     fake_api.objects[("rayjobs", NS, "spleen-r1")]["metadata"]["labels"] = {"app.kubernetes.io/instance": "spleen-r1"}
     fake_api.job_script = []
     _add_rayservice(fake_api, "s3://b/run/checkpoint_epoch_0001/checkpoint.pt")
     assert k8s(kubeconfig, "list", "--json") == 0
     rows = json.loads(capsys.readouterr().out)
-    assert {"kind": "RayJob", "name": "spleen-r1", "phase": "Running", "detail": "RUNNING", "release": "spleen-r1"} in rows
+    assert {
+        "kind": "RayJob",
+        "name": "spleen-r1",
+        "phase": "Running",
+        "detail": "RUNNING",
+        "release": "spleen-r1",
+    } in rows
     assert [r["kind"] for r in rows] == ["RayJob", "RayService"]
     assert k8s(kubeconfig, "list") == 0
     assert "RayJob      spleen-r1" in capsys.readouterr().out
@@ -594,49 +688,90 @@ def test_status_should_show_pending_pods_with_the_scheduler_s_reason(fake_api, k
     fake_api.job_step = 1  # Initializing, cluster spleen-r1-abcde
 
     def pod(name, labels, phase, waiting=None):
-        statuses = [{"name": "ray-worker", "ready": False, "restartCount": 0, "image": "i", "imageID": "",
-                     "state": {"waiting": waiting}}] if waiting else []
-        return {"metadata": {"name": name, "namespace": NS, "labels": labels}, "status": {"phase": phase, "containerStatuses": statuses}}
+        statuses = (
+            [
+                {
+                    "name": "ray-worker",
+                    "ready": False,
+                    "restartCount": 0,
+                    "image": "i",
+                    "imageID": "",
+                    "state": {"waiting": waiting},
+                }
+            ]
+            if waiting
+            else []
+        )
+        return {
+            "metadata": {"name": name, "namespace": NS, "labels": labels},
+            "status": {"phase": phase, "containerStatuses": statuses},
+        }
 
     cluster = {"ray.io/cluster": "spleen-r1-abcde"}
     fake_api.pod_objects = [
         pod("spleen-r1-abcde-head", cluster, "Running"),
         pod("spleen-r1-abcde-gpu-worker-1", cluster, "Pending"),
-        pod("spleen-r1-abcde-gpu-worker-2", cluster, "Pending", {"reason": "ImagePullBackOff", "message": "pull access denied"}),
+        pod(
+            "spleen-r1-abcde-gpu-worker-2",
+            cluster,
+            "Pending",
+            {"reason": "ImagePullBackOff", "message": "pull access denied"},
+        ),
     ]
     fake_api.objects[("events", NS, "e1")] = {
-        "apiVersion": "v1", "kind": "Event", "metadata": {"name": "e1", "namespace": NS}, "type": "Warning",
-        "reason": "FailedScheduling", "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
-        "involvedObject": {"kind": "Pod", "name": "spleen-r1-abcde-gpu-worker-1", "namespace": NS}}
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": "e1", "namespace": NS},
+        "type": "Warning",
+        "reason": "FailedScheduling",
+        "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+        "involvedObject": {"kind": "Pod", "name": "spleen-r1-abcde-gpu-worker-1", "namespace": NS},
+    }
     assert k8s(kubeconfig, "status", "spleen-r1") == 0
     out = capsys.readouterr().out
-    assert "spleen-r1-abcde-gpu-worker-1: FailedScheduling 0/3 nodes are available: 3 Insufficient nvidia.com/gpu." in out
+    assert (
+        "spleen-r1-abcde-gpu-worker-1: FailedScheduling 0/3 nodes are available: 3 Insufficient nvidia.com/gpu." in out
+    )
     assert "spleen-r1-abcde-gpu-worker-2: ImagePullBackOff pull access denied" in out
     assert "abcde-head" not in out
 
 
-def test_dashboard_should_forward_the_head_service_and_show_the_ray_token(fake_api, kubeconfig, tmp_path, capsys, monkeypatch):
+def test_dashboard_should_forward_the_head_service_and_show_the_ray_token(
+    fake_api, kubeconfig, tmp_path, capsys, monkeypatch
+):
     import base64
 
     _submitted(fake_api)
     fake_api.job_step = 2
-    fake_api.objects[("rayjobs", NS, "spleen-r1")]["spec"]["rayClusterSpec"]["authOptions"] = {"mode": "token", "secretName": "ray-token"}
-    fake_api.objects[("secrets", NS, "ray-token")] = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ray-token"},
-                                                      "data": {"auth_token": base64.b64encode(b"t0k3n").decode()}}
+    fake_api.objects[("rayjobs", NS, "spleen-r1")]["spec"]["rayClusterSpec"]["authOptions"] = {
+        "mode": "token",
+        "secretName": "ray-token",
+    }
+    fake_api.objects[("secrets", NS, "ray-token")] = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "ray-token"},
+        "data": {"auth_token": base64.b64encode(b"t0k3n").decode()},
+    }
     # A fake `kubectl` on PATH records its arguments (no cluster here).
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "kubectl").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'kubectl-args'}\n")
+    (bin_dir / "kubectl").write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "kubectl-args"}\n')
     (bin_dir / "kubectl").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     assert k8s(kubeconfig, "dashboard", "spleen-r1", "--port", "18265", "--show-token") == 0
     out = capsys.readouterr().out
     assert "http://127.0.0.1:18265/" in out and "Ray token (the dashboard asks for it): t0k3n" in out
     args = (tmp_path / "kubectl-args").read_text().split()
-    assert args[:5] == ["port-forward", "-n", NS, "svc/spleen-r1-abcde-head-svc", "18265:8265"] and "--kubeconfig" in args
+    assert (
+        args[:5] == ["port-forward", "-n", NS, "svc/spleen-r1-abcde-head-svc", "18265:8265"] and "--kubeconfig" in args
+    )
     assert k8s(kubeconfig, "dashboard", "spleen-r1", "--print-only") == 0
     out = capsys.readouterr().out
-    assert "<hidden: pass --show-token>" in out and "run: kubectl port-forward -n ml svc/spleen-r1-abcde-head-svc 8265:8265" in out
+    assert (
+        "<hidden: pass --show-token>" in out
+        and "run: kubectl port-forward -n ml svc/spleen-r1-abcde-head-svc 8265:8265" in out
+    )
 
 
 def test_logs_follow_should_print_each_new_line_once_until_the_job_ends(fake_api, kubeconfig, capsys):
@@ -675,11 +810,27 @@ def test_cancel_should_suspend_the_job_with_a_merge_patch(fake_api, kubeconfig, 
 def test_cancel_delete_should_delete_every_object_of_the_release(fake_api, kubeconfig, tmp_path, capsys):
     labels = {"app.kubernetes.io/instance": "spleen-r1"}
     manifest = tmp_path / "rendered.yaml"
-    others = [{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "spleen-r1", "labels": labels}},
-              {**CONFIG_MAP, "metadata": {**CONFIG_MAP["metadata"], "labels": labels}},
-              {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "spleen-r1", "labels": labels}, "spec": {}},
-              {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor", "metadata": {"name": "spleen-r1-head", "labels": labels}, "spec": {}}]
-    unrelated = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "other", "labels": {"app.kubernetes.io/instance": "other"}}}
+    others = [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "spleen-r1", "labels": labels}},
+        {**CONFIG_MAP, "metadata": {**CONFIG_MAP["metadata"], "labels": labels}},
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "spleen-r1", "labels": labels},
+            "spec": {},
+        },
+        {
+            "apiVersion": "monitoring.coreos.com/v1",
+            "kind": "PodMonitor",
+            "metadata": {"name": "spleen-r1-head", "labels": labels},
+            "spec": {},
+        },
+    ]
+    unrelated = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "other", "labels": {"app.kubernetes.io/instance": "other"}},
+    }
     manifest.write_text(yaml.safe_dump_all([RAYJOB, *others, unrelated]))
     assert k8s(kubeconfig, "submit", "--manifest", str(manifest)) == 0
     assert k8s(kubeconfig, "cancel", "spleen-r1", "--delete") == 0
@@ -810,12 +961,18 @@ def test_k8s_cli_should_explain_an_unreachable_api_server(tmp_path, capsys, monk
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     path = tmp_path / "kubeconfig"
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "c",
-        "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
-        "users": [{"name": "u", "user": {"token": TOKEN}}],
-        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "c",
+                "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+                "users": [{"name": "u", "user": {"token": TOKEN}}],
+                "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+            }
+        )
+    )
     assert k8s_cli.main(["k8s", "status", "x", "--kubeconfig", str(path)]) == 2
     assert f"cannot reach the Kubernetes API server at http://127.0.0.1:{port}" in capsys.readouterr().err
 
@@ -838,14 +995,16 @@ def test_dockerfile_should_use_a_pinned_ray_2_60_python_3_11_cuda_base():
     bases = [c.value[0] for c in _dockerfile() if c.cmd == "FROM"]
     assert bases, "no FROM"
     for base in bases:
-        assert re.fullmatch(rf"rayproject/ray:{re.escape(ray_version)}-py311-cu\d+(@sha256:[0-9a-f]{{64}})?", base), base
+        assert re.fullmatch(rf"rayproject/ray:{re.escape(ray_version)}-py311-cu\d+(@sha256:[0-9a-f]{{64}})?", base), (
+            base
+        )
     charts_ray = yaml.safe_load((ROOT / "charts/spleen-deepedit-train/values.yaml").read_text())["rayVersion"]
     assert charts_ray == ray_version
 
 
 def test_dockerfile_should_run_as_a_non_root_user_and_install_the_project_pins():
     commands = _dockerfile()
-    final_stage = commands[max(i for i, c in enumerate(commands) if c.cmd == "FROM"):]
+    final_stage = commands[max(i for i, c in enumerate(commands) if c.cmd == "FROM") :]
     users = [c.value[0] for c in final_stage if c.cmd == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert commands[-1].cmd == "USER" or final_stage[-1].cmd in ("WORKDIR", "USER")
@@ -859,7 +1018,7 @@ def test_dockerfile_should_install_dependencies_before_the_code_without_tooling_
     import tomllib
 
     commands = _dockerfile()
-    final_stage = commands[max(i for i, c in enumerate(commands) if c.cmd == "FROM"):]
+    final_stage = commands[max(i for i, c in enumerate(commands) if c.cmd == "FROM") :]
     runs = [(i, c) for i, c in enumerate(final_stage) if c.cmd == "RUN"]
     deps = next(i for i, c in runs if "-c /tmp/deps/constraints.txt" in c.value[0])
     code = next(i for i, c in runs if "--no-deps" in c.value[0] and "spleen_deepedit-" in c.value[0])
@@ -878,9 +1037,9 @@ def test_dockerfile_should_install_dependencies_before_the_code_without_tooling_
     # sudo removed (as root), then back to the non-root user for everything after.
     sudo = next(i for i, c in runs if "purge -y --auto-remove sudo" in c.value[0])
     assert final_stage[sudo - 1].cmd == "USER" and final_stage[sudo - 1].value[0] == "0"
-    assert all(c.value[0].split(":")[0] not in ("0", "root") for c in final_stage[sudo + 1:] if c.cmd == "USER")
+    assert all(c.value[0].split(":")[0] not in ("0", "root") for c in final_stage[sudo + 1 :] if c.cmd == "USER")
     # The build stage copies the charts too: the wheel carries them (k8s/charts -> ../charts).
-    build_copies = [c.value[0] for c in commands[:commands.index(final_stage[0])] if c.cmd == "COPY"]
+    build_copies = [c.value[0] for c in commands[: commands.index(final_stage[0])] if c.cmd == "COPY"]
     assert "charts" in build_copies
 
 
@@ -930,4 +1089,6 @@ def test_grafana_dashboards_should_be_ray_s_own_and_fit_in_a_configmap(tmp_path)
     # Up to date with the installed Ray: regenerating gives the committed files.
     regenerated = dashboards.write_all(tmp_path)
     for path in regenerated:
-        assert path.read_text() == (MANIFESTS / "grafana-dashboards" / path.name).read_text(), f"run python -m k8s.dashboards ({path.name})"
+        assert path.read_text() == (MANIFESTS / "grafana-dashboards" / path.name).read_text(), (
+            f"run python -m k8s.dashboards ({path.name})"
+        )

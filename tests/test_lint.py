@@ -35,6 +35,11 @@ def test_ruff_finds_nothing():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_code_is_formatted_by_ruff():
+    result = _run([_tool("ruff"), "format", "--check", "--no-cache", "."])
+    assert result.returncode == 0, "run `ruff format .`:\n" + result.stdout + result.stderr
+
+
 @pytest.mark.slow  # ~50 s from a cold cache on 2 cores
 def test_mypy_finds_nothing():
     # mypy's incremental cache lives in .mypy_cache (git-ignored): a second run takes seconds.

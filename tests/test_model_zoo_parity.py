@@ -28,8 +28,12 @@ from trainer.config import get_profile
 from trainer.network import build_network
 from trainer.predictor import Predictor
 
-ZOO = Path(os.environ.get("SPLEEN_DEEPEDIT_MODEL_ZOO",
-                          Path(__file__).resolve().parents[2] / "shared" / "model-zoo" / "spleen_deepedit_annotation"))
+ZOO = Path(
+    os.environ.get(
+        "SPLEEN_DEEPEDIT_MODEL_ZOO",
+        Path(__file__).resolve().parents[2] / "shared" / "model-zoo" / "spleen_deepedit_annotation",
+    )
+)
 #: Where our side runs (scripts/gpu_check.py --parity sets cuda: the model zoo then runs on the GPU
 #: too, with fp16 autocast, and so does our bundle profile).
 DEVICE = torch.device(os.environ.get("SPLEEN_DEEPEDIT_PARITY_DEVICE", "cpu"))
@@ -41,7 +45,13 @@ NOISE = 1e-4 if DEVICE.type == "cpu" else 2e-3
 # name, axis codes, shape, spacing, clicks (original voxel indices)
 CASES = [
     ("ras", "RAS", (97, 83, 41), (0.8, 0.7, 2.5), None),
-    ("lps", "LPS", (97, 83, 41), (0.8, 0.7, 2.5), {"spleen": [[48, 40, 20], [60, 30, 25]], "background": [[10, 12, 5]]}),
+    (
+        "lps",
+        "LPS",
+        (97, 83, 41),
+        (0.8, 0.7, 2.5),
+        {"spleen": [[48, 40, 20], [60, 30, 25]], "background": [[10, 12, 5]]},
+    ),
     ("las", "LAS", (61, 135, 150), (1.2, 0.6, 0.9), {"spleen": [[30, 70, 80]], "background": []}),
     ("las_bg", "LAS", (61, 135, 150), (1.2, 0.6, 0.9), {"spleen": [], "background": [[40, 100, 20]]}),
     ("permuted", "SAR", (41, 83, 97), (2.5, 0.7, 0.8), None),
@@ -79,8 +89,21 @@ def _run_model_zoo(root: Path, data: Path, overrides: list[str]) -> Path:
     for name, _, _, _, clicks in CASES:
         items.append({"image": str(data / f"{name}.nii.gz"), **(clicks or {})})
     out = root / "eval"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(ZOO / "configs" / "inference.json"),
-           "--bundle_root", str(root), "--output_dir", str(out), "--dataset#data", "$" + repr(items), *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(ZOO / "configs" / "inference.json"),
+        "--bundle_root",
+        str(root),
+        "--output_dir",
+        str(out),
+        "--dataset#data",
+        "$" + repr(items),
+        *overrides,
+    ]
     # The bundle imports its own `scripts.transforms` from the bundle root.
     env = os.environ | {"PYTHONPATH": str(root), "OMP_NUM_THREADS": "2"}
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
@@ -151,7 +174,9 @@ def test_small_grid_masks_equal_the_model_zoo_inference(tmp_path):
     """The model zoo's pipeline with its grid and filters overridden on the command line (as bundle
     users do): every transform, the inversion and the argmax as in the 128^3 bundle, in seconds."""
     profile = dataclasses.replace(get_profile("bundle"), spatial_size=(64, 64, 32), filters=(8, 16, 16, 32, 32, 32))
-    results = _parity(tmp_path, profile, ["--spatial_size", "[64,64,32]", "--network_def#filters", "[8,16,16,32,32,32]"])
+    results = _parity(
+        tmp_path, profile, ["--spatial_size", "[64,64,32]", "--network_def#filters", "[8,16,16,32,32,32]"]
+    )
     print(results)
 
 

@@ -333,8 +333,11 @@ def test_upsampling_follows_the_profile():
     assert get_profile("bundle").upsample == "area" and get_profile("cpu").upsample == "logit"
     rng = np.random.default_rng(0)
     prob = torch.from_numpy(rng.uniform(0, 1, (1, 32, 32, 32)).astype(np.float32))
-    cases = (("logit", 0.0, torch.logit(prob.clamp(1e-6, 1 - 1e-6)), "trilinear"),
-             ("probability", 0.5, prob, "trilinear"), ("area", 0.5, prob, "area"))
+    cases = (
+        ("logit", 0.0, torch.logit(prob.clamp(1e-6, 1 - 1e-6)), "trilinear"),
+        ("probability", 0.5, prob, "trilinear"),
+        ("area", 0.5, prob, "area"),
+    )
     for upsample, level, values, mode in cases:
         profile = dataclasses.replace(get_profile("tiny"), upsample=upsample)
         pred = Predictor(FakeDeafNet(), profile, device=torch.device("cpu"))
@@ -357,12 +360,18 @@ def test_windowed_upsampling_equals_the_whole_volume_resize(shape, upsample):
         prob = torch.zeros(1, 32, 32, 32)
         lo = rng.integers(0, 28, 3) if trial else np.array([0, 25, 28])
         hi = np.minimum(lo + rng.integers(2, 6, 3), 32)
-        prob[0, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = torch.from_numpy(rng.uniform(0.3, 1.0, tuple(hi - lo)).astype(np.float32))
+        prob[0, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = torch.from_numpy(
+            rng.uniform(0.3, 1.0, tuple(hi - lo)).astype(np.float32)
+        )
         if upsample == "area":
             full = F.interpolate(prob[None], size=shape, mode="area")[0, 0] > 0.5
         else:
-            full = F.interpolate(torch.logit(prob.clamp(1e-6, 1 - 1e-6))[None], size=shape, mode="trilinear",
-                                 align_corners=False)[0, 0] > 0
+            full = (
+                F.interpolate(
+                    torch.logit(prob.clamp(1e-6, 1 - 1e-6))[None], size=shape, mode="trilinear", align_corners=False
+                )[0, 0]
+                > 0
+            )
         np.testing.assert_array_equal(pred.postprocess(prob, prepared), full.numpy())
 
 

@@ -160,7 +160,9 @@ def test_resume_refuses_a_corrupted_run_checkpoint_naming_its_uri(s3, tmp_path, 
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint(fs_path, filesystem=fs))
     monkeypatch.setattr(ray_job, "_TrainGauges", lambda run_name: None)
     runtime = ray_job.RayRuntime(run_name="unit")
-    with pytest.raises(CheckpointError, match=rf"s3://{BUCKET}/unit/run/checkpoint_epoch_0002/checkpoint\.pt.*checksum"):
+    with pytest.raises(
+        CheckpointError, match=rf"s3://{BUCKET}/unit/run/checkpoint_epoch_0002/checkpoint\.pt.*checksum"
+    ):
         runtime.resume_checkpoint(True)
     runtime.finish()
 
@@ -245,7 +247,13 @@ def ray_cluster(s3_env):
         node = {"node_ip_address": "127.0.0.1", "num_cpus": 1, "object_store_memory": 128 << 20}
         cluster = Cluster(
             initialize_head=True,
-            head_node_args=node | {"gcs_server_port": gcs_port, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port},
+            head_node_args=node
+            | {
+                "gcs_server_port": gcs_port,
+                "include_dashboard": True,
+                "dashboard_host": "127.0.0.1",
+                "dashboard_port": dashboard_port,
+            },
         )
         try:
             cluster.add_node(**node)
@@ -280,8 +288,15 @@ def first_run(ray_cluster, s3_dataset):
     """2 epochs; rank 1 is SIGKILLed at the second step of epoch 2 in the first attempt."""
     from trainer.ray_job import fit
 
-    job = RayJobConfig(storage=STORAGE, run_name=RUN, num_workers=2, placement_strategy="SPREAD",
-                       max_failures=1, num_to_keep=None, fault="rank=1,epoch=1,step=1,mode=kill")
+    job = RayJobConfig(
+        storage=STORAGE,
+        run_name=RUN,
+        num_workers=2,
+        placement_strategy="SPREAD",
+        max_failures=1,
+        num_to_keep=None,
+        fault="rank=1,epoch=1,step=1,mode=kill",
+    )
     t0 = time.monotonic()
     result = fit(_train_cfg(2), s3_dataset[0], job)
     print(f"first run: {time.monotonic() - t0:.1f}s")

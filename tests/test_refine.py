@@ -190,7 +190,9 @@ def test_training_windows_are_grid_items_around_the_spleen():
     import nibabel as nib
 
     ras = np.asanyarray(nib.as_closest_canonical(nib.Nifti1Image(case.label, case.affine)).dataobj).astype(np.float32)
-    expected = F.interpolate(torch.from_numpy(ras)[None, None], size=tuple(item[ws.FINE_LABEL].shape), mode="area")[0, 0]
+    expected = F.interpolate(torch.from_numpy(ras)[None, None], size=tuple(item[ws.FINE_LABEL].shape), mode="area")[
+        0, 0
+    ]
     torch.testing.assert_close(item[ws.FINE_LABEL].float() / 255, expected, atol=0.5 / 255 + 1e-5, rtol=0)
     t = ws.RandWindowd(prob=1.0, grid=(32, 32, 32), soft_label=True)
     t.set_random_state(0)
@@ -212,7 +214,9 @@ def test_clicks_share_a_window_when_near_and_the_order_of_clicks_does_not_matter
     clusters = rf.cluster_clicks(points, grid)
     assert [sorted(c.tolist()) for c in clusters] == [[0, 1, 3], [2]]  # chained within half a grid; one far
     shuffled = rf.cluster_clicks(points[[2, 3, 0, 1]], grid)
-    assert [sorted(points[[2, 3, 0, 1]][c].tolist()) for c in shuffled] == [sorted(points[c].tolist()) for c in clusters]
+    assert [sorted(points[[2, 3, 0, 1]][c].tolist()) for c in shuffled] == [
+        sorted(points[c].tolist()) for c in clusters
+    ]
     assert rf.cluster_clicks(np.zeros((0, 3)), grid) == []
 
 
@@ -236,7 +240,10 @@ def test_with_a_radius_a_window_changes_the_mask_only_near_its_clicks():
     net = FakeThresholdNet()
     centre = [int(v) for v in np.argwhere(ball).mean(axis=0).round()]
     # Either side of the ball's surface on its +x side (0.8 mm voxels: 11.2 and 16.8 mm from the centre).
-    clicks = {"spleen": [[centre[0] + 14, centre[1], centre[2]]], "background": [[centre[0] + 21, centre[1], centre[2]]]}
+    clicks = {
+        "spleen": [[centre[0] + 14, centre[1], centre[2]]],
+        "background": [[centre[0] + 21, centre[1], centre[2]]],
+    }
     free = Predictor(net, get_profile("cpu"), device=torch.device("cpu"), refine=True)
     local = Predictor(net, get_profile("cpu"), device=torch.device("cpu"), refine=True, refine_radius_mm=4.0)
     auto = free.predict(image, affine).mask.astype(bool)
@@ -244,7 +251,19 @@ def test_with_a_radius_a_window_changes_the_mask_only_near_its_clicks():
     changed_local = local.predict(image, affine, clicks).mask.astype(bool) != auto
     assert changed_free.sum() > 2 * changed_local.sum() > 0
     spacing = np.array([0.8, 0.8, 2.5])
-    d = np.min([np.linalg.norm((np.argwhere(changed_local) - c) * spacing, axis=1) for c in clicks["spleen"] + clicks["background"]], axis=0)
+    d = np.min(
+        [
+            np.linalg.norm((np.argwhere(changed_local) - c) * spacing, axis=1)
+            for c in clicks["spleen"] + clicks["background"]
+        ],
+        axis=0,
+    )
     assert d.max() <= 12.0  # within 3 radii of a click: the rest of the ball's surface is left as it was
-    d_free = np.min([np.linalg.norm((np.argwhere(changed_free) - c) * spacing, axis=1) for c in clicks["spleen"] + clicks["background"]], axis=0)
+    d_free = np.min(
+        [
+            np.linalg.norm((np.argwhere(changed_free) - c) * spacing, axis=1)
+            for c in clicks["spleen"] + clicks["background"]
+        ],
+        axis=0,
+    )
     assert d_free.max() > 20.0  # without the radius the window also redrew the far side

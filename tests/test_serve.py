@@ -32,8 +32,15 @@ TOKEN_ENV = "DEEPEDIT_TEST_TOKEN"
 TOKEN = "test-token-7c1f0e-0123456789abcdef0123"
 ORIGIN = "http://viewer.example"
 SHAPE = (64, 64, 32)
-LIMITS = {"max_upload_bytes": 2 * 1024 * 1024, "max_voxels": 300_000, "max_dim": 128, "max_volume_bytes": 1024 * 1024,
-          "max_extension_bytes": 64 * 1024, "max_gzip_members": 64, "memory_budget_bytes": 256 * 1024 * 1024}
+LIMITS = {
+    "max_upload_bytes": 2 * 1024 * 1024,
+    "max_voxels": 300_000,
+    "max_dim": 128,
+    "max_volume_bytes": 1024 * 1024,
+    "max_extension_bytes": 64 * 1024,
+    "max_gzip_members": 64,
+    "memory_budget_bytes": 256 * 1024 * 1024,
+}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -82,8 +89,10 @@ def _make_checkpoint(path, seed: int, window_prob: float = 0.0) -> None:
 
     torch.manual_seed(seed)
     config = TrainConfig(profile="tiny", window_prob=window_prob).to_dict()
-    save_checkpoint(Checkpoint(model=build_network(get_profile("tiny")).state_dict(), profile="tiny", epoch=seed,
-                               config=config), path)
+    save_checkpoint(
+        Checkpoint(model=build_network(get_profile("tiny")).state_dict(), profile="tiny", epoch=seed, config=config),
+        path,
+    )
 
 
 # ----------------------------------------------------------------------------- unit tests (no Ray)
@@ -158,10 +167,14 @@ def test_serve_args_validation():
 
     args = ServeArgs(checkpoint="x.pt")
     assert args.user_config() == {"checkpoint": "x.pt", "profile": None}
-    for bad in ({"checkpoint": "http://x/y.pt"}, {"checkpoint": "x.pt", "auth_token_env": "A-B"},
-                {"checkpoint": "x.pt", "max_batch_size": 8, "max_ongoing_requests": 4},
-                {"checkpoint": "x.pt", "max_bath_size": 2}, {"checkpoint": "x.pt", "click_radius": -1},
-                {"checkpoint": "x.pt", "click_radius": float("nan")}):
+    for bad in (
+        {"checkpoint": "http://x/y.pt"},
+        {"checkpoint": "x.pt", "auth_token_env": "A-B"},
+        {"checkpoint": "x.pt", "max_batch_size": 8, "max_ongoing_requests": 4},
+        {"checkpoint": "x.pt", "max_bath_size": 2},
+        {"checkpoint": "x.pt", "click_radius": -1},
+        {"checkpoint": "x.pt", "click_radius": float("nan")},
+    ):
         with pytest.raises(ValidationError):
             ServeArgs(**bad)
 
@@ -257,15 +270,25 @@ def service(ckpts, tmp_path_factory):
     try:
         with contextlib.ExitStack() as stack:
             if weed_binary() is not None:
-                os.environ.update(stack.enter_context(
-                    start_seaweedfs(tmp_path_factory.mktemp("serve_s3"), "ckpt", "serve-test", "serve-secret")))
+                os.environ.update(
+                    stack.enter_context(
+                        start_seaweedfs(tmp_path_factory.mktemp("serve_s3"), "ckpt", "serve-test", "serve-secret")
+                    )
+                )
                 from trainer import storage
 
                 storage.s3_client().upload_file(ckpts[1], "ckpt", "serve/model_b.pt")
                 s3_uri = "s3://ckpt/serve/model_b.pt"
             metrics_port = _free_port()
-            opts = dict(auth_token_env=TOKEN_ENV, cors_origins=[ORIGIN], max_batch_size=4, batch_wait_timeout_s=0.02,
-                        max_ongoing_requests=8, max_queued_requests=64, **LIMITS)
+            opts = dict(
+                auth_token_env=TOKEN_ENV,
+                cors_origins=[ORIGIN],
+                max_batch_size=4,
+                batch_wait_timeout_s=0.02,
+                max_ongoing_requests=8,
+                max_queued_requests=64,
+                **LIMITS,
+            )
             url = start_local(ckpts[0], port=_free_port(), metrics_export_port=metrics_port, num_cpus=4, **opts)
             try:
                 yield url, metrics_port, opts, s3_uri
@@ -319,8 +342,14 @@ def test_health_ready_info_and_auth_exemptions(service, client):
     assert (info["model"]["refine"], info["model"]["click_radius"]) in ((True, 0.0), (False, 1.0))
     assert info["auth"] is True and "/" not in info["model"]["checkpoint"]  # no paths leak
     # CORS: the configured origin is allowed (preflight needs no token), others get no CORS header.
-    pre = anon.options("/v1/segment", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
-                                                "Access-Control-Request-Headers": "authorization"})
+    pre = anon.options(
+        "/v1/segment",
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization",
+        },
+    )
     assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == ORIGIN
     r = client.get("/v1/info", headers={"Origin": "http://evil.example"})
     assert "access-control-allow-origin" not in r.headers
@@ -417,9 +446,18 @@ def test_monailabel_info_auth_session_datastore_infer(service, client, case, vol
     assert client.get(f"/session/{sid}").status_code == 200
 
     clicks = _clicks(case)
-    params = {**clicks, "label": "spleen", "result_extension": ".nrrd", "result_dtype": "uint8", "client_id": "user-xyz"}
-    r = client.post("/infer/deepedit_spleen", params={"image": "volume", "session_id": sid},
-                    files={"params": (None, json.dumps(params))})
+    params = {
+        **clicks,
+        "label": "spleen",
+        "result_extension": ".nrrd",
+        "result_dtype": "uint8",
+        "client_id": "user-xyz",
+    }
+    r = client.post(
+        "/infer/deepedit_spleen",
+        params={"image": "volume", "session_id": sid},
+        files={"params": (None, json.dumps(params))},
+    )
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("multipart/form-data")
     parts = parse_multipart_reply(r.headers["content-type"], r.content)
@@ -437,27 +475,39 @@ def test_monailabel_info_auth_session_datastore_infer(service, client, case, vol
 
     # DeepGrow-style "foreground" is a synonym of the spleen label.
     fg = {"foreground": clicks["spleen"], "background": clicks["background"], "result_extension": ".nrrd"}
-    r2 = client.post("/infer/deepedit_spleen", params={"session_id": sid, "output": "image"},
-                     files={"params": (None, json.dumps(fg))})
+    r2 = client.post(
+        "/infer/deepedit_spleen",
+        params={"session_id": sid, "output": "image"},
+        files={"params": (None, json.dumps(fg))},
+    )
     assert r2.status_code == 200 and r2.headers["content-type"] == "application/octet-stream"
     np.testing.assert_array_equal(_read_nrrd(r2.content)[0], data)
 
     # Datastore upload, then automatic segmentation by image id, NIfTI out, json-only output.
-    d = client.put("/datastore/", params={"image": "case_001"}, files={"file": ("case_001.nii.gz", volume)},
-                   data={"params": "{}"})
+    d = client.put(
+        "/datastore/", params={"image": "case_001"}, files={"file": ("case_001.nii.gz", volume)}, data={"params": "{}"}
+    )
     assert d.status_code == 200 and d.json() == {"image": "case_001"}
-    auto = client.post("/infer/deepedit_spleen_seg", params={"image": "case_001", "output": "image"},
-                       files={"params": (None, json.dumps({"result_extension": ".nii.gz"}))})
+    auto = client.post(
+        "/infer/deepedit_spleen_seg",
+        params={"image": "case_001", "output": "image"},
+        files={"params": (None, json.dumps({"result_extension": ".nii.gz"}))},
+    )
     assert auto.status_code == 200
     mask, affine, _ = _read_nifti(auto.content)
     assert mask.shape == SHAPE
     np.testing.assert_allclose(affine, case.affine, atol=1e-4)
-    j = client.post("/infer/deepedit_spleen_seg", params={"image": "case_001", "output": "json"},
-                    files={"params": (None, "{}")})
+    j = client.post(
+        "/infer/deepedit_spleen_seg", params={"image": "case_001", "output": "json"}, files={"params": (None, "{}")}
+    )
     assert j.status_code == 200 and j.json()["label_names"]["spleen"] == 1
     # A file sent along with the request (no session, no datastore).
-    f = client.post("/infer/deepedit_spleen", files={"file": ("x.nii.gz", volume), "params": (None, json.dumps(params))})
-    assert f.status_code == 200 and parse_multipart_reply(f.headers["content-type"], f.content)["image"][0].endswith(".nrrd")
+    f = client.post(
+        "/infer/deepedit_spleen", files={"file": ("x.nii.gz", volume), "params": (None, json.dumps(params))}
+    )
+    assert f.status_code == 200 and parse_multipart_reply(f.headers["content-type"], f.content)["image"][0].endswith(
+        ".nrrd"
+    )
     assert client.delete(f"/session/{sid}").status_code == 200
     assert client.get(f"/session/{sid}").status_code == 404
 
@@ -552,8 +602,11 @@ def test_dicom_series_segments_like_its_nifti_and_answers_dicom_seg(service, cli
     ml = client.put("/session/", files=[("files", (name, data)) for name, data in files.items()])
     assert ml.status_code == 200, ml.text
     params = {**sclicks, "label": "spleen"}
-    r = client.post("/infer/deepedit_spleen", params={"session_id": ml.json()["session_id"], "output": "dicom_seg"},
-                    files={"params": (None, json.dumps(params))})
+    r = client.post(
+        "/infer/deepedit_spleen",
+        params={"session_id": ml.json()["session_id"], "output": "dicom_seg"},
+        files={"params": (None, json.dumps(params))},
+    )
     assert r.status_code == 200, r.text
     seg2 = hd.seg.Segmentation.from_dataset(pydicom.dcmread(io.BytesIO(r.content)))
     frames2 = seg2.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])[..., 0]
@@ -561,7 +614,9 @@ def test_dicom_series_segments_like_its_nifti_and_answers_dicom_seg(service, cli
     # A zip in the datastore, then the default multipart reply with a NIfTI mask.
     d = client.put("/datastore/", files={"file": ("dicom_case.zip", zipped)})
     assert d.status_code == 200 and d.json() == {"image": "dicom_case"}
-    f = client.post("/infer/deepedit_spleen", params={"image": "dicom_case"}, files={"params": (None, json.dumps(params))})
+    f = client.post(
+        "/infer/deepedit_spleen", params={"image": "dicom_case"}, files={"params": (None, json.dumps(params))}
+    )
     assert f.status_code == 200, f.text
     body = parse_multipart_reply(f.headers["content-type"], f.content)["image"][1]
     np.testing.assert_array_equal(_read_nifti(body)[0], expected)
@@ -578,7 +633,10 @@ def _hostile_dicom_cases(files: dict[str, bytes]) -> dict[str, tuple[object, int
         other = {p.name: p.read_bytes() for p in write_ct_series(tmp, np.zeros((16, 16, 4), np.int16), np.eye(4))}
     two = _zip({**{f"a/{n}": b for n, b in files.items()}, **{f"b/{n}": b for n, b in other.items()}})
     # Slices sorted by position are not sorted by name (write_ct_series shuffles names): drop by position.
-    by_z = sorted(names, key=lambda n: float(pydicom.dcmread(io.BytesIO(files[n]), stop_before_pixels=True).ImagePositionPatient[2]))
+    by_z = sorted(
+        names,
+        key=lambda n: float(pydicom.dcmread(io.BytesIO(files[n]), stop_before_pixels=True).ImagePositionPatient[2]),
+    )
     missing = _zip({n: files[n] for n in by_z if n not in by_z[10:12]})
     bomb = _zip({"IM00001.dcm": bytes(64 * 1024 * 1024)})  # 64 MiB of zeros, about 64 KiB zipped
     truncated = _zip(files)[: len(_zip(files)) // 2]
@@ -696,17 +754,34 @@ def _malformed_cases(case):
         "clicks_malformed_json": (seg(clicks='{"spleen": [[1, 2, 3]'), 400),
         "clicks_unknown_label": (seg(clicks='{"liver": [[1, 2, 3]]}'), 400),
         "bad_format": (seg(clicks=good_clicks, format="png"), 400),
-        "multipart_without_file": ({"method": "POST", "url": "/v1/segment", "data": {"clicks": good_clicks},
-                                    "files": {"other": ("a.txt", b"x")}}, 400),
-        "multipart_broken": ({"method": "POST", "url": "/v1/segment", "content": b"--zzz\r\nnonsense",
-                              "headers": {"content-type": "multipart/form-data; boundary=abc"}}, 400),
+        "multipart_without_file": (
+            {
+                "method": "POST",
+                "url": "/v1/segment",
+                "data": {"clicks": good_clicks},
+                "files": {"other": ("a.txt", b"x")},
+            },
+            400,
+        ),
+        "multipart_broken": (
+            {
+                "method": "POST",
+                "url": "/v1/segment",
+                "content": b"--zzz\r\nnonsense",
+                "headers": {"content-type": "multipart/form-data; boundary=abc"},
+            },
+            400,
+        ),
         "oversized_body": (seg(b"\0" * (3 * 1024 * 1024)), 413),
         "oversized_chunked_body": ({"method": "POST", "url": "/v1/segment", "content": chunks()}, 413),
         "unknown_session": ({"method": "POST", "url": f"/v1/sessions/{unknown_sid}/segment", "json": {}}, 404),
         "malformed_session_id": ({"method": "POST", "url": "/v1/sessions/..%2F..%2Fetc/segment", "json": {}}, 404),
         "get_unknown_session": ({"method": "GET", "url": "/v1/sessions/not-a-session"}, 404),
         "delete_unknown_session": ({"method": "DELETE", "url": f"/v1/sessions/{unknown_sid}"}, 404),
-        "session_bad_json": ({"method": "POST", "url": f"/v1/sessions/{unknown_sid}/segment", "content": b"{oops"}, 400),
+        "session_bad_json": (
+            {"method": "POST", "url": f"/v1/sessions/{unknown_sid}/segment", "content": b"{oops"},
+            400,
+        ),
         "session_upload_not_nifti": ({"method": "POST", "url": "/v1/sessions", "content": b"not a volume" * 40}, 415),
         # Zip magic makes it a DICOM series upload (zips are accepted), which does not open: 422 bad_zip.
         "session_upload_corrupt_zip": ({"method": "POST", "url": "/v1/sessions", "content": b"PK\x03\x04zip"}, 422),
@@ -715,7 +790,10 @@ def _malformed_cases(case):
         "missing_token": ({"method": "GET", "url": "/v1/info", "headers": {"authorization": ""}}, 401),
         "wrong_token": ({"method": "GET", "url": "/v1/info", "headers": {"authorization": "Bearer wrong"}}, 401),
         "wrong_scheme": ({"method": "GET", "url": "/v1/info", "headers": {"authorization": f"Basic {TOKEN}"}}, 401),
-        "token_on_wrong_route_still_checked": ({"method": "POST", "url": ml, "headers": {"authorization": "Bearer x"}}, 401),
+        "token_on_wrong_route_still_checked": (
+            {"method": "POST", "url": ml, "headers": {"authorization": "Bearer x"}},
+            401,
+        ),
         "unknown_route": ({"method": "GET", "url": "/v2/nothing"}, 404),
         "wrong_method": ({"method": "GET", "url": "/v1/segment"}, 405),
         "ml_unknown_model": (infer("{}", url="/infer/liver"), 404),
@@ -731,8 +809,15 @@ def _malformed_cases(case):
         "ml_unknown_session": (infer("{}", file=False, query={"session_id": unknown_sid}), 404),
         "ml_get_unknown_session": ({"method": "GET", "url": "/session/zzz"}, 404),
         "ml_session_no_files": ({"method": "PUT", "url": "/session/", "files": {"other": ("a", b"x")}}, 400),
-        "ml_datastore_bad_id": ({"method": "PUT", "url": "/datastore/", "params": {"image": "../../etc/passwd"},
-                                 "files": {"file": ("x.nii.gz", vol)}}, 400),
+        "ml_datastore_bad_id": (
+            {
+                "method": "PUT",
+                "url": "/datastore/",
+                "params": {"image": "../../etc/passwd"},
+                "files": {"file": ("x.nii.gz", vol)},
+            },
+            400,
+        ),
     }
 
 
@@ -810,7 +895,10 @@ def _hostile_cases(case):
         "gzip_members_then_volume": (seg(hi.empty_members_bomb(65, vol)), {413}),
         "declared_512x512x1024_float64_header_only": (seg(hi.declared_zeros_bomb(full=False)), {413}),
         "declared_float64_over_volume_bytes": (seg(hi.declared_zeros_bomb((64, 64, 72))), {413}),
-        "declared_int16_truncated": (seg(hi.declared_zeros_bomb((64, 64, 64), datatype=4, itemsize=2, full=False)), {400}),
+        "declared_int16_truncated": (
+            seg(hi.declared_zeros_bomb((64, 64, 64), datatype=4, itemsize=2, full=False)),
+            {400},
+        ),
         "sheared_sform_drops_axis": (seg(hi.sheared_sform_nifti()), {422}),
         "nan_vox_offset": (seg(hi.header_with(vox_offset=float("nan"))), {400}),
         "vox_offset_inside_header": (seg(hi.header_with(vox_offset=100)), {422}),
@@ -835,22 +923,52 @@ def _hostile_cases(case):
         "session_huge_int_in_range_check": (click(b'{"spleen": [[' + b"9" * 30 + b", 1, 1]]}"), {400}),
         "session_bool_coordinate": (click(b'{"spleen": [[true, 1, 1]]}'), {400}),
         "session_not_utf8": (click(b"\xff\xfe{}"), {400}),
-        "session_ray_timeout_header_ignored": ({**click(b"{oops"), "headers": {"content-type": "application/json",
-                                                "x-request-timeout-seconds": "0", "x-request-disconnect-disabled": "?1"}}, {400}),
+        "session_ray_timeout_header_ignored": (
+            {
+                **click(b"{oops"),
+                "headers": {
+                    "content-type": "application/json",
+                    "x-request-timeout-seconds": "0",
+                    "x-request-disconnect-disabled": "?1",
+                },
+            },
+            {400},
+        ),
         "ml_params_deep": (infer('{"spleen": ' + "[" * 50 + "]" * 50 + "}"), {400}),
         "ml_params_600_clicks": (infer(hi.many_clicks_body(600).decode()), {400}),
         "ml_params_too_large": (infer(json.dumps({"x": "a" * 70_000})), {413}),
-        "ml_foreground_plus_spleen_over_cap": (infer(json.dumps({"spleen": [[1, 1, 1]] * 300, "foreground": [[2, 2, 2]] * 300})), {400}),
+        "ml_foreground_plus_spleen_over_cap": (
+            infer(json.dumps({"spleen": [[1, 1, 1]] * 300, "foreground": [[2, 2, 2]] * 300})),
+            {400},
+        ),
         # Several file parts are a DICOM series (one part per slice), so NIfTI parts are not DICOM files...
-        "multipart_several_nifti_files": ({"method": "POST", "url": "/v1/segment",
-                                           "files": [("file", (f"f{i}.nii.gz", small)) for i in range(6)]}, {422}),
+        "multipart_several_nifti_files": (
+            {"method": "POST", "url": "/v1/segment", "files": [("file", (f"f{i}.nii.gz", small)) for i in range(6)]},
+            {422},
+        ),
         # ...and more parts than a series may have slices (ingress.MAX_FORM_FILES) stop the form parser.
-        "multipart_too_many_files": ({"method": "POST", "url": "/v1/segment",
-                                      "files": [("file", (f"s{i}.dcm", b"x")) for i in range(2049)]}, {400}),
-        "auth_token_large_body": ({"method": "POST", "url": "/auth/token", "content": b"password=" + b"x" * 100_000,
-                                   "headers": {"content-type": "application/x-www-form-urlencoded", "authorization": ""}}, {413}),
-        "datastore_overwrite_other_volume": ({"method": "PUT", "url": "/datastore/", "params": {"image": "hostile_case"},
-                                              "files": {"file": ("x.nii.gz", small)}}, {409}),
+        "multipart_too_many_files": (
+            {"method": "POST", "url": "/v1/segment", "files": [("file", (f"s{i}.dcm", b"x")) for i in range(2049)]},
+            {400},
+        ),
+        "auth_token_large_body": (
+            {
+                "method": "POST",
+                "url": "/auth/token",
+                "content": b"password=" + b"x" * 100_000,
+                "headers": {"content-type": "application/x-www-form-urlencoded", "authorization": ""},
+            },
+            {413},
+        ),
+        "datastore_overwrite_other_volume": (
+            {
+                "method": "PUT",
+                "url": "/datastore/",
+                "params": {"image": "hostile_case"},
+                "files": {"file": ("x.nii.gz", small)},
+            },
+            {409},
+        ),
     }
 
 
@@ -885,7 +1003,10 @@ def test_hostile_corpus_each_4xx_within_2s_and_service_fine_after(service, clien
     ok = client.post("/v1/segment", content=volume, params={"clicks": json.dumps(_clicks(case))})
     assert ok.status_code == 200 and _read_nifti(ok.content)[0].shape == SHAPE
     # The same volume under the same id is not an overwrite: 200, and the id still segments.
-    assert client.put("/datastore/", params={"image": "hostile_case"}, files={"file": ("c.nii.gz", volume)}).status_code == 200
+    assert (
+        client.put("/datastore/", params={"image": "hostile_case"}, files={"file": ("c.nii.gz", volume)}).status_code
+        == 200
+    )
     # Duplicated clicks are one click: 512 copies of one voxel cost what one click costs.
     dup = client.post(f"/v1/sessions/{sid}/segment", content=hi.many_clicks_body(512, duplicate=True))
     assert dup.status_code == 200, dup.text
@@ -929,8 +1050,13 @@ def test_mixed_load_bombs_do_not_slow_a_normal_client(service, case, volume):
     headers = {"Authorization": f"Bearer {TOKEN}"}
     # One of each row, at the size that trips its limit (bandwidth is not what is tested: a 2 MB body
     # costs the shared proxy the same whatever it holds).
-    bombs = [hi.extension_records_bomb(400_000), hi.empty_members_bomb(LIMITS["max_gzip_members"] + 1),
-             hi.declared_zeros_bomb(full=False), hi.sheared_sform_nifti(), b"[" * 100_000]
+    bombs = [
+        hi.extension_records_bomb(400_000),
+        hi.empty_members_bomb(LIMITS["max_gzip_members"] + 1),
+        hi.declared_zeros_bomb(full=False),
+        hi.sheared_sform_nifti(),
+        b"[" * 100_000,
+    ]
     with httpx.Client(base_url=service[0], headers=headers, timeout=60) as c:
         sid = c.post("/v1/sessions", content=volume).json()["session_id"]
         body = json.dumps(_clicks(case)).encode()
@@ -953,8 +1079,11 @@ def test_mixed_load_bombs_do_not_slow_a_normal_client(service, case, volume):
         for i, payload in enumerate(bombs):
             (work / f"{i}.bin").write_bytes(payload)
         stop_file = work / "stop"
-        bombers = subprocess.Popen([sys.executable, "-c", _BOMBER, service[0], TOKEN, sid, str(work), str(stop_file)],
-                                   stdout=subprocess.PIPE, text=True)
+        bombers = subprocess.Popen(
+            [sys.executable, "-c", _BOMBER, service[0], TOKEN, sid, str(work), str(stop_file)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             time.sleep(1.0)
             loaded = clicks(20)
@@ -992,8 +1121,9 @@ def test_loadtest_script_against_the_service(service, volume):
     import loadtest
 
     os.environ.setdefault(TOKEN_ENV, TOKEN)
-    s = loadtest.run(service[0], volume, requests=8, concurrency=4, mode="session", clicks={"spleen": [[30, 30, 15]]},
-                     token=TOKEN)
+    s = loadtest.run(
+        service[0], volume, requests=8, concurrency=4, mode="session", clicks={"spleen": [[30, 30, 15]]}, token=TOKEN
+    )
     assert s["ok"] == 8 and s["errors"] == 0 and s["p50_s"] <= s["p95_s"] <= s["p99_s"] and s["throughput_rps"] > 0
 
 
@@ -1008,8 +1138,16 @@ def test_overload_gets_503_with_retry_after_and_no_other_5xx(service, ckpts, cas
     from trainer.serve.cli import remove_app, start_local
 
     # A second application next to the main one, bounded tightly: one request running, one queued.
-    base = start_local(ckpts[0], app_name="tight", route_prefix="/tight", max_batch_size=1, max_ongoing_requests=1,
-                       max_queued_requests=1, retry_after_s=2, num_cpus=0.5)
+    base = start_local(
+        ckpts[0],
+        app_name="tight",
+        route_prefix="/tight",
+        max_batch_size=1,
+        max_ongoing_requests=1,
+        max_queued_requests=1,
+        retry_after_s=2,
+        num_cpus=0.5,
+    )
     try:
         body = _nifti(case.image, case.affine)
 
@@ -1041,8 +1179,17 @@ def test_timed_out_requests_hold_their_slot_until_their_work_stops(service, ckpt
 
     from trainer.serve.cli import remove_app, start_local
 
-    base = start_local(ckpts[0], app_name="deadline", route_prefix="/deadline", max_batch_size=1, max_ongoing_requests=1,
-                       max_queued_requests=16, request_timeout_s=0.2, retry_after_s=3, num_cpus=0.5)
+    base = start_local(
+        ckpts[0],
+        app_name="deadline",
+        route_prefix="/deadline",
+        max_batch_size=1,
+        max_ongoing_requests=1,
+        max_queued_requests=16,
+        request_timeout_s=0.2,
+        retry_after_s=3,
+        num_cpus=0.5,
+    )
     try:
         # Small on the wire (zeros compress), slow to preprocess (3.5 M voxels): requests time out in a stage.
         body = _nifti(np.zeros((192, 192, 96), np.int16))
@@ -1085,16 +1232,22 @@ def test_openapi_surface_fuzzed_with_schemathesis(service):
     for result in schema.get_all_operations():
         operation = result.ok()
 
-        @settings(max_examples=8, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=8,
+            deadline=None,
+            database=None,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         @given(case=operation.as_strategy())
         def fuzz(case):
             nonlocal calls
             calls += 1
             response = case.call(base_url=service[0], headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
             try:
-                case.validate_response(response, checks=[not_a_server_error, status_code_conformance,
-                                                         response_schema_conformance])
+                case.validate_response(
+                    response, checks=[not_a_server_error, status_code_conformance, response_schema_conformance]
+                )
             except Exception as exc:  # noqa: BLE001 - collected, reported together below
                 failures.append(f"{case.method} {case.formatted_path}: {response.status_code} {str(exc)[:200]}")
 
@@ -1157,7 +1310,9 @@ def test_zero_downtime_swap_via_reconfigure(service, client, ckpts, volume):
     import httpx
 
     ready = httpx.get(f"{service[0]}/readyz", timeout=10).text  # unauthenticated: no paths, URIs or endpoints
-    assert "missing.pt" in ready and "/tmp" not in ready and os.path.dirname(ckpts[1]) not in ready and "://" not in ready
+    assert (
+        "missing.pt" in ready and "/tmp" not in ready and os.path.dirname(ckpts[1]) not in ready and "://" not in ready
+    )
     assert client.post(f"/v1/sessions/{sid}/segment", json={}).status_code == 200
 
 
@@ -1186,14 +1341,21 @@ def test_prometheus_scrapes_our_metrics_and_ray_serve_metrics(service, client, v
         f"      - targets: ['127.0.0.1:{metrics_port}']\n"
     )
     proc = subprocess.Popen(
-        [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{prom_port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            binary,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{prom_port}"
     try:
-        queries = ('sum(ray_deepedit_requests_total{endpoint="/auth/",method="GET",status="200"})',
-                   'sum(ray_deepedit_request_latency_seconds_count{endpoint="/auth/"})')
+        queries = (
+            'sum(ray_deepedit_requests_total{endpoint="/auth/",method="GET",status="200"})',
+            'sum(ray_deepedit_request_latency_seconds_count{endpoint="/auth/"})',
+        )
 
         def values() -> list[float]:
             return [float(r[0]["value"][1]) if r else 0.0 for r in (_prom_query(base, q) for q in queries)]
@@ -1228,9 +1390,15 @@ def test_prometheus_scrapes_our_metrics_and_ray_serve_metrics(service, client, v
         assert {"deployment", "replica", "application"} <= set(series[0]["metric"])
         assert _prom_query(base, 'ray_deepedit_request_latency_seconds_bucket{endpoint="/auth/",le="+Inf"}')
         assert _prom_query(base, 'ray_deepedit_stage_latency_seconds_count{stage="forward"} > 0')
-        for name in ("ray_deepedit_stage_latency_seconds_count", "ray_deepedit_input_voxels_count", "ray_deepedit_batch_size_count", "ray_deepedit_model_info",
-                     "ray_serve_num_http_requests_total", "ray_serve_deployment_processing_latency_ms_bucket",
-                     "ray_serve_deployment_request_counter_total"):
+        for name in (
+            "ray_deepedit_stage_latency_seconds_count",
+            "ray_deepedit_input_voxels_count",
+            "ray_deepedit_batch_size_count",
+            "ray_deepedit_model_info",
+            "ray_serve_num_http_requests_total",
+            "ray_serve_deployment_processing_latency_ms_bucket",
+            "ray_serve_deployment_request_counter_total",
+        ):
             assert _prom_query(base, name), f"{name} not scraped"
     finally:
         stop_process(proc, timeout_s=20)

@@ -21,8 +21,13 @@ from trainer.serve.codecs import VolumeLimits, _inflate, decode_nifti, read_head
 from trainer.serve.errors import ApiError
 from trainer.serve.inputs import check_clicks, parse_json
 
-LIMITS = VolumeLimits(max_voxels=300_000, max_dim=128, max_volume_bytes=2 * 1024 * 1024,
-                      max_extension_bytes=64 * 1024, max_gzip_members=64)
+LIMITS = VolumeLimits(
+    max_voxels=300_000,
+    max_dim=128,
+    max_volume_bytes=2 * 1024 * 1024,
+    max_extension_bytes=64 * 1024,
+    max_gzip_members=64,
+)
 
 
 def _status(fn, *args) -> int:
@@ -79,31 +84,41 @@ def test_declared_size_refused_before_inflating():
     assert plan.work_bytes == plan.file_bytes + 32**3 * 16
 
 
-@pytest.mark.parametrize("name,body,status", [
-    ("sheared_sform", hi.sheared_sform_nifti(), 422),
-    ("nan_vox_offset", hi.header_with(vox_offset=float("nan")), 400),
-    ("negative_vox_offset", hi.header_with(vox_offset=-1e9), 422),
-    ("vox_offset_inside_header", hi.header_with(vox_offset=100), 422),
-    ("huge_vox_offset", hi.header_with(vox_offset=3e38), 413),
-    ("bad_datatype", hi.header_with(datatype=9999), 400),
-    ("rgb_datatype", hi.header_with(datatype=128, bitpix=24), 422),
-    ("negative_dim", hi.header_with(shape=(8, 8, 8), dim=[3, 8, -8, 8, 1, 1, 1, 1]), 422),
-    ("dim0_out_of_range", hi.header_with(dim=[9, 8, 8, 8, 1, 1, 1, 1]), 422),
-    ("inf_slope_inter", hi.header_with(scl_slope=1.0, scl_inter=float("inf")), 422),
-    ("overflow_slope", hi.header_with(datatype=16, bitpix=32, scl_slope=3e38, data_bytes=2048 * 0), 400),
-    ("nan_sform", hi.header_with(srow_x=[float("nan"), 0, 0, 0]), 422),
-    ("zero_sform", hi.header_with(srow_x=[0, 0, 0, 0], srow_y=[0, 0, 0, 0], srow_z=[0, 0, 0, 0]), 422),
-    ("truncated_voxels", hi.header_with(data_bytes=100), 400),
-])
+@pytest.mark.parametrize(
+    "name,body,status",
+    [
+        ("sheared_sform", hi.sheared_sform_nifti(), 422),
+        ("nan_vox_offset", hi.header_with(vox_offset=float("nan")), 400),
+        ("negative_vox_offset", hi.header_with(vox_offset=-1e9), 422),
+        ("vox_offset_inside_header", hi.header_with(vox_offset=100), 422),
+        ("huge_vox_offset", hi.header_with(vox_offset=3e38), 413),
+        ("bad_datatype", hi.header_with(datatype=9999), 400),
+        ("rgb_datatype", hi.header_with(datatype=128, bitpix=24), 422),
+        ("negative_dim", hi.header_with(shape=(8, 8, 8), dim=[3, 8, -8, 8, 1, 1, 1, 1]), 422),
+        ("dim0_out_of_range", hi.header_with(dim=[9, 8, 8, 8, 1, 1, 1, 1]), 422),
+        ("inf_slope_inter", hi.header_with(scl_slope=1.0, scl_inter=float("inf")), 422),
+        ("overflow_slope", hi.header_with(datatype=16, bitpix=32, scl_slope=3e38, data_bytes=2048 * 0), 400),
+        ("nan_sform", hi.header_with(srow_x=[float("nan"), 0, 0, 0]), 422),
+        ("zero_sform", hi.header_with(srow_x=[0, 0, 0, 0], srow_y=[0, 0, 0, 0], srow_z=[0, 0, 0, 0]), 422),
+        ("truncated_voxels", hi.header_with(data_bytes=100), 400),
+    ],
+)
 def test_malformed_headers_are_4xx(name, body, status):
     assert _status(decode_nifti, body, LIMITS) == status, name
 
 
 def test_json_limits():
     assert parse_json("", "x", 1024) is None
-    for text, status in [("[" * 100_000, 413), ("[" * 5000, 400), ('{"a":' * 20 + "1" + "}" * 20, 400),
-                         ('{"spleen": [[' + "9" * 5000 + ", 1, 1]]}", 400), ('{"spleen": [[1e999, 1, 1]]}', 400),
-                         ('{"spleen": [[NaN, 1, 1]]}', 400), (b"\xff\xfe", 400), ("{", 400)]:
+    for text, status in [
+        ("[" * 100_000, 413),
+        ("[" * 5000, 400),
+        ('{"a":' * 20 + "1" + "}" * 20, 400),
+        ('{"spleen": [[' + "9" * 5000 + ", 1, 1]]}", 400),
+        ('{"spleen": [[1e999, 1, 1]]}', 400),
+        ('{"spleen": [[NaN, 1, 1]]}', 400),
+        (b"\xff\xfe", 400),
+        ("{", 400),
+    ]:
         assert _status(parse_json, text, "clicks", 64 * 1024) == status, text[:30]
     assert parse_json('{"spleen": [[1, 2, 3]]}', "clicks", 1024) == {"spleen": [[1, 2, 3]]}
 
@@ -166,7 +181,9 @@ from hypothesis import strategies as st  # noqa: E402
 
 DATATYPES = [2, 4, 8, 16, 64, 256, 512, 768, 1024, 1280, 1536, 32, 128, 2304, 1, 0, 9999]
 finite = st.floats(-1e6, 1e6, allow_nan=False)
-anyfloat = st.one_of(finite, st.floats(allow_nan=True, allow_infinity=True, width=32), st.sampled_from([0.0, 1e-30, 1e30]))
+anyfloat = st.one_of(
+    finite, st.floats(allow_nan=True, allow_infinity=True, width=32), st.sampled_from([0.0, 1e-30, 1e30])
+)
 
 
 @st.composite
@@ -203,8 +220,12 @@ def nifti_uploads(draw) -> bytes:
     return gzip.compress(raw, compresslevel=1) if draw(st.booleans()) else raw
 
 
-@settings(max_examples=200, deadline=2000, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=200,
+    deadline=2000,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(nifti_uploads())
 def test_fuzz_decoder_gives_a_volume_or_a_4xx(data):
     t0 = time.perf_counter()
@@ -219,9 +240,13 @@ def test_fuzz_decoder_gives_a_volume_or_a_4xx(data):
 
 
 @settings(max_examples=200, deadline=1000, database=None)
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-                    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
-                    max_leaves=30))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+        lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+        max_leaves=30,
+    )
+)
 def test_fuzz_clicks_give_clicks_or_a_400(value):
     try:
         out = check_clicks(value, (8, 8, 8), 16)

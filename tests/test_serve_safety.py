@@ -83,8 +83,10 @@ def test_rate_limiter_window():
 def test_scrub_removes_paths_uris_endpoints():
     from trainer.serve.errors import scrub
 
-    text = ("CheckpointError: checkpoint '/srv/runs/x/best.pt' does not exist; s3://bucket/key/best.pt at "
-            "http://minio.internal:9000/ (10.0.0.5:9000, seaweed.local:8333)")
+    text = (
+        "CheckpointError: checkpoint '/srv/runs/x/best.pt' does not exist; s3://bucket/key/best.pt at "
+        "http://minio.internal:9000/ (10.0.0.5:9000, seaweed.local:8333)"
+    )
     out = scrub(text)
     for secret in ("/srv/runs", "bucket/key", "minio.internal", "10.0.0.5", "seaweed.local"):
         assert secret not in out

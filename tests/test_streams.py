@@ -53,8 +53,17 @@ class _StopAfter(LocalRuntime):
 
 def _cfg(**changes) -> TrainConfig:
     # constant lr: with a time budget the schedule follows the clock, which no rerun repeats.
-    base = dict(profile="tiny", epochs=2, cache_workers=1, amp=False, seed=9, val_every=2, lr_schedule="constant",
-                click_prob_train=0.5, flip_prob=0.3)
+    base = dict(
+        profile="tiny",
+        epochs=2,
+        cache_workers=1,
+        amp=False,
+        seed=9,
+        val_every=2,
+        lr_schedule="constant",
+        click_prob_train=0.5,
+        flip_prob=0.3,
+    )
     return TrainConfig(**(base | changes))
 
 

@@ -147,8 +147,10 @@ def test_lung_air_above_the_spleen():
         case = generate_case(np.random.default_rng([47, i]), shape=(96, 96, 96), geometry="clinical")
         img, lab, zooms = _ras(case)
         top = int(np.where(lab.any(axis=(0, 1)))[0].max())
-        above = img[:, :, top + 1: top + 1 + int(60 / zooms[2])]
-        inside = ndimage.binary_fill_holes(img > -500, structure=np.ones((3, 3, 1)))[:, :, top + 1: top + 1 + above.shape[2]]
+        above = img[:, :, top + 1 : top + 1 + int(60 / zooms[2])]
+        inside = ndimage.binary_fill_holes(img > -500, structure=np.ones((3, 3, 1)))[
+            :, :, top + 1 : top + 1 + above.shape[2]
+        ]
         assert ((above < -600) & inside).sum() * float(np.prod(zooms)) > 20_000, f"case {i}: no lung above the spleen"
 
 
@@ -217,7 +219,7 @@ def test_the_couch_is_under_the_patient():
         img, _, zooms = _ras(case)
         column = img[img.shape[0] // 2, :, 2]  # the midline, from the back (y = 0) to the front
         y0 = int(np.argmax(column > -300))  # the first thing above air: the couch's lower shell, or skin
-        foam = column[y0 + 1: y0 + 1 + int(60 / zooms[1])] < -500
+        foam = column[y0 + 1 : y0 + 1 + int(60 / zooms[1])] < -500
         runs = np.diff(np.flatnonzero(np.diff(np.r_[0, foam.astype(int), 0])))[::2]
         seen += bool(len(runs) and runs.max() * zooms[1] >= 5)
     assert seen >= 3, f"a couch under only {seen} of 8 patients"

@@ -19,7 +19,9 @@ def _val_dice(model, cfg, data):
     scores = []
     for i in range(len(val_ds)):
         item = {k: (v[None] if isinstance(v, torch.Tensor) else v) for k, v in val_ds[i].items()}
-        scores.append(validate_item(model, item, np.random.default_rng([cfg.seed, 10_000 + i]), cfg, torch.device("cpu")))
+        scores.append(
+            validate_item(model, item, np.random.default_rng([cfg.seed, 10_000 + i]), cfg, torch.device("cpu"))
+        )
     return float(np.mean(scores))
 
 
@@ -72,7 +74,10 @@ def test_a_diverged_run_stops_with_a_clear_error_and_keeps_its_last_checkpoint(t
     from trainer.train import TrainingDiverged, train
 
     cfg = TrainConfig(profile="tiny", epochs=6, learning_rate=1e30, val_every=1, cache_workers=1, amp=False)
-    with pytest.raises(TrainingDiverged, match=r"epoch 4: 25 of the last 26 steps had a non-finite loss or gradient.*Lower --learning-rate"):
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"epoch 4: 25 of the last 26 steps had a non-finite loss or gradient.*Lower --learning-rate",
+    ):
         train(cfg, str(tiny_dataset), LocalRuntime(tmp_path))
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["steps"] for r in lines] == [1, 0, 0]  # epoch 1 made one step, epochs 2-3 none

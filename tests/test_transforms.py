@@ -52,11 +52,13 @@ def _affine(code: str, spacing=(0.8, 0.7, 2.5), origin=(-120.0, 35.0, -60.0)) ->
 
 def _reference(size, keys, label_mode="nearest"):
     modes = ["area" if k == "image" else label_mode for k in keys]
-    return mt.Compose([
-        mt.Orientationd(keys=keys, axcodes="RAS", labels=RAS_LABELS),
-        mt.ScaleIntensityRanged(keys=["image"], a_min=HU_MIN, a_max=HU_MAX, b_min=0.0, b_max=1.0, clip=True),
-        mt.Resized(keys=keys, spatial_size=size, mode=modes),
-    ])
+    return mt.Compose(
+        [
+            mt.Orientationd(keys=keys, axcodes="RAS", labels=RAS_LABELS),
+            mt.ScaleIntensityRanged(keys=["image"], a_min=HU_MIN, a_max=HU_MAX, b_min=0.0, b_max=1.0, clip=True),
+            mt.Resized(keys=keys, spatial_size=size, mode=modes),
+        ]
+    )
 
 
 def _item(image: np.ndarray, label: np.ndarray, affine: np.ndarray) -> dict:
@@ -146,8 +148,12 @@ def test_training_cache_chain_equals_monai_on_files(tmp_path, label_resize):
     nib.save(nib.Nifti1Image(label.astype(np.uint8), affine), str(paths["label"]))
     cfg = TrainConfig(profile="tiny", label_resize=label_resize)
     ours = cache_transforms(cfg)({k: str(v) for k, v in paths.items()})
-    load = mt.Compose([mt.LoadImaged(keys=["image", "label"], image_only=True),
-                       mt.EnsureChannelFirstd(keys=["image", "label"], channel_dim="no_channel")])
+    load = mt.Compose(
+        [
+            mt.LoadImaged(keys=["image", "label"], image_only=True),
+            mt.EnsureChannelFirstd(keys=["image", "label"], channel_dim="no_channel"),
+        ]
+    )
     ref = _reference(cfg.spatial_size, ["image", "label"], label_resize)(load({k: str(v) for k, v in paths.items()}))
     assert float((ours["image"] - ref["image"].as_tensor()).abs().max()) <= 1e-5
     if label_resize == "nearest":  # the bundle's 0/1 labels, exactly
@@ -167,7 +173,9 @@ def test_area_labels_are_aligned_with_the_image_and_nearest_ones_are_not(tmp_pat
     from trainer.synth import write_dataset
 
     write_dataset(tmp_path, 3, seed=4)
-    pairs = sorted(zip(sorted((tmp_path / "imagesTr").glob("*.nii.gz")), sorted((tmp_path / "labelsTr").glob("*.nii.gz"))))
+    pairs = sorted(
+        zip(sorted((tmp_path / "imagesTr").glob("*.nii.gz")), sorted((tmp_path / "labelsTr").glob("*.nii.gz")))
+    )
     pred = Predictor(torch.nn.Identity(), get_profile("cpu"), device=torch.device("cpu"))
     scores = {}
     for mode in ("nearest", "area"):
@@ -255,8 +263,11 @@ def test_edge_cut_makes_a_scan_that_ends_inside_the_spleen_and_keeps_the_cache_d
 
     label = torch.zeros(1, 32, 32, 32, dtype=torch.float16)
     label[:, 10:20, 10:20, 10:22] = 1
-    item = {"image": torch.linspace(0, 1, 32).expand(1, 32, 32, 32).clone(), "label": label,
-            "body": torch.ones(1, 32, 32, 32, dtype=torch.uint8)}
+    item = {
+        "image": torch.linspace(0, 1, 32).expand(1, 32, 32, 32).clone(),
+        "label": label,
+        "body": torch.ones(1, 32, 32, 32, dtype=torch.uint8),
+    }
     cut = RandEdgeCutd(keys=["image", "label", "body"], prob=1.0, soft_label=True)
     cut.set_random_state(seed=0)
     edges = set()

@@ -165,15 +165,19 @@ class InferenceCases(Dataset):
             source = str(entries)
             entries = _read_datalist(Path(entries))
         if not isinstance(entries, (list, tuple)) or not entries:
-            raise ConfigError(f"{source}: expected a non-empty list of {{\"image\": ..., \"spleen\": [[i, j, k]], \"background\": []}} items")
+            raise ConfigError(
+                f'{source}: expected a non-empty list of {{"image": ..., "spleen": [[i, j, k]], "background": []}} items'
+            )
         return [self._item(entry, n, source) for n, entry in enumerate(entries)]
 
     def _item(self, entry: Any, n: int, source: str) -> dict[str, Any]:
         if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
-            raise ConfigError(f"{source}[{n}]: each item must be an object with an \"image\" path, got {entry!r}")
+            raise ConfigError(f'{source}[{n}]: each item must be an object with an "image" path, got {entry!r}')
         unknown = sorted(set(entry) - {"image", *CLICK_CHANNELS})
         if unknown:
-            raise ConfigError(f"{source}[{n}]: unknown key(s) {unknown}; clicks are keys named after labels {list(CLICK_CHANNELS)}")
+            raise ConfigError(
+                f"{source}[{n}]: unknown key(s) {unknown}; clicks are keys named after labels {list(CLICK_CHANNELS)}"
+            )
         image = Path(entry["image"])
         if not image.is_absolute():
             image = Path(self.dataset_dir) / image
@@ -220,8 +224,12 @@ class _ExportBestModel(DelegatingRuntime):
         if is_best:
             save_state_dict(checkpoint.model, self._model_path)
             self._exported = True
-            log.info("epoch %d: best validation Dice %.4f, model written to %s",
-                     checkpoint.epoch + 1, metrics["val_dice"], self._model_path)
+            log.info(
+                "epoch %d: best validation Dice %.4f, model written to %s",
+                checkpoint.epoch + 1,
+                metrics["val_dice"],
+                self._model_path,
+            )
 
     def finish(self) -> None:
         self._runtime.finish()
@@ -249,8 +257,15 @@ class BundleTrainer:
         max_epochs: the number of epochs (MONAI's `max_epochs` property); None keeps the config's.
     """
 
-    def __init__(self, *, config: TrainConfig, dataset_dir: str, runtime: Callable[[], LocalRuntime], model_path: str,
-                 max_epochs: int | None = None):
+    def __init__(
+        self,
+        *,
+        config: TrainConfig,
+        dataset_dir: str,
+        runtime: Callable[[], LocalRuntime],
+        model_path: str,
+        max_epochs: int | None = None,
+    ):
         self.config = config if max_epochs is None else config.replace(epochs=max_epochs)
         self.max_epochs = self.config.num_epochs
         self.dataset_dir = str(dataset_dir)
@@ -265,9 +280,16 @@ class BundleTrainer:
         runtime = _ExportBestModel(local, self.model_path)
         if runtime.is_main:
             prof = self.config.profile_spec
-            log.info("training profile %s (%s) for %d epochs on %s with %d process(es); output %s, best model %s",
-                     prof.name, prof.description, self.config.num_epochs, self.dataset_dir, runtime.world_size,
-                     local.output_dir, self.model_path)
+            log.info(
+                "training profile %s (%s) for %d epochs on %s with %d process(es); output %s, best model %s",
+                prof.name,
+                prof.description,
+                self.config.num_epochs,
+                self.dataset_dir,
+                runtime.world_size,
+                local.output_dir,
+                self.model_path,
+            )
         return train(self.config, self.dataset_dir, runtime)
 
 
@@ -288,8 +310,17 @@ class BundleEvaluation:
         max_clicks: corrective clicks after the automatic pass; None: EvaluateConfig's default.
     """
 
-    def __init__(self, *, checkpoint: str, dataset_dir: str, output_dir: str, profile: str | None,
-                 val_fraction: float, device: torch.device | None = None, max_clicks: int | None = None):
+    def __init__(
+        self,
+        *,
+        checkpoint: str,
+        dataset_dir: str,
+        output_dir: str,
+        profile: str | None,
+        val_fraction: float,
+        device: torch.device | None = None,
+        max_clicks: int | None = None,
+    ):
         self.checkpoint = str(checkpoint)
         self.dataset_dir = str(dataset_dir)
         self.output_dir = str(output_dir)
@@ -304,23 +335,26 @@ class BundleEvaluation:
         check_fits(read_checkpoint(self.checkpoint)[1], self.profile, self.checkpoint)
         metrics_log = Path(self.output_dir) / "metrics.jsonl"
         optional: dict[str, Any] = {"max_clicks": self.max_clicks} if self.max_clicks is not None else {}
-        summary = evaluate_checkpoint(EvaluateConfig(
-            checkpoint=self.checkpoint,
-            data_dir=self.dataset_dir,
-            output_dir=self.output_dir,
-            split="val",
-            profile=self.profile.name,
-            device=None if self.device is None else str(self.device),
-            metrics_log=metrics_log if metrics_log.is_file() else None,
-            val_fraction=self.val_fraction,
-            **optional,
-        ))
+        summary = evaluate_checkpoint(
+            EvaluateConfig(
+                checkpoint=self.checkpoint,
+                data_dir=self.dataset_dir,
+                output_dir=self.output_dir,
+                split="val",
+                profile=self.profile.name,
+                device=None if self.device is None else str(self.device),
+                metrics_log=metrics_log if metrics_log.is_file() else None,
+                val_fraction=self.val_fraction,
+                **optional,
+            )
+        )
         log.info("evaluation of %s written to %s", self.checkpoint, self.output_dir)
         return summary
 
 
-def load_predictor(*, network: torch.nn.Module, checkpoint: str, profile: str | None,
-                   device: torch.device | None = None):
+def load_predictor(
+    *, network: torch.nn.Module, checkpoint: str, profile: str | None, device: torch.device | None = None
+):
     """Load `checkpoint` (a plain DynUNet state_dict such as the model zoo's `model.pt`, or one of
     our checkpoints) into `network` (the config's `network_def`) and wrap it in the one Predictor."""
     from .predictor import Predictor
@@ -342,12 +376,21 @@ class BundleInference:
         output_dtype: numpy dtype name of the written masks (`float32`, as the model-zoo bundle).
     """
 
-    def __init__(self, *, predictor: Callable[[], Any], dataset: InferenceCases, output_dir: str,
-                 output_postfix: str, output_dtype: str):
+    def __init__(
+        self,
+        *,
+        predictor: Callable[[], Any],
+        dataset: InferenceCases,
+        output_dir: str,
+        output_postfix: str,
+        output_dtype: str,
+    ):
         try:
             self.output_dtype = np.dtype(output_dtype)
         except TypeError:
-            raise ConfigError(f"output_dtype {output_dtype!r} is not a numpy dtype name (e.g. float32, uint8)") from None
+            raise ConfigError(
+                f"output_dtype {output_dtype!r} is not a numpy dtype name (e.g. float32, uint8)"
+            ) from None
         self.predictor = predictor
         self.dataset = dataset
         self.output_dir = str(output_dir)

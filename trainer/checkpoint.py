@@ -104,7 +104,9 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Load and verify a checkpoint (ours or a plain DynUNet state_dict) with `weights_only=True`."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist: pass the path of a .pt file written by training")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not exist: pass the path of a .pt file written by training"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # zip errors, unpickling errors, truncated files
@@ -130,9 +132,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         )
     if "input_block.conv1.conv.weight" in obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return Checkpoint(model=obj, plain_state_dict=True)
-    raise CheckpointError(
-        f"checkpoint {str(path)!r} is neither a spleen-deepedit checkpoint nor a DynUNet state_dict"
-    )
+    raise CheckpointError(f"checkpoint {str(path)!r} is neither a spleen-deepedit checkpoint nor a DynUNet state_dict")
 
 
 def save_state_dict(model_state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:

@@ -45,13 +45,19 @@ def _radius(text: str) -> float:
     try:
         return check_click_radius(float(text))
     except ValueError:  # not a number, or ConfigError (a ValueError) naming the value
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0 (grid voxels; 0 turns click locality off)") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number >= 0 (grid voxels; 0 turns click locality off)"
+        ) from None
 
 
-REFINE_HELP = ("answer clicks with a click-centred window at a fine spacing (default: when the checkpoint was "
-               "trained with windows; --no-refine: the whole-scan pass with click locality)")
-CLICK_RADIUS_HELP = ("click locality radius in network-grid voxels: a click changes the mask only near itself "
-                     "(default: the profile's, 2 for cpu; 0 = off, the model zoo's behaviour)")
+REFINE_HELP = (
+    "answer clicks with a click-centred window at a fine spacing (default: when the checkpoint was "
+    "trained with windows; --no-refine: the whole-scan pass with click locality)"
+)
+CLICK_RADIUS_HELP = (
+    "click locality radius in network-grid voxels: a click changes the mask only near itself "
+    "(default: the profile's, 2 for cpu; 0 = off, the model zoo's behaviour)"
+)
 
 
 def _check_device(name: str | None) -> None:
@@ -80,13 +86,16 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     shape = tuple(args.shape) if args.shape else None
-    meta = write_dataset(args.out, args.cases, seed=args.seed, test_cases=args.test_cases, shape=shape,
-                         geometry=args.geometry)
+    meta = write_dataset(
+        args.out, args.cases, seed=args.seed, test_cases=args.test_cases, shape=shape, geometry=args.geometry
+    )
     series = ""
     if args.dicom:
         from .dicom import write_dicom_dataset
 
-        series = f", and {len(write_dicom_dataset(args.out, args.dicom))} DICOM series ({args.dicom}) in {args.out}/dicom"
+        series = (
+            f", and {len(write_dicom_dataset(args.out, args.dicom))} DICOM series ({args.dicom}) in {args.out}/dicom"
+        )
     print(
         f"wrote {meta['numTraining']} labelled + {meta['numTest']} test phantoms to {args.out}{series} "
         f"in {time.perf_counter() - t0:.1f}s (seed {args.seed})"
@@ -99,7 +108,9 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
     ds = check_dataset(args.data)
     train, val = ds.split(args.val_fraction) if len(ds.labelled) >= 2 else (ds.labelled, [])
-    print(f"{ds.root}: OK — {len(ds.labelled)} labelled cases ({len(train)} train / {len(val)} validation), {len(ds.test)} test images")
+    print(
+        f"{ds.root}: OK — {len(ds.labelled)} labelled cases ({len(train)} train / {len(val)} validation), {len(ds.test)} test images"
+    )
     return 0
 
 
@@ -133,8 +144,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.ray:
         from .ray_job import RayJobConfig, run_ray_training  # lazy: Ray is an optional dependency
 
-        job = RayJobConfig.for_output(args.output, storage=args.storage, run_name=args.run_name,
-                                      num_workers=args.num_workers, use_gpu=bool(args.use_gpu))
+        job = RayJobConfig.for_output(
+            args.output,
+            storage=args.storage,
+            run_name=args.run_name,
+            num_workers=args.num_workers,
+            use_gpu=bool(args.use_gpu),
+        )
         run_ray_training(cfg, args.data, args.output, job)
         return 0
     import torch
@@ -186,12 +202,15 @@ def cmd_infer(args: argparse.Namespace) -> int:
     else:
         image, affine = load_volume(args.image)
     if fmt == "dcm" and series is None:
-        raise ConfigError(f"--format dcm writes a DICOM SEG that references its source series, but --image {args.image!r} "
-                          "is not a DICOM series: pass a series folder or .zip, or use --format nii.gz")
+        raise ConfigError(
+            f"--format dcm writes a DICOM SEG that references its source series, but --image {args.image!r} "
+            "is not a DICOM series: pass a series folder or .zip, or use --format nii.gz"
+        )
     validate_clicks(clicks, tuple(image.shape))  # before loading the model: fail fast
     device = torch.device(args.device) if args.device else None
-    predictor = Predictor.from_checkpoint(args.checkpoint, profile=args.profile, device=device,
-                                          click_radius=args.click_radius, refine=args.refine)
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint, profile=args.profile, device=device, click_radius=args.click_radius, refine=args.refine
+    )
     t0 = time.perf_counter()
     pred = predictor.predict(image, affine, clicks)
     if fmt == "dcm" and series is not None:  # a dcm request without a series was refused above
@@ -242,22 +261,37 @@ def _add_synth(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--cases", required=True, type=_positive_int, help="number of labelled cases")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
-    p.add_argument("--test-cases", type=int, default=None, help="unlabelled test images (default: cases // 4, at least 1)")
-    p.add_argument("--shape", type=_positive_int, nargs=3, metavar=("X", "Y", "Z"), help="fixed voxel grid (default: varied)")
-    p.add_argument("--geometry", choices=("compact", "clinical"), default="compact",
-                   help="compact: 80-128 voxels in-plane, 36-64 slices around the spleen (fast); clinical: "
-                        "0.6-1.0 mm in-plane, 1.25-5 mm slices, 300-500 mm from the lung bases to the pelvis "
-                        "(~10 s and ~100 MB per case)")
-    p.add_argument("--dicom", nargs="?", const="uncompressed", default=None,
-                   choices=("uncompressed", "jpeg2000", "jpegls", "rle"),
-                   help="also write every image as a DICOM CT series under OUT/dicom/ (optionally compressed)")
+    p.add_argument(
+        "--test-cases", type=int, default=None, help="unlabelled test images (default: cases // 4, at least 1)"
+    )
+    p.add_argument(
+        "--shape", type=_positive_int, nargs=3, metavar=("X", "Y", "Z"), help="fixed voxel grid (default: varied)"
+    )
+    p.add_argument(
+        "--geometry",
+        choices=("compact", "clinical"),
+        default="compact",
+        help="compact: 80-128 voxels in-plane, 36-64 slices around the spleen (fast); clinical: "
+        "0.6-1.0 mm in-plane, 1.25-5 mm slices, 300-500 mm from the lung bases to the pelvis "
+        "(~10 s and ~100 MB per case)",
+    )
+    p.add_argument(
+        "--dicom",
+        nargs="?",
+        const="uncompressed",
+        default=None,
+        choices=("uncompressed", "jpeg2000", "jpegls", "rle"),
+        help="also write every image as a DICOM CT series under OUT/dicom/ (optionally compressed)",
+    )
     p.set_defaults(func=cmd_synth)
 
 
 def _add_check_data(sub: Any) -> None:
     p = sub.add_parser("check-data", help="check a Decathlon dataset's integrity before training")
     p.add_argument("--data", required=True, help="dataset directory (dataset.json or imagesTr/labelsTr)")
-    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION, help="validation fraction shown in the summary")
+    p.add_argument(
+        "--val-fraction", type=float, default=DEFAULT_VAL_FRACTION, help="validation fraction shown in the summary"
+    )
     p.set_defaults(func=cmd_check_data)
 
 
@@ -265,20 +299,35 @@ def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="train DeepEdit (single process, or Ray Train with --ray)")
     p.add_argument("--data", required=True, help="dataset directory")
     p.add_argument("--output", required=True, help="output directory: checkpoints/, metrics.jsonl, config.yaml")
-    p.add_argument("--profile", choices=sorted(PROFILES), default=None, help=f"network profile (default cpu). {_profiles_help()}")
+    p.add_argument(
+        "--profile", choices=sorted(PROFILES), default=None, help=f"network profile (default cpu). {_profiles_help()}"
+    )
     p.add_argument("--epochs", type=_positive_int, default=None, help="epochs (default: the profile's)")
     p.add_argument("--config", default=None, help="YAML file of training settings (flags override it)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last.pt")
-    p.add_argument("--init-from", default=None, help="start from this checkpoint (ours or a bundle model.pt): path, file:// or s3://")
-    p.add_argument("--max-train-seconds", type=float, default=None, help="wall-time budget in seconds: stop at the first step past it (validate, checkpoint); the cosine schedule anneals over it")
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="start from this checkpoint (ours or a bundle model.pt): path, file:// or s3://",
+    )
+    p.add_argument(
+        "--max-train-seconds",
+        type=float,
+        default=None,
+        help="wall-time budget in seconds: stop at the first step past it (validate, checkpoint); the cosine schedule anneals over it",
+    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--val-fraction", type=float, default=None)
     p.add_argument("--learning-rate", type=float, default=None)
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision")
-    p.add_argument("--deterministic", action="store_true", help="deterministic kernels (GPU runs repeat exactly; slower)")
+    p.add_argument(
+        "--deterministic", action="store_true", help="deterministic kernels (GPU runs repeat exactly; slower)"
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g = p.add_argument_group("Ray Train (with --ray; see docs/ray.md)")
-    g.add_argument("--ray", action="store_true", help="run as a Ray Train job (local Ray cluster unless RAY_ADDRESS is set)")
+    g.add_argument(
+        "--ray", action="store_true", help="run as a Ray Train job (local Ray cluster unless RAY_ADDRESS is set)"
+    )
     g.add_argument("--num-workers", type=_positive_int, default=None, help="Ray Train workers (DDP ranks)")
     g.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
     g.add_argument("--storage", default=None, help="checkpoint storage: local path or s3://bucket/prefix")
@@ -288,12 +337,30 @@ def _add_train(sub: Any) -> None:
 
 def _add_infer(sub: Any) -> None:
     p = sub.add_parser("infer", help="segment one CT volume (NIfTI or DICOM series), optionally with clicks")
-    p.add_argument("--checkpoint", required=True, help="checkpoint (ours, or a bundle model.pt): path, file:// or s3://")
-    p.add_argument("--image", required=True, help="input .nii/.nii.gz, or a DICOM CT series: a folder or a .zip (see docs/dicom.md)")
-    p.add_argument("--clicks", default=None, help='JSON or JSON file: {"spleen": [[i,j,k]], "background": [[i,j,k]]} (original voxel indices)')
-    p.add_argument("--output", required=True, help="output mask: .nii.gz (uint8, original geometry) or, with --format dcm, a DICOM SEG file")
-    p.add_argument("--format", choices=("nii.gz", "dcm"), default=None,
-                   help="mask format (default: dcm if --output ends in .dcm, else nii.gz); dcm needs a DICOM --image")
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint (ours, or a bundle model.pt): path, file:// or s3://"
+    )
+    p.add_argument(
+        "--image",
+        required=True,
+        help="input .nii/.nii.gz, or a DICOM CT series: a folder or a .zip (see docs/dicom.md)",
+    )
+    p.add_argument(
+        "--clicks",
+        default=None,
+        help='JSON or JSON file: {"spleen": [[i,j,k]], "background": [[i,j,k]]} (original voxel indices)',
+    )
+    p.add_argument(
+        "--output",
+        required=True,
+        help="output mask: .nii.gz (uint8, original geometry) or, with --format dcm, a DICOM SEG file",
+    )
+    p.add_argument(
+        "--format",
+        choices=("nii.gz", "dcm"),
+        default=None,
+        help="mask format (default: dcm if --output ends in .dcm, else nii.gz); dcm needs a DICOM --image",
+    )
     p.add_argument("--profile", choices=sorted(PROFILES), default=None, help="override the checkpoint's profile")
     p.add_argument("--click-radius", type=_radius, default=None, help=CLICK_RADIUS_HELP)
     p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None, help=REFINE_HELP)
@@ -303,20 +370,35 @@ def _add_infer(sub: Any) -> None:
 
 def _add_evaluate(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="Dice versus number of simulated clicks on a dataset split")
-    p.add_argument("--checkpoint", required=True, help="checkpoint (ours, or a bundle model.pt): path, file:// or s3://")
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint (ours, or a bundle model.pt): path, file:// or s3://"
+    )
     p.add_argument("--data", required=True, help="dataset directory")
     p.add_argument("--output", required=True, help="report directory: per_case.csv, summary.json, PNG plots")
-    p.add_argument("--max-clicks", type=int, default=field_default(EvaluateConfig, "max_clicks"),
-                   help="simulated corrective clicks after the automatic pass (default: %(default)s)")
-    p.add_argument("--split", choices=EVAL_SPLITS, default=field_default(EvaluateConfig, "split"),
-                   help="which cases to evaluate (default: %(default)s; val: the split the checkpoint was trained with)")
-    p.add_argument("--metrics-log", default=None, help="training metrics.jsonl to plot (default: next to the checkpoint)")
+    p.add_argument(
+        "--max-clicks",
+        type=int,
+        default=field_default(EvaluateConfig, "max_clicks"),
+        help="simulated corrective clicks after the automatic pass (default: %(default)s)",
+    )
+    p.add_argument(
+        "--split",
+        choices=EVAL_SPLITS,
+        default=field_default(EvaluateConfig, "split"),
+        help="which cases to evaluate (default: %(default)s; val: the split the checkpoint was trained with)",
+    )
+    p.add_argument(
+        "--metrics-log", default=None, help="training metrics.jsonl to plot (default: next to the checkpoint)"
+    )
     p.add_argument("--profile", choices=sorted(PROFILES), default=None, help="override the checkpoint's profile")
     p.add_argument("--click-radius", type=_radius, default=None, help=CLICK_RADIUS_HELP)
     p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None, help=REFINE_HELP)
     p.add_argument("--device", default=None)
-    p.add_argument("--dicom", action="store_true",
-                   help="read each image from its DICOM series, DATA/dicom/<imagesTr|imagesTs>/<case>/ (as `synth --dicom` writes it)")
+    p.add_argument(
+        "--dicom",
+        action="store_true",
+        help="read each image from its DICOM series, DATA/dicom/<imagesTr|imagesTs>/<case>/ (as `synth --dicom` writes it)",
+    )
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -328,14 +410,18 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--click-radius", type=_radius, default=None, help=CLICK_RADIUS_HELP)
     p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None, help=REFINE_HELP)
     p.add_argument("--device", default=None)
-    p.add_argument("--token-file", default=None, help="file holding the bearer token (32+ characters), re-read when it changes")
+    p.add_argument(
+        "--token-file", default=None, help="file holding the bearer token (32+ characters), re-read when it changes"
+    )
     p.add_argument("--token-env", default=None, help="environment variable holding the bearer token (32+ characters)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without a bearer token")
     p.set_defaults(func=_lazy("trainer.serve.cli", "cmd_serve"))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spleen-deepedit", description="DeepEdit spleen segmentation: data, training, inference.")
+    parser = argparse.ArgumentParser(
+        prog="spleen-deepedit", description="DeepEdit spleen segmentation: data, training, inference."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_synth(sub)
@@ -371,7 +457,9 @@ def _lazy(module: str, name: str):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         _check_device(getattr(args, "device", None))
         return int(args.func(args) or 0)

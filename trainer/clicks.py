@@ -116,7 +116,10 @@ def click_weight(points, shape: Shape, radius: float, *, scales=None, truncate: 
         sl = _window(tuple(int(round(v)) for v in centre), shape, tail)
         if any(s.start >= s.stop for s in sl):
             continue
-        d2 = [((np.arange(s.start, s.stop, dtype=np.float32) - v) ** 2) / np.float32(2 * radius * radius) for s, v in zip(sl, centre)]
+        d2 = [
+            ((np.arange(s.start, s.stop, dtype=np.float32) - v) ** 2) / np.float32(2 * radius * radius)
+            for s, v in zip(sl, centre)
+        ]
         window = np.exp(-(d2[0][:, None, None] + d2[1][None, :, None] + d2[2][None, None, :]))
         if scales is not None:
             window *= np.float32(scales[i])
@@ -235,8 +238,9 @@ def _far_background_seed(label, body, distance: int, rng) -> tuple[int, int, int
     return _sample_deep_point(far, rng)
 
 
-def corrective_clicks(pred: np.ndarray, label: np.ndarray, rng: np.random.Generator,
-                      second_click_above: int = 0) -> Clicks:
+def corrective_clicks(
+    pred: np.ndarray, label: np.ndarray, rng: np.random.Generator, second_click_above: int = 0
+) -> Clicks:
     """A click in the missed spleen (FN) and one in the over-segmented region (FP), if any.
 
     Each click is sampled proportionally to exp(d) - 1 with d the 3D chessboard distance to the edge
@@ -337,7 +341,9 @@ def validate_clicks(clicks: Any, shape: tuple[int, ...]) -> Clicks:
     if clicks is None:
         return {name: [] for name in CLICK_CHANNELS}
     if not isinstance(clicks, Mapping):
-        raise ClickError(f"clicks must be an object like {{\"spleen\": [[i,j,k]], \"background\": []}}, got {type(clicks).__name__}")
+        raise ClickError(
+            f'clicks must be an object like {{"spleen": [[i,j,k]], "background": []}}, got {type(clicks).__name__}'
+        )
     unknown = sorted(set(clicks) - set(CLICK_CHANNELS))
     if unknown:
         raise ClickError(f"unknown click label(s) {unknown}: use {list(CLICK_CHANNELS)}")

@@ -44,7 +44,9 @@ EVAL_SPLITS: tuple[str, ...] = ("val", "test", "all")
 def check_click_radius(value: Any) -> float:
     """A click locality radius (trainer.predictor): a finite number >= 0 in grid voxels, 0 = off."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ConfigError(f"click_radius must be a number >= 0 (grid voxels; 0 turns click locality off), got {value!r}")
+        raise ConfigError(
+            f"click_radius must be a number >= 0 (grid voxels; 0 turns click locality off), got {value!r}"
+        )
     return float(value)
 
 
@@ -155,7 +157,15 @@ class TrainConfig:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.val_every < 1:
             raise ConfigError(f"val_every must be at least 1, got {self.val_every}")
-        for name in ("click_prob_train", "click_prob_val", "flip_prob", "rot90_prob", "shift_prob", "edge_cut_prob", "window_prob"):
+        for name in (
+            "click_prob_train",
+            "click_prob_val",
+            "flip_prob",
+            "rot90_prob",
+            "shift_prob",
+            "edge_cut_prob",
+            "window_prob",
+        ):
             value = getattr(self, name)
             if value is None:
                 continue

@@ -51,9 +51,7 @@ def _stem(path: Path) -> str:
 
 def _nifti_files(directory: Path) -> list[Path]:
     # MSD archives ship macOS "._" resource files next to the volumes; they are not images.
-    return sorted(
-        p for p in directory.iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith("._")
-    )
+    return sorted(p for p in directory.iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith("._"))
 
 
 def list_dataset(root: str | Path) -> Dataset:
@@ -105,15 +103,21 @@ def _from_folders(root: Path) -> tuple[list[dict[str, str]], list[str]]:
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     for d in (images_dir, labels_dir):
         if not d.is_dir():
-            raise DataError(f"{str(d)!r} is missing: a Decathlon dataset needs imagesTr/ and labelsTr/ (or a dataset.json)")
+            raise DataError(
+                f"{str(d)!r} is missing: a Decathlon dataset needs imagesTr/ and labelsTr/ (or a dataset.json)"
+            )
     images = {_stem(p): p for p in _nifti_files(images_dir)}
     labels = {_stem(p): p for p in _nifti_files(labels_dir)}
     only_images = sorted(set(images) - set(labels))
     only_labels = sorted(set(labels) - set(images))
     if only_images:
-        raise DataError(f"{images[only_images[0]]}: no label with the same name in {labels_dir} ({len(only_images)} unmatched image(s))")
+        raise DataError(
+            f"{images[only_images[0]]}: no label with the same name in {labels_dir} ({len(only_images)} unmatched image(s))"
+        )
     if only_labels:
-        raise DataError(f"{labels[only_labels[0]]}: no image with the same name in {images_dir} ({len(only_labels)} unmatched label(s))")
+        raise DataError(
+            f"{labels[only_labels[0]]}: no image with the same name in {images_dir} ({len(only_labels)} unmatched label(s))"
+        )
     labelled = [{"image": str(images[k]), "label": str(labels[k])} for k in sorted(images)]
     test_dir = root / "imagesTs"
     test = [str(p) for p in _nifti_files(test_dir)] if test_dir.is_dir() else []
@@ -160,8 +164,12 @@ def check_arrays(image, label, affine_image, affine_label, image_path, label_pat
             raise DataError(f"{path}: contains NaN or Inf voxels; fix or drop this case")
     if tuple(image.shape) != tuple(label.shape):
         raise DataError(f"{label_path}: shape {tuple(label.shape)} differs from its image's {tuple(image.shape)}")
-    if not np.allclose(np.asarray(affine_image, dtype=np.float64), np.asarray(affine_label, dtype=np.float64), atol=1e-3, rtol=1e-4):
-        raise DataError(f"{label_path}: affine differs from its image's ({image_path}); resample the label onto the image grid")
+    if not np.allclose(
+        np.asarray(affine_image, dtype=np.float64), np.asarray(affine_label, dtype=np.float64), atol=1e-3, rtol=1e-4
+    ):
+        raise DataError(
+            f"{label_path}: affine differs from its image's ({image_path}); resample the label onto the image grid"
+        )
     values = np.unique(np.asarray(label))
     bad = [v for v in values.tolist() if v not in (0, 1)]
     if bad:

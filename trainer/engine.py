@@ -188,7 +188,11 @@ def train_step(
 
 @torch.no_grad()
 def validate_item(
-    model: torch.nn.Module, item: dict[str, torch.Tensor], rng: np.random.Generator, cfg: TrainConfig, device: torch.device
+    model: torch.nn.Module,
+    item: dict[str, torch.Tensor],
+    rng: np.random.Generator,
+    cfg: TrainConfig,
+    device: torch.device,
 ) -> float:
     """Spleen Dice of one validation case at network resolution, scored with simulated clicks.
 

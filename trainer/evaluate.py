@@ -93,8 +93,10 @@ def with_dicom_images(cases: Sequence[dict[str, str]]) -> list[dict[str, str]]:
     for pair in cases:
         folder = dicom_image_path(pair["image"])
         if not folder.is_dir():
-            raise DataError(f"{str(folder)!r} is missing: --dicom reads each image from DATA/dicom/<imagesTr|imagesTs>/<case>/ "
-                            "(one CT series per case, as `spleen-deepedit synth --dicom` writes it); put the series there")
+            raise DataError(
+                f"{str(folder)!r} is missing: --dicom reads each image from DATA/dicom/<imagesTr|imagesTs>/<case>/ "
+                "(one CT series per case, as `spleen-deepedit synth --dicom` writes it); put the series there"
+            )
         out.append({**pair, "image": str(folder)})
     return out
 
@@ -194,8 +196,16 @@ def evaluate(predictor: Any, cases: Sequence[dict[str, str]], *, max_clicks: int
     for n, pair in enumerate(cases, 1):
         name = _case_name(pair["image"])
         res = evaluate_case(predictor, pair, max_clicks=max_clicks, rng=_case_seed(seed, name))
-        log.info("case %d/%d %s: auto %.4f, %d clicks %.4f (%.1fs)", n, len(cases), name,
-                 res.spleen_dice[0], max_clicks, res.spleen_dice[-1], res.seconds)
+        log.info(
+            "case %d/%d %s: auto %.4f, %d clicks %.4f (%.1fs)",
+            n,
+            len(cases),
+            name,
+            res.spleen_dice[0],
+            max_clicks,
+            res.spleen_dice[-1],
+            res.seconds,
+        )
         results.append(res)
     return results
 
@@ -203,7 +213,9 @@ def evaluate(predictor: Any, cases: Sequence[dict[str, str]], *, max_clicks: int
 # ----------------------------------------------------------------------------- cases
 
 
-def select_cases(data_dir: str | Path, split: str = "val", val_fraction: float = DEFAULT_VAL_FRACTION) -> list[dict[str, str]]:
+def select_cases(
+    data_dir: str | Path, split: str = "val", val_fraction: float = DEFAULT_VAL_FRACTION
+) -> list[dict[str, str]]:
     """Labelled cases of a split: `val` (the training split's validation part), `test`
     (imagesTs with labels from labelsTs/ of the same file name) or `all` (every labelled case)."""
     if split not in EVAL_SPLITS:
@@ -217,7 +229,9 @@ def select_cases(data_dir: str | Path, split: str = "val", val_fraction: float =
         return list(ds.labelled)
     labels_dir = ds.root / "labelsTs"
     if not labels_dir.is_dir():
-        raise DataError(f"{str(labels_dir)!r} is missing: the test split needs labels for imagesTs/ in labelsTs/ (same file names)")
+        raise DataError(
+            f"{str(labels_dir)!r} is missing: the test split needs labels for imagesTs/ in labelsTs/ (same file names)"
+        )
     if not ds.test:
         raise DataError(f"{ds.root}: no test images in imagesTs/")
     cases = []
@@ -232,7 +246,9 @@ def select_cases(data_dir: str | Path, split: str = "val", val_fraction: float =
 # ----------------------------------------------------------------------------- entry points
 
 
-def _training_log(checkpoint: str | Path, metrics_log: str | Path | None) -> tuple[Path | None, list[dict[str, Any]] | None]:
+def _training_log(
+    checkpoint: str | Path, metrics_log: str | Path | None
+) -> tuple[Path | None, list[dict[str, Any]] | None]:
     """The metrics log named by the user (must exist), else `<checkpoint dir>/../metrics.jsonl` if any."""
     if metrics_log is not None:
         path = Path(metrics_log)

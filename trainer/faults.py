@@ -38,8 +38,12 @@ class FaultSpec:
     def parse(cls, text: str) -> FaultSpec:
         try:
             fields = dict(part.split("=", 1) for part in text.split(","))
-            spec = cls(rank=int(fields.pop("rank")), epoch=int(fields.pop("epoch")),
-                       step=int(fields.pop("step", 0)), mode=fields.pop("mode", "raise"))
+            spec = cls(
+                rank=int(fields.pop("rank")),
+                epoch=int(fields.pop("epoch")),
+                step=int(fields.pop("step", 0)),
+                mode=fields.pop("mode", "raise"),
+            )
         except (KeyError, ValueError):
             raise ConfigError(f"fault must look like 'rank=1,epoch=1,step=0,mode=raise', got {text!r}") from None
         if fields or spec.mode not in ("raise", "kill"):

@@ -44,8 +44,9 @@ def has_clicks(clicks: Mapping[str, list]) -> bool:
     return any(len(points) for points in clicks.values())
 
 
-def localize(auto: torch.Tensor, clicked: torch.Tensor, clicks: Clicks, exact: GridPoints | None,
-             radius: float) -> torch.Tensor:
+def localize(
+    auto: torch.Tensor, clicked: torch.Tensor, clicks: Clicks, exact: GridPoints | None, radius: float
+) -> torch.Tensor:
     """The automatic probability `auto` (S, S, S) edited near `clicks` by the clicked pass `clicked`."""
     gain, loss = (clicked - auto).clamp(min=0), (auto - clicked).clamp(min=0)
     result = auto.clone()

@@ -91,7 +91,9 @@ def load_weights(model: torch.nn.Module, ckpt: Checkpoint, profile: str, source:
     try:
         model.load_state_dict(ckpt.model)
     except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {source} does not fit profile {profile!r}: {str(exc).splitlines()[0]}") from None
+        raise CheckpointError(
+            f"checkpoint {source} does not fit profile {profile!r}: {str(exc).splitlines()[0]}"
+        ) from None
 
 
 def read_checkpoint(uri: str | os.PathLike) -> tuple[str, Checkpoint]:
@@ -129,8 +131,14 @@ class LoadedModel:
     version: str
 
 
-def load_model(uri: str | os.PathLike, *, profile: str | None = None, network: torch.nn.Module | None = None,
-               digest: bool = False, check_fit: bool = False) -> LoadedModel:
+def load_model(
+    uri: str | os.PathLike,
+    *,
+    profile: str | None = None,
+    network: torch.nn.Module | None = None,
+    digest: bool = False,
+    check_fit: bool = False,
+) -> LoadedModel:
     """The one model loader: URI -> local file -> checkpoint -> profile -> network with its weights -> version.
 
     Args:

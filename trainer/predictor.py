@@ -111,10 +111,20 @@ class Predictor:
             on the pieces it flips that hold a click); 0: anywhere in the window (default: the profile's).
     """
 
-    def __init__(self, model: torch.nn.Module, profile: Profile, *, device: torch.device | None = None,
-                 amp: bool | None = None, sigma: float | None = None, click_radius: float | None = None,
-                 version: str = "unknown", refine: bool = False, window_mm: float | None = None,
-                 refine_radius_mm: float | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        profile: Profile,
+        *,
+        device: torch.device | None = None,
+        amp: bool | None = None,
+        sigma: float | None = None,
+        click_radius: float | None = None,
+        version: str = "unknown",
+        refine: bool = False,
+        window_mm: float | None = None,
+        refine_radius_mm: float | None = None,
+    ):
         self.device = device or default_device()
         self.model = model.to(self.device).eval()
         self.profile = profile
@@ -133,24 +143,48 @@ class Predictor:
         self.window_forwards = 0  # refinement windows run so far (cached ones not counted)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, *, profile: str | None = None, device: torch.device | None = None,
-                        amp: bool | None = None, click_radius: float | None = None, digest: bool = False,
-                        refine: bool | None = None) -> Predictor:
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        *,
+        profile: str | None = None,
+        device: torch.device | None = None,
+        amp: bool | None = None,
+        click_radius: float | None = None,
+        digest: bool = False,
+        refine: bool | None = None,
+    ) -> Predictor:
         """A Predictor for a checkpoint at a local path, `file://` or `s3://` URI (`network.load_model`)."""
         loaded = load_model(path, profile=profile, digest=digest)
         return cls.from_loaded(loaded, device=device, amp=amp, click_radius=click_radius, refine=refine)
 
     @classmethod
-    def from_loaded(cls, loaded: LoadedModel, *, device: torch.device | None = None, amp: bool | None = None,
-                    click_radius: float | None = None, refine: bool | None = None) -> Predictor:
+    def from_loaded(
+        cls,
+        loaded: LoadedModel,
+        *,
+        device: torch.device | None = None,
+        amp: bool | None = None,
+        click_radius: float | None = None,
+        refine: bool | None = None,
+    ) -> Predictor:
         """refine None: refine when the checkpoint was trained with windows (never a model-zoo `model.pt`)."""
         config = loaded.checkpoint.config or {}
         # Our checkpoints store the training's setting (None: the profile's default).
         sigma = config.get("guidance_sigma") or loaded.profile.guidance_sigma
         if refine is None:
             refine = rf.trained_with_windows(config, loaded.profile)
-        return cls(loaded.model, loaded.profile, device=device, amp=amp, sigma=sigma, click_radius=click_radius,
-                   version=loaded.version, refine=refine, window_mm=config.get("window_mm"))
+        return cls(
+            loaded.model,
+            loaded.profile,
+            device=device,
+            amp=amp,
+            sigma=sigma,
+            click_radius=click_radius,
+            version=loaded.version,
+            refine=refine,
+            window_mm=config.get("window_mm"),
+        )
 
     def preprocess(self, image: np.ndarray, affine: np.ndarray) -> Prepared:
         """Original array + affine -> network-grid tensor and the geometry needed to go back.
@@ -233,8 +267,9 @@ class Predictor:
             return self.model(x)
 
     @torch.no_grad()
-    def forward(self, prepared: list[Prepared], net_clicks: list[Clicks],
-                exact: list[GridPoints] | None = None) -> torch.Tensor:
+    def forward(
+        self, prepared: list[Prepared], net_clicks: list[Clicks], exact: list[GridPoints] | None = None
+    ) -> torch.Tensor:
         """Batched whole-scan prediction -> (B, 1, S, S, S) spleen probability (or (B, 2, ...), see `network`).
 
         With refinement: the automatic pass, cached per volume (clicks act through `windows`). Else with
@@ -248,8 +283,9 @@ class Predictor:
             return self.network(prepared, net_clicks)
         cached = [self._cached(p) for p in prepared]
         missing = [b for b, c in enumerate(net_clicks) if has_clicks(c) and not cached[b]]
-        prob = self.network(list(prepared) + [prepared[b] for b in missing],
-                            list(net_clicks) + [empty_clicks() for _ in missing])
+        prob = self.network(
+            list(prepared) + [prepared[b] for b in missing], list(net_clicks) + [empty_clicks() for _ in missing]
+        )
         for row, b in enumerate(missing, start=len(prepared)):
             self._cache_auto(prepared[b], prob[row])
         out = prob[: len(prepared)].clone()
@@ -303,8 +339,12 @@ class Predictor:
             self.window_forwards += len(todo)
             for row, (b, key, window, guidance) in enumerate(todo):
                 logit = (logits[row, 1] - logits[row, 0]).to(torch.float16)
-                answer = WindowAnswer(window=window, logit=logit, sign=rf.click_sign(guidance),
-                                      clicks=tuple(q for points in guidance.values() for q in points))
+                answer = WindowAnswer(
+                    window=window,
+                    logit=logit,
+                    sign=rf.click_sign(guidance),
+                    clicks=tuple(q for points in guidance.values() for q in points),
+                )
                 self._cache_window(prepared[b], key, answer)
         for b, key, _, _ in wanted:
             out[b].append(prepared[b].windows[key])
@@ -320,7 +360,9 @@ class Predictor:
         while len(prepared.windows) > WINDOW_CACHE:  # the oldest first (dicts keep insertion order)
             prepared.windows.pop(next(iter(prepared.windows)))
 
-    def postprocess(self, prob: torch.Tensor, prepared: Prepared, windows: list[WindowAnswer] | None = None) -> np.ndarray:
+    def postprocess(
+        self, prob: torch.Tensor, prepared: Prepared, windows: list[WindowAnswer] | None = None
+    ) -> np.ndarray:
         """(1, S, S, S) probability (or (2, S, S, S) softmax) -> uint8 mask in the original array order.
 
         With refinement `windows`, their answers replace the mask inside their boxes (`refine.blend_into`).
@@ -339,13 +381,24 @@ class Predictor:
         if windows and prepared.fine is not None:
             spleen = p[1] if len(p) == 2 else p[0]
             # The whole-scan logit (two channels: log p1 - log p0, the same quantity).
-            glogit = (torch.log(p[1].clamp_min(LOGIT_EPS)) - torch.log(p[0].clamp_min(LOGIT_EPS)) if len(p) == 2
-                      else torch.logit(spleen.clamp(LOGIT_EPS, 1 - LOGIT_EPS)))
+            glogit = (
+                torch.log(p[1].clamp_min(LOGIT_EPS)) - torch.log(p[0].clamp_min(LOGIT_EPS))
+                if len(p) == 2
+                else torch.logit(spleen.clamp(LOGIT_EPS, 1 - LOGIT_EPS))
+            )
             fine, grid = tuple(prepared.fine.shape), self.profile.spatial_size
-            answers = [(w.window, w.logit, w.sign, rf.window_to_scan(w.clicks, w.window, grid, prepared.ras_shape, fine))
-                       for w in windows]
-            for box, crop in rf.blend_into(glogit, answers, prepared.ras_shape, fine, tuple(rf.ras_spacing(prepared.orig_affine)),
-                                           self.refine_radius_mm):
+            answers = [
+                (w.window, w.logit, w.sign, rf.window_to_scan(w.clicks, w.window, grid, prepared.ras_shape, fine))
+                for w in windows
+            ]
+            for box, crop in rf.blend_into(
+                glogit,
+                answers,
+                prepared.ras_shape,
+                fine,
+                tuple(rf.ras_spacing(prepared.orig_affine)),
+                self.refine_radius_mm,
+            ):
                 place_ras(mask, crop, box, prepared)
         return mask
 

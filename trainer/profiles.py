@@ -77,9 +77,13 @@ class Profile:
     def __post_init__(self) -> None:
         # DynUNet strides (1,2,2,2,2,(2,2,1)) downsample x and y by 32 and z by 16.
         if self.spatial_size[0] % 32 or self.spatial_size[1] % 32 or self.spatial_size[2] % 16:
-            raise ConfigError(f"profile {self.name}: spatial_size {self.spatial_size} must be multiples of (32, 32, 16)")
+            raise ConfigError(
+                f"profile {self.name}: spatial_size {self.spatial_size} must be multiples of (32, 32, 16)"
+            )
         if self.upsample not in UPSAMPLE_MODES:
-            raise ConfigError(f"profile {self.name}: upsample must be one of {', '.join(UPSAMPLE_MODES)}, got {self.upsample!r}")
+            raise ConfigError(
+                f"profile {self.name}: upsample must be one of {', '.join(UPSAMPLE_MODES)}, got {self.upsample!r}"
+            )
 
 
 PROFILES: dict[str, Profile] = {
@@ -162,6 +166,4 @@ def get_profile(name: str) -> Profile:
     try:
         return PROFILES[name]
     except KeyError:
-        raise ConfigError(
-            f"unknown profile {name!r}: choose one of {', '.join(sorted(PROFILES))}"
-        ) from None
+        raise ConfigError(f"unknown profile {name!r}: choose one of {', '.join(sorted(PROFILES))}") from None

@@ -76,7 +76,9 @@ class RayJobConfig:
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"cpus_per_worker must be positive, got {self.cpus_per_worker}")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-            raise ConfigError(f"placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {self.placement_strategy!r}")
+            raise ConfigError(
+                f"placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {self.placement_strategy!r}"
+            )
         if self.max_failures < -1:
             raise ConfigError(f"max_failures must be -1 (unlimited) or >= 0, got {self.max_failures}")
         if self.num_to_keep is not None and self.num_to_keep < 1:
@@ -89,8 +91,15 @@ class RayJobConfig:
         return storage.join(self.storage, self.run_name)
 
     @classmethod
-    def for_output(cls, output: str | os.PathLike, *, storage: str | None = None, run_name: str | None = None,
-                   num_workers: int | None = None, use_gpu: bool = False) -> RayJobConfig:
+    def for_output(
+        cls,
+        output: str | os.PathLike,
+        *,
+        storage: str | None = None,
+        run_name: str | None = None,
+        num_workers: int | None = None,
+        use_gpu: bool = False,
+    ) -> RayJobConfig:
         """The job of `train --ray --output OUTPUT`: storage `<output>/ray` and the run named after the
         output folder (or `$SPLEEN_DEEPEDIT_RUN_NAME`) unless given; one worker unless given."""
         out = Path(output).resolve()
@@ -118,7 +127,9 @@ class _TrainGauges:
         from ray.util.metrics import Gauge
 
         self._tags = {"run": run_name}
-        self._gauges = {key: Gauge(name, description=text, tag_keys=("run",)) for key, (name, text) in self._SPEC.items()}
+        self._gauges = {
+            key: Gauge(name, description=text, tag_keys=("run",)) for key, (name, text) in self._SPEC.items()
+        }
 
     def update(self, metrics: dict[str, Any]) -> None:
         for key, gauge in self._gauges.items():
@@ -253,7 +264,9 @@ def fit(cfg: TrainConfig, data: str, job: RayJobConfig, *, loop: Callable[[dict[
     storage.check_storage(job.storage)
     if storage.is_s3(data):
         if not storage.list_objects(data):  # fail fast here rather than in every worker
-            raise storage.StorageError(f"no objects under {data}: upload the dataset (imagesTr/, labelsTr/, dataset.json) there")
+            raise storage.StorageError(
+                f"no objects under {data}: upload the dataset (imagesTr/, labelsTr/, dataset.json) there"
+            )
     else:
         data = str(Path(data).resolve())
     env.ray_train_defaults()

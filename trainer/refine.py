@@ -66,9 +66,13 @@ def ras_spacing(affine: np.ndarray) -> np.ndarray:
     return out
 
 
-def fine_shape(ras_shape: Sequence[int], spacing: Sequence[float] | np.ndarray, window_spacing: Sequence[float]) -> tuple[int, ...]:
+def fine_shape(
+    ras_shape: Sequence[int], spacing: Sequence[float] | np.ndarray, window_spacing: Sequence[float]
+) -> tuple[int, ...]:
     """The fine volume's shape: each axis at max(scan spacing, window spacing), so never upsampled."""
-    return tuple(max(1, min(int(n), int(round(n * s / max(s, w))))) for n, s, w in zip(ras_shape, spacing, window_spacing))
+    return tuple(
+        max(1, min(int(n), int(round(n * s / max(s, w))))) for n, s, w in zip(ras_shape, spacing, window_spacing)
+    )
 
 
 def window_spacing(grid: Sequence[int], window_mm: float) -> tuple[float, float, float]:
@@ -123,8 +127,11 @@ def plan_windows(prepared: Any, clicks: Mapping[str, list], grid: Sequence[int])
         raise ValueError("this volume was prepared without refinement: prepare it with the refining predictor")
     fine = tuple(prepared.fine.shape)
     names = [name for name, pts in clicks.items() for _ in pts]
-    points = scan_to_fine(np.array([ras_index(q, prepared) for pts in clicks.values() for q in pts]).reshape(-1, 3),
-                          prepared.ras_shape, fine)
+    points = scan_to_fine(
+        np.array([ras_index(q, prepared) for pts in clicks.values() for q in pts]).reshape(-1, 3),
+        prepared.ras_shape,
+        fine,
+    )
     plans = []
     for rows in cluster_clicks(points, grid):
         window = window_around(points[rows], grid)
@@ -199,8 +206,9 @@ def _linear_matrix(coords: torch.Tensor, g: int) -> torch.Tensor:
     return m
 
 
-def sample(values: torch.Tensor, box: Sequence[slice], ras_shape: Sequence[int], fine: Sequence[int],
-           window: Window | None) -> torch.Tensor:
+def sample(
+    values: torch.Tensor, box: Sequence[slice], ras_shape: Sequence[int], fine: Sequence[int], window: Window | None
+) -> torch.Tensor:
     """Trilinear values of a grid (G...) at the centres of scan voxels `box`; window None: the whole-scan grid."""
     out = values.float()
     for axis in range(3):
@@ -213,8 +221,14 @@ def sample(values: torch.Tensor, box: Sequence[slice], ras_shape: Sequence[int],
     return out
 
 
-def taper(box: Sequence[slice], ras_shape: Sequence[int], fine: Sequence[int], window: Window,
-          grid: Sequence[int], ramp: float = BLEND_RAMP) -> torch.Tensor:
+def taper(
+    box: Sequence[slice],
+    ras_shape: Sequence[int],
+    fine: Sequence[int],
+    window: Window,
+    grid: Sequence[int],
+    ramp: float = BLEND_RAMP,
+) -> torch.Tensor:
     """The window's blend weight at scan voxels `box`: 0 at its faces, 1 from `ramp` grid voxels inside."""
     weights = []
     for axis in range(3):
@@ -249,16 +263,18 @@ def click_sign(guidance: Mapping[str, list]) -> int:
     return 0 if spleen == background else (1 if spleen else -1)
 
 
-def window_to_scan(points: Sequence[Sequence[int]], window: Window, grid: Sequence[int], ras_shape: Sequence[int],
-                   fine: Sequence[int]) -> np.ndarray:
+def window_to_scan(
+    points: Sequence[Sequence[int]], window: Window, grid: Sequence[int], ras_shape: Sequence[int], fine: Sequence[int]
+) -> np.ndarray:
     """Window grid voxels -> continuous RAS scan indices of their centres (the inverse of `to_window`)."""
     g = np.asarray(points, dtype=np.float64).reshape(-1, 3)
     f = np.asarray(window.lo) + (g + 0.5) * np.asarray(window.size) / np.asarray(grid) - 0.5
     return (f + 0.5) * np.asarray(ras_shape) / np.asarray(fine) - 0.5
 
 
-def near_clicks(box: Sequence[slice], clicks: np.ndarray, spacing: Sequence[float], radius_mm: float,
-                changed: np.ndarray) -> torch.Tensor:
+def near_clicks(
+    box: Sequence[slice], clicks: np.ndarray, spacing: Sequence[float], radius_mm: float, changed: np.ndarray
+) -> torch.Tensor:
     """Where a window may change the mask: exp(-d^2 / 2 r^2) with d the distance in mm to the nearest
     click, and 1 on each connected piece of `changed` (the voxels the window flips) that holds a click,
     so a click in a missed spleen or a false-positive blob takes all of it (click locality, in mm)."""
@@ -266,8 +282,12 @@ def near_clicks(box: Sequence[slice], clicks: np.ndarray, spacing: Sequence[floa
 
     weight = torch.zeros(tuple(b.stop - b.start for b in box))
     for c in clicks:
-        parts = [torch.exp(-(((torch.arange(b.start, b.stop, dtype=torch.float64) - v) * s) ** 2) / (2 * radius_mm**2)).float()
-                 for b, v, s in zip(box, c, spacing)]
+        parts = [
+            torch.exp(
+                -(((torch.arange(b.start, b.stop, dtype=torch.float64) - v) * s) ** 2) / (2 * radius_mm**2)
+            ).float()
+            for b, v, s in zip(box, c, spacing)
+        ]
         weight = torch.maximum(weight, parts[0][:, None, None] * parts[1][None, :, None] * parts[2][None, None, :])
     if changed.any():
         pieces, _ = ndimage.label(changed, structure=np.ones((3, 3, 3), bool))
@@ -278,9 +298,14 @@ def near_clicks(box: Sequence[slice], clicks: np.ndarray, spacing: Sequence[floa
     return weight
 
 
-def blend_into(global_logit: torch.Tensor, answers: Sequence[tuple[Window, torch.Tensor, int, np.ndarray]],
-               ras_shape: Sequence[int], fine: Sequence[int], spacing: Sequence[float] = (1.0, 1.0, 1.0),
-               radius_mm: float = 0.0) -> list[tuple[tuple[slice, slice, slice], np.ndarray]]:
+def blend_into(
+    global_logit: torch.Tensor,
+    answers: Sequence[tuple[Window, torch.Tensor, int, np.ndarray]],
+    ras_shape: Sequence[int],
+    fine: Sequence[int],
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    radius_mm: float = 0.0,
+) -> list[tuple[tuple[slice, slice, slice], np.ndarray]]:
     """The refined mask inside the windows: a list of (RAS box, uint8 mask of the box).
 
     Per box voxel, starting from the whole-scan probability, each window in turn (the clusters'
@@ -290,8 +315,11 @@ def blend_into(global_logit: torch.Tensor, answers: Sequence[tuple[Window, torch
     answer's 4th item, RAS scan indices; `spacing`: the scan's voxel size in RAS order). Overlapping
     windows are blended on the union of their boxes, so the later one's ramp fades into the earlier one's.
     """
-    found = [(w, logit, sign, box, pts) for w, logit, sign, pts in answers
-             if (box := scan_box(w, ras_shape, fine)) is not None]
+    found = [
+        (w, logit, sign, box, pts)
+        for w, logit, sign, pts in answers
+        if (box := scan_box(w, ras_shape, fine)) is not None
+    ]
     out = []
     for group in _groups([f[3] for f in found]):
         union = _union([found[k][3] for k in group])

@@ -63,8 +63,12 @@ def click_effect(results: Sequence[CaseResult], dice: np.ndarray) -> dict[str, A
     made >= PIECE_FIXED_SHARE of it right (issue 17's targets)."""
     means = dice.mean(axis=0)
     gains = np.diff(means)
-    big = [(n, f) for r in results for n, f in zip(r.piece_voxels, r.piece_fixed)
-           if n is not None and f is not None and n >= PIECE_MIN_VOXELS]
+    big = [
+        (n, f)
+        for r in results
+        for n, f in zip(r.piece_voxels, r.piece_fixed)
+        if n is not None and f is not None and n >= PIECE_MIN_VOXELS
+    ]
     return {
         "gain_per_click_first5": float(gains[:5].mean()) if len(gains) else None,
         "largest_fall": float(max(0.0, -gains.min())) if len(gains) else 0.0,
@@ -94,7 +98,9 @@ def write_per_case_csv(results: Sequence[CaseResult], path: Path) -> None:
         writer = csv.writer(fh)
         writer.writerow(CSV_COLUMNS)
         for r in results:
-            for count, (d, dbg, hd, click) in enumerate(zip(r.spleen_dice, r.dice_with_background, r.hd95_mm, r.clicks)):
+            for count, (d, dbg, hd, click) in enumerate(
+                zip(r.spleen_dice, r.dice_with_background, r.hd95_mm, r.clicks)
+            ):
                 where = "" if click is None else f"{click[0]}:{','.join(str(v) for v in click[1])}"
                 writer.writerow([r.case, count, _fmt(d), _fmt(dbg), _fmt(hd), where])
 
@@ -105,17 +111,22 @@ def format_table(summary: dict[str, Any]) -> str:
         f"{summary['cases']} case(s), split {summary.get('split', '?')}: spleen-only Dice (primary)",
         f"{'clicks':>6}  {'spleen Dice':>11}  {'std':>6}  {'Dice incl. bg':>13}",
     ]
-    for n, (d, s, b) in enumerate(zip(summary["dice_by_clicks"], summary["dice_by_clicks_std"],
-                                      summary["dice_with_background_by_clicks"])):
+    for n, (d, s, b) in enumerate(
+        zip(summary["dice_by_clicks"], summary["dice_by_clicks_std"], summary["dice_with_background_by_clicks"])
+    ):
         lines.append(f"{n:>6}  {d:>11.4f}  {s:>6.4f}  {b:>13.4f}")
     if summary.get("big_piece_fixed_share") is not None:
-        lines.append(f"clicks in error pieces >= {PIECE_MIN_VOXELS} voxels that fixed >= half of them: "
-                     f"{summary['big_piece_fixed_share']:.0%} of {summary['big_piece_clicks']}; "
-                     f"mean gain of the first 5 clicks {summary['gain_per_click_first5']:.4f}")
+        lines.append(
+            f"clicks in error pieces >= {PIECE_MIN_VOXELS} voxels that fixed >= half of them: "
+            f"{summary['big_piece_fixed_share']:.0%} of {summary['big_piece_clicks']}; "
+            f"mean gain of the first 5 clicks {summary['gain_per_click_first5']:.4f}"
+        )
     hd_auto, hd_final = summary["hd95_mm_auto"], summary["hd95_mm_final"]
     lines.append(
-        "HD95: auto " + ("n/a" if hd_auto is None else f"{hd_auto:.1f} mm")
-        + f", after {len(summary['dice_by_clicks']) - 1} clicks " + ("n/a" if hd_final is None else f"{hd_final:.1f} mm")
+        "HD95: auto "
+        + ("n/a" if hd_auto is None else f"{hd_auto:.1f} mm")
+        + f", after {len(summary['dice_by_clicks']) - 1} clicks "
+        + ("n/a" if hd_final is None else f"{hd_final:.1f} mm")
     )
     return "\n".join(lines)
 
@@ -141,7 +152,9 @@ def plot_dice_vs_clicks(results: Sequence[CaseResult], path: Path) -> None:
     fig = _figure(5.0, 3.4)
     ax = fig.add_subplot()
     ax.fill_between(x, dice.min(axis=0), dice.max(axis=0), color="tab:blue", alpha=0.12, label="min-max")
-    ax.fill_between(x, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), color="tab:blue", alpha=0.25, label="±1 std")
+    ax.fill_between(
+        x, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), color="tab:blue", alpha=0.25, label="±1 std"
+    )
     ax.plot(x, mean, "o-", color="tab:blue", label=f"mean ({len(results)} cases)")
     ax.set(xlabel="simulated corrective clicks", ylabel="spleen Dice", ylim=(0, 1.02), title="Spleen Dice vs clicks")
     ax.set_xticks(x)

@@ -57,7 +57,7 @@ def split_s3(uri: str) -> tuple[str, str]:
     """`s3://bucket/some/key` -> (`bucket`, `some/key`); the key may be empty."""
     if not is_s3(uri):
         raise StorageError(f"{uri!r} is not an s3:// URI")
-    bucket, _, key = uri[len(S3_SCHEME):].partition("/")
+    bucket, _, key = uri[len(S3_SCHEME) :].partition("/")
     if not bucket:
         raise StorageError(f"{uri!r} has no bucket name: use s3://BUCKET/PREFIX")
     return bucket, key.strip("/")
@@ -99,9 +99,7 @@ def _s3_errors(uri: str) -> Iterator[None]:
             "check AWS_ENDPOINT_URL and that the server is running"
         ) from None
     except (bx.NoCredentialsError, bx.PartialCredentialsError):
-        raise StorageError(
-            f"no S3 credentials for {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-        ) from None
+        raise StorageError(f"no S3 credentials for {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY") from None
     except bx.ClientError as exc:
         err = exc.response.get("Error", {})
         code = str(err.get("Code", ""))
@@ -117,7 +115,9 @@ def _s3_errors(uri: str) -> Iterator[None]:
             raise StorageError(
                 f"access to {uri} denied by {endpoint()} ({code}): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
             ) from None
-        raise StorageError(f"S3 request for {uri} failed at {endpoint()}: {code} {err.get('Message', '')}".strip()) from None
+        raise StorageError(
+            f"S3 request for {uri} failed at {endpoint()}: {code} {err.get('Message', '')}".strip()
+        ) from None
 
 
 def check_storage(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
@@ -148,7 +148,7 @@ def list_objects(uri: str) -> dict[str, dict]:
         pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         for page in pages:
             for obj in page.get("Contents", []):
-                rel = obj["Key"][len(prefix):]
+                rel = obj["Key"][len(prefix) :]
                 if rel and not rel.endswith("/"):
                     out[rel] = {"size": int(obj["Size"]), "etag": str(obj.get("ETag", ""))}
     return out
@@ -182,7 +182,7 @@ def fetch(uri: str | os.PathLike, dest: str | os.PathLike | None = None) -> str:
     """
     uri = check_uri(uri)
     if uri.startswith(FILE_SCHEME):
-        return uri[len(FILE_SCHEME):]
+        return uri[len(FILE_SCHEME) :]
     if not is_s3(uri):
         return uri
     bucket, key = split_s3(uri)

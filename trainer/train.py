@@ -118,8 +118,9 @@ def stream_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-def _train_epoch(model, loader, optimizer, scaler, loss_fn, cfg, runtime, epoch, clock, window,
-                 first_step: int = 0) -> dict[str, Any]:
+def _train_epoch(
+    model, loader, optimizer, scaler, loss_fn, cfg, runtime, epoch, clock, window, first_step: int = 0
+) -> dict[str, Any]:
     """One pass over the loader from `first_step` (a resumed unfinished epoch), or less if the time
     budget runs out (`stats["out_of_time"]`) or the run diverges (`stats["diverged"]`)."""
     device = runtime.device
@@ -180,7 +181,9 @@ def make_loader(train_ds, cfg: TrainConfig, rank: int, world_size: int) -> DataL
     """
     from torch.utils.data.distributed import DistributedSampler
 
-    sampler: DistributedSampler[Any] = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed
+    )
     return DataLoader(
         train_ds,
         batch_size=cfg.batch_size,
@@ -324,8 +327,19 @@ def train(cfg: TrainConfig, data_dir: str, runtime: Runtime) -> dict[str, Any]:
     for epoch in range(start_epoch, cfg.num_epochs):
         runtime.set_epoch(loader, epoch)
         seed_epoch(loader, cfg, runtime.rank, epoch)
-        stats = _train_epoch(model, loader, optimizer, scaler, loss_fn, cfg, runtime, epoch, clock, window,
-                             first_step if epoch == start_epoch else 0)
+        stats = _train_epoch(
+            model,
+            loader,
+            optimizer,
+            scaler,
+            loss_fn,
+            cfg,
+            runtime,
+            epoch,
+            clock,
+            window,
+            first_step if epoch == start_epoch else 0,
+        )
         last_epoch = epoch + 1 == cfg.num_epochs
         if stats.pop("diverged"):
             raise _diverged(epoch, window, optimizer)  # before writing: the weights are the last checkpoint's
@@ -349,8 +363,9 @@ def train(cfg: TrainConfig, data_dir: str, runtime: Runtime) -> dict[str, Any]:
         }
         if runtime.is_main:
             print(format_epoch_line(metrics, cfg.num_epochs), flush=True)
-        runtime.on_epoch_end(metrics=metrics, checkpoint=_checkpoint(model, optimizer, scaler, cfg, epoch, metrics),
-                             is_best=is_best)
+        runtime.on_epoch_end(
+            metrics=metrics, checkpoint=_checkpoint(model, optimizer, scaler, cfg, epoch, metrics), is_best=is_best
+        )
         if over_time and not last_epoch:
             if runtime.is_main:
                 print(f"stopping in epoch {epoch + 1}: max_train_seconds={cfg.max_train_seconds} reached", flush=True)

@@ -174,8 +174,14 @@ class ResizeBeforeOrientd(mt.MapTransform):
         labels: its axis labels.
     """
 
-    def __init__(self, keys: Sequence[str] | str, spatial_size: Sequence[int], mode: Sequence[str] | str = "area",
-                 axcodes: str = "RAS", labels=RAS_LABELS):
+    def __init__(
+        self,
+        keys: Sequence[str] | str,
+        spatial_size: Sequence[int],
+        mode: Sequence[str] | str = "area",
+        axcodes: str = "RAS",
+        labels=RAS_LABELS,
+    ):
         super().__init__(keys)
         self.spatial_size = tuple(int(s) for s in spatial_size)
         self.mode = ensure_tuple_rep(mode, len(self.keys))
@@ -224,7 +230,9 @@ def load_transforms(keys: Sequence[str]) -> list:
     ]
 
 
-def preprocess_transforms(spatial_size: Sequence[int], keys: Sequence[str] = (IMAGE,), label_resize: str = "nearest") -> list:
+def preprocess_transforms(
+    spatial_size: Sequence[int], keys: Sequence[str] = (IMAGE,), label_resize: str = "nearest"
+) -> list:
     """Channel-first volume(s) -> windowed, resized to `spatial_size`, RAS.
 
     `keys` holds IMAGE and optionally LABEL. Equal to MONAI's `Orientationd(RAS)` ->
@@ -320,8 +328,9 @@ class RandEdgeCutd(mt.RandomizableTransform, mt.MapTransform):
     spleen are left alone. Runs on network-resolution items (after the cache).
     """
 
-    def __init__(self, keys: Sequence[str], prob: float, soft_label: bool, label_key: str = LABEL,
-                 min_scale: float = 0.5):
+    def __init__(
+        self, keys: Sequence[str], prob: float, soft_label: bool, label_key: str = LABEL, min_scale: float = 0.5
+    ):
         mt.RandomizableTransform.__init__(self, prob)
         mt.MapTransform.__init__(self, keys)
         self.label_key, self.soft_label, self.min_scale = label_key, soft_label, min_scale
@@ -348,10 +357,14 @@ class RandEdgeCutd(mt.RandomizableTransform, mt.MapTransform):
             return d
         for key in self.key_iterator(d):
             value = torch.as_tensor(d[key])
-            part = value[..., window[0]: window[1]].float()
+            part = value[..., window[0] : window[1]].float()
             linear = key == IMAGE or (key == self.label_key and self.soft_label)
-            out = F.interpolate(part[None], size=tuple(value.shape[-3:]), mode="trilinear" if linear else "nearest-exact",
-                                align_corners=False if linear else None)[0]
+            out = F.interpolate(
+                part[None],
+                size=tuple(value.shape[-3:]),
+                mode="trilinear" if linear else "nearest-exact",
+                align_corners=False if linear else None,
+            )[0]
             d[key] = out.to(value.dtype)
         return d
 

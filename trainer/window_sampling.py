@@ -63,8 +63,9 @@ def draw_window(label: np.ndarray, grid: Sequence[int], rng: np.random.Generator
     return Window(lo=tuple(int(v) for v in lo), size=tuple(int(v) for v in size))  # type: ignore[arg-type]
 
 
-def window_item(fine_image: torch.Tensor, fine_label: torch.Tensor, window: Window, grid: Sequence[int],
-                soft_label: bool) -> dict[str, torch.Tensor]:
+def window_item(
+    fine_image: torch.Tensor, fine_label: torch.Tensor, window: Window, grid: Sequence[int], soft_label: bool
+) -> dict[str, torch.Tensor]:
     """A training item (image, label, body at the grid) cut from the fine volumes by `window`."""
     from .clicks import body_mask
 

@@ -45,7 +45,9 @@ def group_cases(rel_paths: list[str]) -> list[dict[str, Any]]:
     for key in sorted(cases):
         case_id = _case_id(cases[key]["source"])
         if case_id in seen:
-            raise DataError(f"{seen[case_id]!r} and {cases[key]['source']!r} would both be case {case_id!r}: rename one")
+            raise DataError(
+                f"{seen[case_id]!r} and {cases[key]['source']!r} would both be case {case_id!r}: rename one"
+            )
         seen[case_id] = cases[key]["source"]
         out.append({**ROW_DEFAULTS, **cases[key], "case_id": case_id})
     return out
@@ -58,12 +60,16 @@ def list_cases(input_uri: str) -> list[dict[str, Any]]:
     else:
         root = Path(input_uri)
         if not root.is_dir():
-            raise FileNotFoundError(f"--input {input_uri!r} is not a folder: pass a folder (or s3:// prefix) of NIfTI "
-                                    "files and DICOM series")
+            raise FileNotFoundError(
+                f"--input {input_uri!r} is not a folder: pass a folder (or s3:// prefix) of NIfTI "
+                "files and DICOM series"
+            )
         rels = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
     cases = group_cases(rels)
     if not cases:
         from ..data import DataError
 
-        raise DataError(f"no cases under {input_uri}: expected .nii/.nii.gz files, .zip DICOM series or DICOM series folders")
+        raise DataError(
+            f"no cases under {input_uri}: expected .nii/.nii.gz files, .zip DICOM series or DICOM series folders"
+        )
     return cases

@@ -15,11 +15,28 @@ MASKS, ROWS = "masks", "rows"
 MANIFEST = "manifest"
 #: Columns of a manifest row, with the value a case has before a stage fills it in.
 ROW_DEFAULTS: dict[str, Any] = {
-    "case_id": "", "source": "", "kind": "", "keys": "", "status": "pending", "error": "", "stage": "",
-    "output": "", "model_version": "", "format": "", "resumed": False,
-    "shape": "", "spleen_ml": float("nan"), "components": -1, "largest_share": float("nan"),
-    "touches_edge": False, "confidence": float("nan"), "flags": "",
-    "read_s": 0.0, "preprocess_s": 0.0, "forward_s": 0.0, "write_s": 0.0,
+    "case_id": "",
+    "source": "",
+    "kind": "",
+    "keys": "",
+    "status": "pending",
+    "error": "",
+    "stage": "",
+    "output": "",
+    "model_version": "",
+    "format": "",
+    "resumed": False,
+    "shape": "",
+    "spleen_ml": float("nan"),
+    "components": -1,
+    "largest_share": float("nan"),
+    "touches_edge": False,
+    "confidence": float("nan"),
+    "flags": "",
+    "read_s": 0.0,
+    "preprocess_s": 0.0,
+    "forward_s": 0.0,
+    "write_s": 0.0,
 }
 PAYLOAD = "payload"  # pickled arrays passed between stages; dropped before the manifest
 DEFAULT_BATCH_SIZE = 2
@@ -86,8 +103,10 @@ class AnnotateConfig:
         if not 0 <= self.num_gpus <= 8:
             raise ConfigError(f"--num-gpus {self.num_gpus}: must be between 0 and 8 (a fraction shares a GPU)")
         if _inside(self.output, self.input):  # a rerun would take the masks for new cases
-            raise ConfigError(f"--output {self.output!r} is inside --input {self.input!r}: write the masks outside the "
-                              "input folder (or prefix)")
+            raise ConfigError(
+                f"--output {self.output!r} is inside --input {self.input!r}: write the masks outside the "
+                "input folder (or prefix)"
+            )
 
 
 def _inside(path: str, root: str) -> bool:

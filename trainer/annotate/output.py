@@ -31,9 +31,13 @@ def case_stats(mask: np.ndarray, affine: np.ndarray, prob: np.ndarray, review: R
     flags = []
     components, largest, touches = 0, float("nan"), False
     if voxels:
-        box = tuple(slice(int(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != d)))[0]),
-                          int(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != d)))[-1]) + 1)
-                    for d in range(3))
+        box = tuple(
+            slice(
+                int(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != d)))[0]),
+                int(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != d)))[-1]) + 1,
+            )
+            for d in range(3)
+        )
         labels, components = ndimage.label(mask[box], structure=np.ones((3, 3, 3), bool))
         largest = float(np.bincount(labels.ravel())[1:].max() / voxels)
         touches = any(b.start == 0 or b.stop == n for b, n in zip(box, mask.shape))
@@ -52,8 +56,14 @@ def case_stats(mask: np.ndarray, affine: np.ndarray, prob: np.ndarray, review: R
             flags.append("touches_edge")
         if not math.isnan(confidence) and confidence < review.min_confidence:
             flags.append("low_confidence")
-    return {"spleen_ml": round(ml, 3), "components": int(components), "largest_share": largest,
-            "touches_edge": bool(touches), "confidence": confidence, "flags": ";".join(flags)}
+    return {
+        "spleen_ml": round(ml, 3),
+        "components": int(components),
+        "largest_share": largest,
+        "touches_edge": bool(touches),
+        "confidence": confidence,
+        "flags": ";".join(flags),
+    }
 
 
 def put_file(local: Path, uri: str) -> None:
@@ -115,7 +125,12 @@ def finished_rows(output: str, version: str, fmt: str) -> dict[str, dict[str, An
             row = json.loads(text)
         except json.JSONDecodeError:
             continue  # a torn row file: redo the case
-        if row.get("status") == "ok" and row.get("model_version") == version and row.get("format") == fmt and present(row):
+        if (
+            row.get("status") == "ok"
+            and row.get("model_version") == version
+            and row.get("format") == fmt
+            and present(row)
+        ):
             done[row["case_id"]] = {**ROW_DEFAULTS, **row, "resumed": True}
     return done
 

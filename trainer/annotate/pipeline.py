@@ -49,8 +49,10 @@ def _check_gpus(cfg: AnnotateConfig, autoscaling: bool) -> None:
 
     need, have = cfg.num_gpus * cfg.concurrency, float(ray.cluster_resources().get("GPU", 0))
     if need and need > have:
-        message = (f"--num-gpus {cfg.num_gpus:g} x --concurrency {cfg.concurrency} needs {need:g} GPU(s); "
-                   f"this Ray cluster has {have:g}")
+        message = (
+            f"--num-gpus {cfg.num_gpus:g} x --concurrency {cfg.concurrency} needs {need:g} GPU(s); "
+            f"this Ray cluster has {have:g}"
+        )
         if not autoscaling:
             raise ConfigError(f"{message}: use --num-gpus 0 to run the model on CPUs")
         log.warning("%s now; the job waits until the cluster adds them", message)
@@ -66,16 +68,31 @@ def build_dataset(cases: list[dict[str, Any]], cfg: AnnotateConfig, profile: str
     ds = ds.map(read_case, fn_kwargs={"input_uri": cfg.input, "fmt": cfg.format}, num_cpus=1, **limit)
     ds = ds.map(preprocess_case, fn_kwargs={"profile": profile}, num_cpus=1, **limit)
     ds = ds.map_batches(
-        Forward, fn_constructor_kwargs={"checkpoint": cfg.checkpoint, "profile": profile, "use_gpu": cfg.num_gpus > 0},
-        batch_size=cfg.batch_size, batch_format="pandas", concurrency=cfg.concurrency,
-        num_gpus=cfg.num_gpus or None, num_cpus=None if cfg.num_gpus else 1,
+        Forward,
+        fn_constructor_kwargs={"checkpoint": cfg.checkpoint, "profile": profile, "use_gpu": cfg.num_gpus > 0},
+        batch_size=cfg.batch_size,
+        batch_format="pandas",
+        concurrency=cfg.concurrency,
+        num_gpus=cfg.num_gpus or None,
+        num_cpus=None if cfg.num_gpus else 1,
         # A crashed actor restarts a bounded number of times (Ray Data's default is forever, which a
         # case that kills the process would turn into a loop). Being a remote argument the tasks do
         # not share, it also keeps Ray Data from fusing the read and preprocess tasks into the model
         # actor, so they run as parallel tasks instead of serially inside it.
-        max_restarts=ACTOR_RESTARTS)
-    return ds.map(write_case, fn_kwargs={"output": cfg.output, "fmt": cfg.format, "profile": profile,
-                                         "model_version": version, "review": cfg.review}, num_cpus=1, **limit)
+        max_restarts=ACTOR_RESTARTS,
+    )
+    return ds.map(
+        write_case,
+        fn_kwargs={
+            "output": cfg.output,
+            "fmt": cfg.format,
+            "profile": profile,
+            "model_version": version,
+            "review": cfg.review,
+        },
+        num_cpus=1,
+        **limit,
+    )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -118,8 +135,12 @@ def annotate(cfg: AnnotateConfig, *, progress: bool = True) -> AnnotateResult:
 
                 ray.shutdown()
     manifest = write_manifest(rows, cfg.output)
-    return AnnotateResult(rows=sorted(rows, key=lambda r: r["case_id"]), manifest=manifest, model_version=version,
-                          seconds=time.perf_counter() - t0)
+    return AnnotateResult(
+        rows=sorted(rows, key=lambda r: r["case_id"]),
+        manifest=manifest,
+        model_version=version,
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def _collect(ds, todo: list[dict[str, Any]], progress: bool) -> Iterator[dict[str, Any]]:
@@ -141,5 +162,8 @@ def _collect(ds, todo: list[dict[str, Any]], progress: bool) -> Iterator[dict[st
         ctx.max_errored_blocks = saved
     for case in todo:
         if case["case_id"] not in seen:
-            yield public_row(failed_row(case, "ray", RuntimeError("the Ray task of this case died (e.g. out of memory); "
-                                                                "rerun to retry")))
+            yield public_row(
+                failed_row(
+                    case, "ray", RuntimeError("the Ray task of this case died (e.g. out of memory); rerun to retry")
+                )
+            )

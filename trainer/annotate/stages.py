@@ -50,8 +50,10 @@ def read_case(row: dict[str, Any], *, input_uri: str, fmt: str) -> dict[str, Any
         if row["kind"] == "nifti" and fmt == "dcm":
             from ..data import DataError
 
-            raise DataError(f"{row['source']}: --format dcm writes a DICOM SEG that references its source "
-                            "series, and this case is NIfTI: use --format nii.gz for NIfTI inputs")
+            raise DataError(
+                f"{row['source']}: --format dcm writes a DICOM SEG that references its source "
+                "series, and this case is NIfTI: use --format nii.gz for NIfTI inputs"
+            )
         with tempfile.TemporaryDirectory(prefix="annotate-") as scratch:
             path = _local_case(row, input_uri, Path(scratch))
             if row["kind"] == "nifti":
@@ -64,8 +66,12 @@ def read_case(row: dict[str, Any], *, input_uri: str, fmt: str) -> dict[str, Any
 
                 image, affine, meta = read_series(path)
         payload = {"image": image, "affine": affine, "meta": meta if fmt == "dcm" else None}
-        return {**row, "shape": "x".join(str(s) for s in image.shape), "read_s": time.perf_counter() - t0,
-                PAYLOAD: _dump(payload)}
+        return {
+            **row,
+            "shape": "x".join(str(s) for s in image.shape),
+            "read_s": time.perf_counter() - t0,
+            PAYLOAD: _dump(payload),
+        }
     except Exception as exc:  # noqa: BLE001 - one bad case is a failed row
         return failed_row(row, "read", exc)
 
@@ -94,10 +100,17 @@ def preprocess_case(row: dict[str, Any], *, profile: str) -> dict[str, Any]:
     try:
         payload = pickle.loads(row[PAYLOAD])
         prepared = _stage_predictor(profile).preprocess(payload["image"], payload["affine"])
-        out = {"prepared": {"image": prepared.image.numpy(), "orig_shape": prepared.orig_shape,
-                            "orig_affine": prepared.orig_affine, "to_ras": prepared.to_ras,
-                            "ras_shape": prepared.ras_shape, "index_to_ras": prepared.index_to_ras},
-               "meta": payload["meta"]}
+        out = {
+            "prepared": {
+                "image": prepared.image.numpy(),
+                "orig_shape": prepared.orig_shape,
+                "orig_affine": prepared.orig_affine,
+                "to_ras": prepared.to_ras,
+                "ras_shape": prepared.ras_shape,
+                "index_to_ras": prepared.index_to_ras,
+            },
+            "meta": payload["meta"],
+        }
         return {**row, "preprocess_s": time.perf_counter() - t0, PAYLOAD: _dump(out)}
     except Exception as exc:  # noqa: BLE001
         return failed_row(row, "preprocess", exc)
@@ -153,8 +166,9 @@ class Forward:
         return pd.DataFrame(rows, columns=list(batch.columns))
 
 
-def write_case(row: dict[str, Any], *, output: str, fmt: str, profile: str, model_version: str,
-               review: ReviewThresholds) -> dict[str, Any]:
+def write_case(
+    row: dict[str, Any], *, output: str, fmt: str, profile: str, model_version: str, review: ReviewThresholds
+) -> dict[str, Any]:
     """Stage 4: the mask in the original geometry, its measurements, the mask file, then the row file."""
     row = {**row, "model_version": model_version, "format": fmt}
     if row["status"] != "failed":

@@ -56,12 +56,15 @@ def seg_dataset(mask: np.ndarray, meta: SeriesMeta, info: SegInfo) -> Dataset:
         import highdicom as hd
         from pydicom.sr.codedict import codes
     except ImportError:
-        raise DicomError("dicom_unavailable", "writing DICOM SEG needs highdicom: pip install 'spleen-deepedit[dicom]'", 501) from None
+        raise DicomError(
+            "dicom_unavailable", "writing DICOM SEG needs highdicom: pip install 'spleen-deepedit[dicom]'", 501
+        ) from None
     expected = (int(meta.datasets[0].Columns), int(meta.datasets[0].Rows), meta.n_slices)
     if tuple(mask.shape) != expected:
         raise DicomError("mask_shape", f"mask of shape {tuple(mask.shape)} does not fit the series grid {expected}")
     algorithm = hd.AlgorithmIdentificationSequence(
-        name=info.algorithm_name, version=info.model_version[:64], family=codes.cid7162.ArtificialIntelligence)
+        name=info.algorithm_name, version=info.model_version[:64], family=codes.cid7162.ArtificialIntelligence
+    )
     segment = hd.seg.SegmentDescription(
         segment_number=1,
         segment_label=SEG_LABEL,
@@ -97,8 +100,15 @@ def seg_dataset(mask: np.ndarray, meta: SeriesMeta, info: SegInfo) -> Dataset:
 
 
 #: Where a device stands: not copied into the SEG's contributing equipment.
-_SITE_ATTRIBUTES = ("InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
-                    "InstitutionalDepartmentTypeCodeSequence", "StationName", "DeviceSerialNumber", "OperatorsName")
+_SITE_ATTRIBUTES = (
+    "InstitutionName",
+    "InstitutionAddress",
+    "InstitutionalDepartmentName",
+    "InstitutionalDepartmentTypeCodeSequence",
+    "StationName",
+    "DeviceSerialNumber",
+    "OperatorsName",
+)
 #: Optional attributes kept anyway: the de-identification flag, which its required dependents name.
 _KEEP_OPTIONAL = frozenset({"PatientIdentityRemoved"})
 

@@ -127,7 +127,9 @@ def open_zip(source: str | os.PathLike | bytes, label: str) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source)
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise DicomError("bad_zip", f"{label} is not a readable zip archive ({exc}): zip the .dcm files of one CT series") from None
+        raise DicomError(
+            "bad_zip", f"{label} is not a readable zip archive ({exc}): zip the .dcm files of one CT series"
+        ) from None
 
 
 def is_dicom_bytes(data: bytes) -> bool:

@@ -13,8 +13,15 @@ from .read import import_pydicom
 from .series import LPS_TO_RAS
 
 
-def write_ct_series(out_dir: str | os.PathLike, image: np.ndarray, affine: np.ndarray, *, transfer_syntax: str | None = None,
-                    seed: int = 0, intercept: float = -1024.0) -> list[Path]:
+def write_ct_series(
+    out_dir: str | os.PathLike,
+    image: np.ndarray,
+    affine: np.ndarray,
+    *,
+    transfer_syntax: str | None = None,
+    seed: int = 0,
+    intercept: float = -1024.0,
+) -> list[Path]:
     """Write a volume (`[i, j, k]` array of HU, RAS affine without shear) as single-frame CT slices.
 
     For tests, benchmarks and demos (synthetic phantoms as a scanner would export them): slice k holds
@@ -76,8 +83,12 @@ def write_ct_series(out_dir: str | os.PathLike, image: np.ndarray, affine: np.nd
 
 
 #: `synth --dicom` choices -> transfer syntax UIDs (None: Explicit VR Little Endian, uncompressed).
-SYNTH_SYNTAXES = {"uncompressed": None, "jpeg2000": "1.2.840.10008.1.2.4.90", "jpegls": "1.2.840.10008.1.2.4.80",
-                  "rle": "1.2.840.10008.1.2.5"}
+SYNTH_SYNTAXES = {
+    "uncompressed": None,
+    "jpeg2000": "1.2.840.10008.1.2.4.90",
+    "jpegls": "1.2.840.10008.1.2.4.80",
+    "rle": "1.2.840.10008.1.2.5",
+}
 
 
 def write_dicom_dataset(root: str | os.PathLike, syntax: str = "uncompressed") -> list[Path]:
@@ -94,7 +105,8 @@ def write_dicom_dataset(root: str | os.PathLike, syntax: str = "uncompressed") -
         for path in sorted((root / folder).glob("*.nii.gz")) if (root / folder).is_dir() else []:
             img: Any = nib.load(path)
             target = root / "dicom" / folder / path.name[: -len(".nii.gz")]
-            write_ct_series(target, np.asanyarray(img.dataobj), img.affine, transfer_syntax=SYNTH_SYNTAXES[syntax],
-                            seed=len(out))
+            write_ct_series(
+                target, np.asanyarray(img.dataobj), img.affine, transfer_syntax=SYNTH_SYNTAXES[syntax], seed=len(out)
+            )
             out.append(target)
     return out

@@ -47,9 +47,14 @@ def _extension(fmt: str) -> str:
 
 def _mask_response(body: bytes, extension: str, watch: Stopwatch, version: str, status: int = 200) -> Response:
     return Response(
-        content=body, status_code=status, media_type=DICOM_MEDIA_TYPE if extension == ".dcm" else "application/octet-stream",
-        headers={"Server-Timing": server_timing(watch.timings), "X-Model-Version": version,
-                 "Content-Disposition": f'attachment; filename="mask{extension}"'},
+        content=body,
+        status_code=status,
+        media_type=DICOM_MEDIA_TYPE if extension == ".dcm" else "application/octet-stream",
+        headers={
+            "Server-Timing": server_timing(watch.timings),
+            "X-Model-Version": version,
+            "Content-Disposition": f'attachment; filename="mask{extension}"',
+        },
     )
 
 
@@ -75,10 +80,14 @@ class DeepEditService(MonaiLabelRoutes, ServiceCore):
     @api.get("/readyz")
     async def readyz(self) -> JSONResponse:
         if self.predictor is None:
-            return JSONResponse({"error": "not_ready", "detail": "the model is not loaded yet"}, status_code=503,
-                                headers=self.retry_headers())
-        return JSONResponse({"status": "ready", "model_version": self.predictor.version,
-                             "last_reload_error": self.reload_error})
+            return JSONResponse(
+                {"error": "not_ready", "detail": "the model is not loaded yet"},
+                status_code=503,
+                headers=self.retry_headers(),
+            )
+        return JSONResponse(
+            {"status": "ready", "model_version": self.predictor.version, "last_reload_error": self.reload_error}
+        )
 
     @api.get("/v1/info")
     async def info(self) -> dict:
@@ -87,17 +96,32 @@ class DeepEditService(MonaiLabelRoutes, ServiceCore):
         return {
             "name": "spleen-deepedit",
             "description": "DeepEdit interactive spleen segmentation from CT (clicks are original voxel indices)",
-            "model": {"version": p.version, "profile": p.profile.name, "spatial_size": list(p.profile.spatial_size),
-                      "labels": {"background": 0, "spleen": 1}, "click_labels": ["spleen", "background"],
-                      "click_radius": p.click_radius, "refine": p.refine, "upsample": p.profile.upsample, "device": str(p.device),
-                      "checkpoint": redact(self.checkpoint_uri),
-                      "checkpoint_source": "s3" if (self.checkpoint_uri or "").startswith("s3://") else "local",
-                      "torch_threads": torch.get_num_threads()},
-            "limits": {"max_upload_bytes": s.max_upload_bytes, "max_voxels": s.max_voxels, "max_dim": s.max_dim,
-                       "max_volume_bytes": s.max_volume_bytes, "max_extension_bytes": s.max_extension_bytes,
-                       "max_gzip_members": s.max_gzip_members, "max_json_bytes": s.max_json_bytes,
-                       "max_clicks_per_label": s.max_clicks_per_label, "memory_budget_bytes": self.budget.capacity,
-                       "request_timeout_s": s.request_timeout_s},
+            "model": {
+                "version": p.version,
+                "profile": p.profile.name,
+                "spatial_size": list(p.profile.spatial_size),
+                "labels": {"background": 0, "spleen": 1},
+                "click_labels": ["spleen", "background"],
+                "click_radius": p.click_radius,
+                "refine": p.refine,
+                "upsample": p.profile.upsample,
+                "device": str(p.device),
+                "checkpoint": redact(self.checkpoint_uri),
+                "checkpoint_source": "s3" if (self.checkpoint_uri or "").startswith("s3://") else "local",
+                "torch_threads": torch.get_num_threads(),
+            },
+            "limits": {
+                "max_upload_bytes": s.max_upload_bytes,
+                "max_voxels": s.max_voxels,
+                "max_dim": s.max_dim,
+                "max_volume_bytes": s.max_volume_bytes,
+                "max_extension_bytes": s.max_extension_bytes,
+                "max_gzip_members": s.max_gzip_members,
+                "max_json_bytes": s.max_json_bytes,
+                "max_clicks_per_label": s.max_clicks_per_label,
+                "memory_budget_bytes": self.budget.capacity,
+                "request_timeout_s": s.request_timeout_s,
+            },
             "batching": {"max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s},
             "sessions": {**self.store.stats(), "ttl_s": s.session_ttl_s, "max_bytes": s.session_max_bytes},
             "counters": self.counters_view(),
@@ -144,8 +168,11 @@ class DeepEditService(MonaiLabelRoutes, ServiceCore):
             data = await self._upload(request, "file")
             watch = Stopwatch(self.metrics)
             session_id, info = await self.open_session(data, watch, owner=caller_id(request))
-        return JSONResponse({"session_id": session_id, **info, "expires_in_s": self.settings.session_ttl_s},
-                            status_code=201, headers={"Server-Timing": server_timing(watch.timings)})
+        return JSONResponse(
+            {"session_id": session_id, **info, "expires_in_s": self.settings.session_ttl_s},
+            status_code=201,
+            headers={"Server-Timing": server_timing(watch.timings)},
+        )
 
     @api.get("/v1/sessions/{session_id}")
     async def get_session(self, session_id: str) -> dict:
@@ -168,7 +195,9 @@ class DeepEditService(MonaiLabelRoutes, ServiceCore):
             prepared = self.cached(entry, predictor)
             watch = Stopwatch(self.metrics)
             mask = await self.segment(predictor, prepared, clicks_obj, watch)
-            body = await self._encode_any(mask, prepared, entry.extra.get(META_KEY), extension, predictor.version, watch)
+            body = await self._encode_any(
+                mask, prepared, entry.extra.get(META_KEY), extension, predictor.version, watch
+            )
             entry.extra["segmentations"] = entry.extra.get("segmentations", 0) + 1
         return _mask_response(body, extension, watch, predictor.version)
 
@@ -182,7 +211,9 @@ class DeepEditService(MonaiLabelRoutes, ServiceCore):
             form = await read_form(request, MAX_FORM_FILES)
             data = await form_upload(form, *fields)
             if data is None:
-                raise ApiError(400, "missing_file", f"multipart body has no file field {' or '.join(map(repr, fields))}")
+                raise ApiError(
+                    400, "missing_file", f"multipart body has no file field {' or '.join(map(repr, fields))}"
+                )
             return data
         return await request.body()
 

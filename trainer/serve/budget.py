@@ -48,13 +48,21 @@ class MemoryBudget:
     @contextlib.asynccontextmanager
     async def reserve(self, nbytes: int):
         if nbytes > self.capacity:
-            raise ApiError(413, "volume_too_large", f"decoding and preprocessing this volume needs about {nbytes} bytes, more "
-                           f"than the replica's budget of {self.capacity} (memory_budget_bytes): send a smaller volume")
+            raise ApiError(
+                413,
+                "volume_too_large",
+                f"decoding and preprocessing this volume needs about {nbytes} bytes, more "
+                f"than the replica's budget of {self.capacity} (memory_budget_bytes): send a smaller volume",
+            )
         deadline = time.monotonic() + self.wait_s
         while self.in_flight + nbytes > self.capacity:
             if time.monotonic() >= deadline:
-                raise ApiError(503, "memory_busy", f"the replica is decoding {self.in_flight} bytes of other volumes; retry "
-                               "later", {"Retry-After": str(self.retry_after_s)})
+                raise ApiError(
+                    503,
+                    "memory_busy",
+                    f"the replica is decoding {self.in_flight} bytes of other volumes; retry later",
+                    {"Retry-After": str(self.retry_after_s)},
+                )
             await asyncio.sleep(self.POLL_S)
         self.in_flight += nbytes  # the event loop is one thread: check and add are atomic
         try:

@@ -35,7 +35,9 @@ def app_config(args, *, app_name: str = APP_NAME, route_prefix: str = "/", check
         "route_prefix": route_prefix,
         "import_path": "trainer.serve.app:build_app",
         "args": args.model_dump(mode="json"),
-        "deployments": [{"name": "DeepEdit", "user_config": {"checkpoint": checkpoint or args.checkpoint, "profile": args.profile}}],
+        "deployments": [
+            {"name": "DeepEdit", "user_config": {"checkpoint": checkpoint or args.checkpoint, "profile": args.profile}}
+        ],
     }
 
 
@@ -47,8 +49,13 @@ def _apply() -> None:
     _get_global_client().deploy_apps(ServeDeploySchema(applications=list(_APPS.values())))
 
 
-def wait_ready(base: str, timeout_s: float = 180.0, expect_version_not: str | None = None,
-               app_name: str | None = None, expect_checkpoint: str | None = None) -> dict:
+def wait_ready(
+    base: str,
+    timeout_s: float = 180.0,
+    expect_version_not: str | None = None,
+    app_name: str | None = None,
+    expect_checkpoint: str | None = None,
+) -> dict:
     """Poll `base/readyz` until it answers 200 (and, optionally, a version other than the given one).
 
     Raises RuntimeError at once if Serve reports the application as failed (e.g. a bad checkpoint).
@@ -64,7 +71,9 @@ def wait_ready(base: str, timeout_s: float = 180.0, expect_version_not: str | No
                 return ready
             error = ready.get("last_reload_error")
             if expect_version_not is not None and error and error.get("checkpoint") == expect_checkpoint:
-                raise RuntimeError(f"the service kept {expect_version_not}: loading {error['checkpoint']} failed ({error['error']})")
+                raise RuntimeError(
+                    f"the service kept {expect_version_not}: loading {error['checkpoint']} failed ({error['error']})"
+                )
         except (httpx.HTTPError, ValueError):
             pass
         if app_name is not None:
@@ -111,14 +120,26 @@ def check_bind(host: str, args, insecure: bool) -> None:
     """
     token = args.auth_token() if (args.auth_token_env or args.auth_token_file) else None
     if token is None and host not in LOOPBACK_HOSTS and not insecure:
-        raise ValueError(f"refusing to serve on {host} without a bearer token: anyone who can reach it could use it. "
-                         "Pass --token-file FILE (or --token-env VAR) with a token of 32+ characters "
-                         "(`openssl rand -hex 32`), or --insecure to serve without one")
+        raise ValueError(
+            f"refusing to serve on {host} without a bearer token: anyone who can reach it could use it. "
+            "Pass --token-file FILE (or --token-env VAR) with a token of 32+ characters "
+            "(`openssl rand -hex 32`), or --insecure to serve without one"
+        )
 
 
-def start_local(checkpoint: str, *, port: int = 8000, host: str = "127.0.0.1", metrics_export_port: int | None = None,
-                num_cpus: int | None = None, route_prefix: str = "/", app_name: str = APP_NAME,
-                ready_timeout_s: float = 180.0, insecure: bool = False, **opts) -> str:
+def start_local(
+    checkpoint: str,
+    *,
+    port: int = 8000,
+    host: str = "127.0.0.1",
+    metrics_export_port: int | None = None,
+    num_cpus: int | None = None,
+    route_prefix: str = "/",
+    app_name: str = APP_NAME,
+    ready_timeout_s: float = 180.0,
+    insecure: bool = False,
+    **opts,
+) -> str:
     """Serve `checkpoint` on a local Ray; returns the base URL once the model answers `/readyz`.
 
     The application is deployed from a config (`import_path` + typed `args`), exactly as a KubeRay
@@ -144,9 +165,14 @@ def start_local(checkpoint: str, *, port: int = 8000, host: str = "127.0.0.1", m
     check_bind(host, args, insecure)
     if not ray.is_initialized():
         # address="local": always a fresh cluster, never one another process on this machine started.
-        init: dict = {"address": "local", "include_dashboard": False, "num_cpus": num_cpus, "configure_logging": False,
-                      # Report metrics every second instead of every 10 s, so scrapes see them quickly.
-                      "_system_config": {"metrics_report_interval_ms": 1000}}
+        init: dict = {
+            "address": "local",
+            "include_dashboard": False,
+            "num_cpus": num_cpus,
+            "configure_logging": False,
+            # Report metrics every second instead of every 10 s, so scrapes see them quickly.
+            "_system_config": {"metrics_report_interval_ms": 1000},
+        }
         if metrics_export_port is not None:
             init["_metrics_export_port"] = metrics_export_port
         ray.init(**init)
@@ -173,8 +199,13 @@ def swap_checkpoint(checkpoint: str, *, app_name: str = APP_NAME, timeout_s: flo
     old = httpx.get(f"{base}/readyz", timeout=10).json().get("model_version")
     entry["deployments"][0]["user_config"]["checkpoint"] = checkpoint
     _apply()
-    return wait_ready(base, timeout_s, expect_version_not=old, app_name=app_name,
-                      expect_checkpoint=checkpoint.rstrip("/").rsplit("/", 1)[-1])
+    return wait_ready(
+        base,
+        timeout_s,
+        expect_version_not=old,
+        app_name=app_name,
+        expect_checkpoint=checkpoint.rstrip("/").rsplit("/", 1)[-1],
+    )
 
 
 def remove_app(app_name: str) -> None:

@@ -1,11 +1,11 @@
 """A small Python client of the native API (the README demo, benchmarks and scripts use it).
 
-    from trainer.serve.client import DeepEditClient
-    c = DeepEditClient("http://127.0.0.1:8000")
-    auto = c.segment("ct.nii.gz")                              # automatic
-    with c.session("ct.nii.gz") as s:                          # upload once
-        r = s.click({"spleen": [[140, 210, 28]], "background": []})   # one forward per click
-    print(r.mask.shape, r.server_timing, r.seconds)
+from trainer.serve.client import DeepEditClient
+c = DeepEditClient("http://127.0.0.1:8000")
+auto = c.segment("ct.nii.gz")                              # automatic
+with c.session("ct.nii.gz") as s:                          # upload once
+    r = s.click({"spleen": [[140, 210, 28]], "background": []})   # one forward per click
+print(r.mask.shape, r.server_timing, r.seconds)
 """
 
 from __future__ import annotations
@@ -41,12 +41,18 @@ def _mask(response, t0: float) -> MaskResult:
     from .ingress import parse_server_timing
 
     if response.status_code != 200:
-        raise RuntimeError(f"{response.request.method} {response.request.url.path}: {response.status_code} {response.text[:300]}")
+        raise RuntimeError(
+            f"{response.request.method} {response.request.url.path}: {response.status_code} {response.text[:300]}"
+        )
     raw = gzip.decompress(response.content) if response.content[:2] == b"\x1f\x8b" else response.content
     img = nib.Nifti1Image.from_bytes(raw)
-    return MaskResult(mask=np.asarray(img.dataobj), affine=img.affine,
-                      server_timing=parse_server_timing(response.headers.get("server-timing", "")),
-                      seconds=time.perf_counter() - t0, model_version=response.headers.get("x-model-version", ""))
+    return MaskResult(
+        mask=np.asarray(img.dataobj),
+        affine=img.affine,
+        server_timing=parse_server_timing(response.headers.get("server-timing", "")),
+        seconds=time.perf_counter() - t0,
+        model_version=response.headers.get("x-model-version", ""),
+    )
 
 
 class DeepEditClient:

@@ -120,21 +120,27 @@ def _inflate(data: bytes, limit: int, max_members: int) -> bytearray:
             pos = nonzero.start()
             members += 1
             if members > max_members:
-                raise ApiError(413, "too_many_gzip_members",
-                               f"the gzip stream has more than {max_members} members (max_gzip_members): "
-                               "recompress the volume as one gzip stream (gzip, pigz or nibabel do)")
+                raise ApiError(
+                    413,
+                    "too_many_gzip_members",
+                    f"the gzip stream has more than {max_members} members (max_gzip_members): "
+                    "recompress the volume as one gzip stream (gzip, pigz or nibabel do)",
+                )
             d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
             step = 1024
             while not d.eof and len(out) < limit:
                 if pos >= len(data):
                     raise ApiError(400, "truncated_gzip", "the gzip stream is truncated: upload the whole .nii.gz file")
-                chunk = view[pos:pos + step]
+                chunk = view[pos : pos + step]
                 out += d.decompress(chunk, limit - len(out))
                 pos += len(chunk) - len(d.unconsumed_tail) - len(d.unused_data)
                 step = min(step * 2, 1 << 20)
     except zlib.error as exc:
-        raise ApiError(400, "corrupt_gzip", f"the body starts like gzip but does not inflate ({exc}): "
-                       "upload the .nii.gz file unmodified") from None
+        raise ApiError(
+            400,
+            "corrupt_gzip",
+            f"the body starts like gzip but does not inflate ({exc}): upload the .nii.gz file unmodified",
+        ) from None
     return out
 
 
@@ -158,15 +164,25 @@ def read_header(data: bytes, limits: VolumeLimits) -> NiftiPlan:
         ApiError: 4xx naming the value, the limit (and its setting) or the fix.
     """
     if not data:
-        raise ApiError(400, "empty_body", "no volume: send a .nii or .nii.gz file as the body or as the multipart field 'file'")
+        raise ApiError(
+            400, "empty_body", "no volume: send a .nii or .nii.gz file as the body or as the multipart field 'file'"
+        )
     gzipped = data[:2] == GZIP_MAGIC
     raw = _inflate(data, NIFTI2_HEADER, limits.max_gzip_members) if gzipped else data[:NIFTI2_HEADER]
     cls = _header_class(raw)
     if cls is None:
-        raise ApiError(415, "not_nifti", "the body is not a NIfTI volume (.nii or .nii.gz): its header size field is not 348 or 540")
+        raise ApiError(
+            415,
+            "not_nifti",
+            "the body is not a NIfTI volume (.nii or .nii.gz): its header size field is not 348 or 540",
+        )
     hdr_size = NIFTI1_HEADER if cls is nib.Nifti1Header else NIFTI2_HEADER
     if len(raw) < hdr_size:
-        raise ApiError(400, "truncated_nifti", f"the NIfTI header is truncated ({len(raw)} of {hdr_size} bytes): upload the whole file")
+        raise ApiError(
+            400,
+            "truncated_nifti",
+            f"the NIfTI header is truncated ({len(raw)} of {hdr_size} bytes): upload the whole file",
+        )
     try:
         # Only the header bytes: nibabel finds no extension flag, so it parses no extensions.
         header = cls.from_fileobj(io.BytesIO(bytes(raw[:hdr_size])), check=False)
@@ -174,7 +190,9 @@ def read_header(data: bytes, limits: VolumeLimits) -> NiftiPlan:
         dtype = header.get_data_dtype()
         offset = int(header.get_data_offset())
     except Exception as exc:  # nibabel raises several types for garbage headers
-        raise ApiError(400, "bad_nifti_header", f"the NIfTI header is invalid ({type(exc).__name__}: {str(exc)[:200]})") from None
+        raise ApiError(
+            400, "bad_nifti_header", f"the NIfTI header is invalid ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
     # A trailing singleton axis (x, y, z, 1) is still a 3D volume.
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
@@ -183,28 +201,50 @@ def read_header(data: bytes, limits: VolumeLimits) -> NiftiPlan:
     if any(s < limits.min_dim for s in shape):
         raise ApiError(422, "not_3d", f"volume shape {list(shape)} has an axis shorter than {limits.min_dim} voxels")
     if max(shape) > limits.max_dim:
-        raise ApiError(413, "volume_too_large", f"volume shape {list(shape)} has an axis over the limit of {limits.max_dim} voxels (max_dim)")
+        raise ApiError(
+            413,
+            "volume_too_large",
+            f"volume shape {list(shape)} has an axis over the limit of {limits.max_dim} voxels (max_dim)",
+        )
     n_vox = math.prod(shape)
     if n_vox > limits.max_voxels:
-        raise ApiError(413, "volume_too_large", f"volume shape {list(shape)} has {n_vox} voxels, over the limit of {limits.max_voxels} (max_voxels)")
+        raise ApiError(
+            413,
+            "volume_too_large",
+            f"volume shape {list(shape)} has {n_vox} voxels, over the limit of {limits.max_voxels} (max_voxels)",
+        )
     if dtype.kind not in "iuf" or dtype.fields is not None:
         raise ApiError(422, "bad_dtype", f"voxel type {dtype} is not supported: use an integer or float type")
     if n_vox * dtype.itemsize > limits.max_volume_bytes:
-        raise ApiError(413, "volume_too_large",
-                       f"volume shape {list(shape)} of {dtype.name} declares {n_vox * dtype.itemsize} bytes of voxels, over the "
-                       f"limit of {limits.max_volume_bytes} (max_volume_bytes): send int16 or float32 voxels, or crop the volume")
+        raise ApiError(
+            413,
+            "volume_too_large",
+            f"volume shape {list(shape)} of {dtype.name} declares {n_vox * dtype.itemsize} bytes of voxels, over the "
+            f"limit of {limits.max_volume_bytes} (max_volume_bytes): send int16 or float32 voxels, or crop the volume",
+        )
     if offset < hdr_size:
-        raise ApiError(422, "bad_vox_offset", f"vox_offset {offset} points inside the {hdr_size}-byte header: a single-file NIfTI "
-                       f"stores its voxels after the header (vox_offset >= {hdr_size + EXTENSION_FLAG})")
+        raise ApiError(
+            422,
+            "bad_vox_offset",
+            f"vox_offset {offset} points inside the {hdr_size}-byte header: a single-file NIfTI "
+            f"stores its voxels after the header (vox_offset >= {hdr_size + EXTENSION_FLAG})",
+        )
     if offset - hdr_size - EXTENSION_FLAG > limits.max_extension_bytes:
-        raise ApiError(413, "extensions_too_large",
-                       f"vox_offset {offset} leaves {offset - hdr_size - EXTENSION_FLAG} bytes of header extensions, over the "
-                       f"limit of {limits.max_extension_bytes} (max_extension_bytes): strip the extensions (e.g. nibabel: "
-                       "img.header.extensions.clear())")
+        raise ApiError(
+            413,
+            "extensions_too_large",
+            f"vox_offset {offset} leaves {offset - hdr_size - EXTENSION_FLAG} bytes of header extensions, over the "
+            f"limit of {limits.max_extension_bytes} (max_extension_bytes): strip the extensions (e.g. nibabel: "
+            "img.header.extensions.clear())",
+        )
     plan = NiftiPlan(header=header, shape=shape, dtype=dtype, offset=offset, gzipped=gzipped)
     if not gzipped and len(data) < plan.file_bytes:
-        raise ApiError(400, "truncated_nifti", f"the NIfTI data is truncated: {len(data)} bytes, {plan.file_bytes} expected "
-                       f"for shape {list(shape)} {dtype}: upload the whole file")
+        raise ApiError(
+            400,
+            "truncated_nifti",
+            f"the NIfTI data is truncated: {len(data)} bytes, {plan.file_bytes} expected "
+            f"for shape {list(shape)} {dtype}: upload the whole file",
+        )
     return plan
 
 
@@ -212,17 +252,31 @@ def _affine(header) -> np.ndarray:
     try:
         affine = np.asarray(header.get_best_affine(), dtype=np.float64)
     except Exception as exc:
-        raise ApiError(422, "bad_affine", f"the volume's sform/qform cannot be read ({type(exc).__name__}): write a valid sform") from None
+        raise ApiError(
+            422, "bad_affine", f"the volume's sform/qform cannot be read ({type(exc).__name__}): write a valid sform"
+        ) from None
     if not np.isfinite(affine).all():
         raise ApiError(422, "bad_affine", "the volume's affine (sform/qform) is not finite: write a finite sform")
     spacing = np.linalg.svd(affine[:3, :3], compute_uv=False)
-    if spacing[-1] < 1e-12 or spacing[0] / spacing[-1] > MAX_AFFINE_CONDITION or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise ApiError(422, "bad_affine", "the volume's affine (sform/qform) is singular or nearly so (its axes collapse "
-                       f"onto fewer than 3 directions, axis ratio over {MAX_AFFINE_CONDITION:g}): write the scanner's sform")
+    if (
+        spacing[-1] < 1e-12
+        or spacing[0] / spacing[-1] > MAX_AFFINE_CONDITION
+        or abs(np.linalg.det(affine[:3, :3])) < 1e-12
+    ):
+        raise ApiError(
+            422,
+            "bad_affine",
+            "the volume's affine (sform/qform) is singular or nearly so (its axes collapse "
+            f"onto fewer than 3 directions, axis ratio over {MAX_AFFINE_CONDITION:g}): write the scanner's sform",
+        )
     ornt = nib.orientations.io_orientation(affine)
     if np.isnan(ornt).any() or len(set(ornt[:, 0].tolist())) != 3:
-        raise ApiError(422, "bad_affine", "the volume's affine (sform/qform) has no orientation for every axis (sheared so "
-                       "that an axis is dropped): write the scanner's sform")
+        raise ApiError(
+            422,
+            "bad_affine",
+            "the volume's affine (sform/qform) has no orientation for every axis (sheared so "
+            "that an axis is dropped): write the scanner's sform",
+        )
     return affine
 
 
@@ -234,13 +288,21 @@ def decode_volume(data: bytes, plan: NiftiPlan, limits: VolumeLimits) -> tuple[n
     """
     raw = _inflate(data, plan.file_bytes, limits.max_gzip_members) if plan.gzipped else data
     if len(raw) < plan.file_bytes:
-        raise ApiError(400, "truncated_nifti", f"the NIfTI data is truncated: {len(raw)} bytes, {plan.file_bytes} expected "
-                       f"for shape {list(plan.shape)} {plan.dtype}: upload the whole file")
+        raise ApiError(
+            400,
+            "truncated_nifti",
+            f"the NIfTI data is truncated: {len(raw)} bytes, {plan.file_bytes} expected "
+            f"for shape {list(plan.shape)} {plan.dtype}: upload the whole file",
+        )
     try:
         slope, inter = plan.header.get_slope_inter()
     except Exception:
-        raise ApiError(422, "bad_scaling", "the header's scl_inter is not finite: set scl_slope/scl_inter to finite values") from None
-    voxels = np.frombuffer(raw, dtype=plan.dtype, count=plan.n_voxels, offset=plan.offset).reshape(plan.shape, order="F")
+        raise ApiError(
+            422, "bad_scaling", "the header's scl_inter is not finite: set scl_slope/scl_inter to finite values"
+        ) from None
+    voxels = np.frombuffer(raw, dtype=plan.dtype, count=plan.n_voxels, offset=plan.offset).reshape(
+        plan.shape, order="F"
+    )
     with np.errstate(over="ignore", invalid="ignore"):
         image = voxels.astype(np.float32)
         if slope is not None and (slope != 1.0 or inter != 0.0):
@@ -248,7 +310,9 @@ def decode_volume(data: bytes, plan: NiftiPlan, limits: VolumeLimits) -> tuple[n
             image += np.float32(inter)
     del voxels, raw
     if not np.isfinite(image).all():
-        raise ApiError(422, "non_finite", "the volume contains NaN or Inf voxels (or voxels out of float32 range): replace them")
+        raise ApiError(
+            422, "non_finite", "the volume contains NaN or Inf voxels (or voxels out of float32 range): replace them"
+        )
     return image, _affine(plan.header)
 
 
@@ -292,10 +356,16 @@ def encode_nrrd(mask: np.ndarray, affine: np.ndarray, *, dtype=np.uint8) -> byte
 def encode_mask(mask: np.ndarray, affine: np.ndarray, extension: str, dtype_name: str = "uint8") -> bytes:
     """Encode by file extension (`.nii.gz`, `.nii`, `.nrrd`) and dtype name; ApiError 400 otherwise."""
     if dtype_name not in MASK_DTYPES:
-        raise ApiError(400, "bad_result_dtype", f"result_dtype {dtype_name!r} is not supported: use one of {sorted(MASK_DTYPES)}")
+        raise ApiError(
+            400, "bad_result_dtype", f"result_dtype {dtype_name!r} is not supported: use one of {sorted(MASK_DTYPES)}"
+        )
     dtype = MASK_DTYPES[dtype_name]
     if extension.endswith(".nrrd"):
         return encode_nrrd(mask, affine, dtype=dtype)
     if extension in (".nii.gz", ".nii"):
         return encode_nifti(mask, affine, gzipped=extension == ".nii.gz", dtype=dtype)
-    raise ApiError(400, "bad_result_extension", f"result_extension {extension!r} is not supported: use one of {list(MASK_EXTENSIONS)}")
+    raise ApiError(
+        400,
+        "bad_result_extension",
+        f"result_extension {extension!r} is not supported: use one of {list(MASK_EXTENSIONS)}",
+    )

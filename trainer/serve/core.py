@@ -43,15 +43,22 @@ log = logging.getLogger("trainer.serve")
 _SERVE_DEFAULTS = {name: serve_default(name) for name in ("max_batch_size", "batch_wait_timeout_s")}
 
 
-def load_predictor(uri: str, profile: str | None, device: str | None, click_radius: float | None = None,
-                   refine: bool | None = None):
+def load_predictor(
+    uri: str, profile: str | None, device: str | None, click_radius: float | None = None, refine: bool | None = None
+):
     """The one `Predictor`, its version suffixed with a digest of the file (a retrained `best.pt` differs)."""
     import torch
 
     from trainer.predictor import Predictor
 
-    return Predictor.from_checkpoint(uri, profile=profile, device=torch.device(device) if device else None,
-                                     click_radius=click_radius, digest=True, refine=refine)
+    return Predictor.from_checkpoint(
+        uri,
+        profile=profile,
+        device=torch.device(device) if device else None,
+        click_radius=click_radius,
+        digest=True,
+        refine=refine,
+    )
 
 
 def redact(uri: str | None) -> str | None:
@@ -102,6 +109,7 @@ class WorkGauge:
             finally:
                 with self._lock:
                     self.now -= 1
+
         return counted
 
 
@@ -111,7 +119,7 @@ WORK = WorkGauge()
 def _upload_digest(data) -> str:
     """What an upload holds: its bytes, or its (name, bytes) files (a multipart DICOM series)."""
     h = hashlib.blake2b(digest_size=16)
-    for name, blob in ([("", data)] if isinstance(data, (bytes, bytearray)) else sorted(data)):
+    for name, blob in [("", data)] if isinstance(data, (bytes, bytearray)) else sorted(data):
         h.update(len(name).to_bytes(8, "little") + name.encode() + len(blob).to_bytes(8, "little"))
         h.update(blob)
     return h.hexdigest()
@@ -147,12 +155,19 @@ class ServiceCore:
 
     def __init__(self, settings: ServeArgs):
         self.settings = settings
-        self.limits = VolumeLimits(max_voxels=settings.max_voxels, max_dim=settings.max_dim,
-                                   max_volume_bytes=settings.max_volume_bytes, max_extension_bytes=settings.max_extension_bytes,
-                                   max_gzip_members=settings.max_gzip_members)
-        self.store = SessionStore(settings.session_ttl_s, settings.session_max_bytes,
-                                  caller_max_entries=settings.caller_max_sessions,
-                                  caller_max_bytes=int(settings.session_max_bytes * settings.caller_max_share))
+        self.limits = VolumeLimits(
+            max_voxels=settings.max_voxels,
+            max_dim=settings.max_dim,
+            max_volume_bytes=settings.max_volume_bytes,
+            max_extension_bytes=settings.max_extension_bytes,
+            max_gzip_members=settings.max_gzip_members,
+        )
+        self.store = SessionStore(
+            settings.session_ttl_s,
+            settings.session_max_bytes,
+            caller_max_entries=settings.caller_max_sessions,
+            caller_max_bytes=int(settings.session_max_bytes * settings.caller_max_share),
+        )
         budget = settings.memory_budget_bytes or memory_limit_bytes() // 2
         self.budget = MemoryBudget(budget, settings.admission_wait_s, settings.retry_after_s)
         self.metrics = create_metrics()
@@ -163,14 +178,22 @@ class ServiceCore:
         self._swap_lock = asyncio.Lock()
         self._forward_batch.set_max_batch_size(settings.max_batch_size)
         self._forward_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
-        tokens = ingress.TokenSource(settings.auth_token(), settings.auth_token_file,
-                                     read_token_file if settings.auth_token_file else None)
+        tokens = ingress.TokenSource(
+            settings.auth_token(), settings.auth_token_file, read_token_file if settings.auth_token_file else None
+        )
         if tokens.get() is None:
-            log.warning("authentication is OFF: every client that reaches this replica can use it "
-                        "(set auth_token_file or auth_token_env; see docs/serving.md, Security)")
-        ingress.configure(tokens=tokens, max_upload_bytes=settings.max_upload_bytes, cors_origins=settings.cors_origins,
-                          metrics=self.metrics, max_json_bytes=settings.max_json_bytes,
-                          auth_rate_per_min=settings.auth_token_rate_per_min)
+            log.warning(
+                "authentication is OFF: every client that reaches this replica can use it "
+                "(set auth_token_file or auth_token_env; see docs/serving.md, Security)"
+            )
+        ingress.configure(
+            tokens=tokens,
+            max_upload_bytes=settings.max_upload_bytes,
+            cors_origins=settings.cors_origins,
+            metrics=self.metrics,
+            max_json_bytes=settings.max_json_bytes,
+            auth_rate_per_min=settings.auth_token_rate_per_min,
+        )
 
     # ------------------------------------------------------------------ model lifecycle
 
@@ -189,8 +212,9 @@ class ServiceCore:
             try:
                 if not isinstance(uri, str) or not uri:
                     raise ValueError("user_config must hold 'checkpoint': a local path or s3:// URI")
-                predictor = await asyncio.to_thread(load_predictor, uri, profile, self.settings.device,
-                                                   self.settings.click_radius, self.settings.refine)
+                predictor = await asyncio.to_thread(
+                    load_predictor, uri, profile, self.settings.device, self.settings.click_radius, self.settings.refine
+                )
             except Exception as exc:
                 if self.predictor is None:
                     raise
@@ -208,7 +232,9 @@ class ServiceCore:
 
     def current(self):
         if self.predictor is None:
-            raise ApiError(503, "not_ready", "the model is not loaded yet", {"Retry-After": str(self.settings.retry_after_s)})
+            raise ApiError(
+                503, "not_ready", "the model is not loaded yet", {"Retry-After": str(self.settings.retry_after_s)}
+            )
         return self.predictor
 
     @contextlib.asynccontextmanager
@@ -218,8 +244,12 @@ class ServiceCore:
             async with asyncio.timeout(self.settings.request_timeout_s):
                 yield
         except TimeoutError:
-            raise ApiError(503, "timeout", f"the request took longer than {self.settings.request_timeout_s}s; retry later",
-                           {"Retry-After": str(self.settings.retry_after_s)}) from None
+            raise ApiError(
+                503,
+                "timeout",
+                f"the request took longer than {self.settings.request_timeout_s}s; retry later",
+                {"Retry-After": str(self.settings.retry_after_s)},
+            ) from None
 
     # ------------------------------------------------------------------ stages
 
@@ -279,7 +309,9 @@ class ServiceCore:
         model refines) and `window` (refinement's click-centred pass) apart."""
         checked, net_clicks, exact = await in_thread(self._map_clicks, predictor, prepared, clicks)
         t0 = time.perf_counter()
-        prob, window, window_s = await finish_work(self._forward_batch(predictor, prepared, (net_clicks, checked), exact))
+        prob, window, window_s = await finish_work(
+            self._forward_batch(predictor, prepared, (net_clicks, checked), exact)
+        )
         watch.add("forward", time.perf_counter() - t0 - window_s)
         if window:
             watch.add("window", window_s)
@@ -295,7 +327,9 @@ class ServiceCore:
         return await watch.run("encode", encode_mask, mask, affine, extension, dtype)
 
     # Placeholders: __init__ sets both from the ServeArgs in use (set_max_batch_size / set_batch_wait_timeout_s).
-    @serve.batch(max_batch_size=_SERVE_DEFAULTS["max_batch_size"], batch_wait_timeout_s=_SERVE_DEFAULTS["batch_wait_timeout_s"])
+    @serve.batch(
+        max_batch_size=_SERVE_DEFAULTS["max_batch_size"], batch_wait_timeout_s=_SERVE_DEFAULTS["batch_wait_timeout_s"]
+    )
     async def _forward_batch(self, predictors: list, prepared: list, clicks: list, exact: list) -> list:
         """Concurrent requests' forwards as one batch (grouped by model, should a swap split them).
 
@@ -312,13 +346,18 @@ class ServiceCore:
         limit = self.settings.max_batch_size  # one forward never holds more volumes than this
         for group in groups.values():
             for start in range(0, len(group), limit):
-                idx = group[start:start + limit]
+                idx = group[start : start + limit]
                 pred = predictors[idx[0]]
-                prob = await asyncio.to_thread(WORK.wrap(pred.forward), [prepared[i] for i in idx],
-                                               [net_clicks[i] for i in idx], [exact[i] for i in idx])
+                prob = await asyncio.to_thread(
+                    WORK.wrap(pred.forward),
+                    [prepared[i] for i in idx],
+                    [net_clicks[i] for i in idx],
+                    [exact[i] for i in idx],
+                )
                 t0, ran = time.perf_counter(), getattr(pred, "window_forwards", 0)
-                windows = await asyncio.to_thread(WORK.wrap(pred.windows), [prepared[i] for i in idx],
-                                                  [clicks[i][1] for i in idx])
+                windows = await asyncio.to_thread(
+                    WORK.wrap(pred.windows), [prepared[i] for i in idx], [clicks[i][1] for i in idx]
+                )
                 window_s = time.perf_counter() - t0
                 self.counters["max_forward_batch"] = max(self.counters["max_forward_batch"], len(idx))
                 self.counters["window"] += getattr(pred, "window_forwards", 0) - ran
@@ -328,8 +367,9 @@ class ServiceCore:
 
     # ------------------------------------------------------------------ sessions
 
-    async def open_session(self, data: bytes | list[tuple[str, bytes]], watch: Stopwatch, image_id: str | None = None,
-                           owner: str = "anon") -> tuple[str, dict]:
+    async def open_session(
+        self, data: bytes | list[tuple[str, bytes]], watch: Stopwatch, image_id: str | None = None, owner: str = "anon"
+    ) -> tuple[str, dict]:
         """Upload -> cached Prepared; returns (session id or image id, info).
 
         Datastore images are scoped to `owner`; an id that holds another volume is refused (409)
@@ -341,10 +381,16 @@ class ServiceCore:
             digest = await in_thread(_upload_digest, data)
             self.store.check_image_free(image_id, owner, digest)
         prepared, meta = await self.load_upload(predictor, data, watch)
-        info = {"shape": list(prepared.orig_shape), "profile": predictor.profile.name, "model_version": predictor.version}
+        info = {
+            "shape": list(prepared.orig_shape),
+            "profile": predictor.profile.name,
+            "model_version": predictor.version,
+        }
         # Charge what the entry will hold: the automatic pass a session caches (as big as the
         # network-grid image) is added after its first segmentation.
-        nbytes = prepared.nbytes + (prepared.image.element_size() * prepared.image.nelement() if prepared.auto_prob is None else 0)
+        nbytes = prepared.nbytes + (
+            prepared.image.element_size() * prepared.image.nelement() if prepared.auto_prob is None else 0
+        )
         if meta is not None:  # a series keeps its slice headers, for a DICOM SEG reply
             nbytes += series.meta_bytes(meta)
             info["input"] = "dicom"
@@ -360,10 +406,15 @@ class ServiceCore:
     def cached(self, entry, predictor):
         """A session's Prepared, if it was made for the loaded profile (else 404: upload again)."""
         if entry.info["profile"] != predictor.profile.name:
-            raise ApiError(404, "unknown_session", "the session was prepared for another model profile: upload the volume again")
+            raise ApiError(
+                404, "unknown_session", "the session was prepared for another model profile: upload the volume again"
+            )
         if predictor.refine and entry.value.fine is None:  # a model that refines needs the fine volume
-            raise ApiError(404, "unknown_session", "the session was prepared for a model without refinement: "
-                                                   "upload the volume again")
+            raise ApiError(
+                404,
+                "unknown_session",
+                "the session was prepared for a model without refinement: upload the volume again",
+            )
         return entry.value
 
     def counters_view(self) -> dict[str, int]:
@@ -377,8 +428,13 @@ class ServiceCore:
         self.metrics.cache_bytes.set(stats["bytes"])
 
     def session_view(self, session_id: str, entry) -> dict:
-        return {"session_id": session_id, **entry.info, "segmentations": entry.extra.get("segmentations", 0),
-                "preprocessed": 1, "expires_in_s": round(self.store.expires_in(entry), 1)}
+        return {
+            "session_id": session_id,
+            **entry.info,
+            "segmentations": entry.extra.get("segmentations", 0),
+            "preprocessed": 1,
+            "expires_in_s": round(self.store.expires_in(entry), 1),
+        }
 
     def retry_headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.settings.retry_after_s)}

@@ -8,8 +8,10 @@ import re
 from ..errors import SpleenDeepEditError
 
 #: What must not reach a client: URIs (s3://, https://...), host:port endpoints and absolute paths.
-_PRIVATE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+|\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b|\b[\w.-]+\.[a-z]{2,}:\d+\b"
-                      r"|(?<![\w.])(?:~|[A-Za-z]:)?[/\\](?:[\w.@+-]+[/\\])+[\w.@+-]*")
+_PRIVATE = re.compile(
+    r"[A-Za-z][A-Za-z0-9+.-]*://\S+|\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b|\b[\w.-]+\.[a-z]{2,}:\d+\b"
+    r"|(?<![\w.])(?:~|[A-Za-z]:)?[/\\](?:[\w.@+-]+[/\\])+[\w.@+-]*"
+)
 
 
 def scrub(text: str) -> str:

@@ -106,6 +106,7 @@ class RateLimiter:
             self._log.popitem(last=False)
         return allowed
 
+
 class ErrorBody(BaseModel):
     """The one error shape (see `errors.ApiError`), declared so the OpenAPI document tells the truth."""
 
@@ -113,9 +114,13 @@ class ErrorBody(BaseModel):
     detail: str
 
 
-_ERROR_RESPONSES: dict = {code: {"model": ErrorBody, "description": text} for code, text in (
-    ("4XX", "client error: the detail names the value and the fix"),
-    ("503", "overloaded, out of decode memory, timed out or not ready (with Retry-After)"))}
+_ERROR_RESPONSES: dict = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in (
+        ("4XX", "client error: the detail names the value and the fix"),
+        ("503", "overloaded, out of decode memory, timed out or not ready (with Retry-After)"),
+    )
+}
 
 # No OpenAPI route is served (`openapi_url=None`); `api.openapi()` still builds the document (tests fuzz it).
 api = FastAPI(title="spleen-deepedit", docs_url=None, redoc_url=None, openapi_url=None, responses=_ERROR_RESPONSES)
@@ -139,8 +144,15 @@ class _Runtime:
 RUNTIME = _Runtime()
 
 
-def configure(*, tokens: TokenSource, max_upload_bytes: int, cors_origins: list[str], metrics: Any,
-              max_json_bytes: int = 64 * 1024, auth_rate_per_min: int = 10) -> None:
+def configure(
+    *,
+    tokens: TokenSource,
+    max_upload_bytes: int,
+    cors_origins: list[str],
+    metrics: Any,
+    max_json_bytes: int = 64 * 1024,
+    auth_rate_per_min: int = 10,
+) -> None:
     RUNTIME.tokens = tokens
     RUNTIME.max_upload_bytes = max_upload_bytes
     RUNTIME.max_json_bytes = max_json_bytes
@@ -182,7 +194,9 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 413: "too_large"}
-    return _json_error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail), getattr(exc, "headers", None))
+    return _json_error(
+        exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail), getattr(exc, "headers", None)
+    )
 
 
 @api.exception_handler(RequestValidationError)
@@ -216,8 +230,11 @@ class Guard:
                 from starlette.middleware.cors import CORSMiddleware
 
                 self._cors_app = CORSMiddleware(
-                    self._guarded, allow_origins=list(RUNTIME.cors_origins), allow_methods=["*"],
-                    allow_headers=["authorization", "content-type"], expose_headers=["server-timing", "retry-after", "x-model-version"],
+                    self._guarded,
+                    allow_origins=list(RUNTIME.cors_origins),
+                    allow_methods=["*"],
+                    allow_headers=["authorization", "content-type"],
+                    expose_headers=["server-timing", "retry-after", "x-model-version"],
                 )
             return await self._cors_app(scope, receive, send)
         return await self._guarded(scope, receive, send)
@@ -228,7 +245,7 @@ class Guard:
         path = scope.get("path", "")
         root = scope.get("root_path", "")
         if root and path.startswith(root):
-            path = path[len(root):] or "/"
+            path = path[len(root) :] or "/"
         if any(k.lower() in RAY_CLIENT_HEADERS for k, _ in scope.get("headers", [])):
             scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() not in RAY_CLIENT_HEADERS])
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
@@ -267,7 +284,9 @@ class Guard:
                 ref = uuid.uuid4().hex[:12]
                 log.exception("unhandled error in %s %s (ref %s)", scope.get("method"), path, ref)
                 if not state["started"]:
-                    await send_w_json(send_w, 500, "internal_error", f"internal error (reference {ref}); the service is still up")
+                    await send_w_json(
+                        send_w, 500, "internal_error", f"internal error (reference {ref}); the service is still up"
+                    )
         if state["too_large"] and not state["started"]:
             state["too_large"] = False  # let our own 413 through
             await send_w_json(send_w, 413, "body_too_large", f"request body is over the limit of {limit} bytes")
@@ -279,14 +298,23 @@ class Guard:
         if path == "/auth/token" and scope.get("method") == "POST":
             client = (scope.get("client") or ("?", 0))[0]
             if not RUNTIME.auth_limiter.allow(str(client)):
-                return _json_error(429, "too_many_requests", f"more than {RUNTIME.auth_limiter.per_min} token requests a minute "
-                                   "from this address: wait a minute", {"Retry-After": "60"})
+                return _json_error(
+                    429,
+                    "too_many_requests",
+                    f"more than {RUNTIME.auth_limiter.per_min} token requests a minute "
+                    "from this address: wait a minute",
+                    {"Retry-After": "60"},
+                )
         if RUNTIME.token is not None and path not in PUBLIC_PATHS and scope.get("method") != "OPTIONS":
             auth = headers.get("authorization", "")
             scheme, _, given = auth.partition(" ")
             if not auth:
-                return _json_error(401, "unauthorized", "missing bearer token: send 'Authorization: Bearer <token>'",
-                                   {"WWW-Authenticate": "Bearer"})
+                return _json_error(
+                    401,
+                    "unauthorized",
+                    "missing bearer token: send 'Authorization: Bearer <token>'",
+                    {"WWW-Authenticate": "Bearer"},
+                )
             if scheme.lower() != "bearer" or not token_matches(given.strip()):
                 return _json_error(401, "unauthorized", "invalid bearer token", {"WWW-Authenticate": "Bearer"})
         length = headers.get("content-length")
@@ -294,7 +322,9 @@ class Guard:
             if not length.isdigit():
                 return _json_error(400, "bad_request", f"Content-Length {length[:32]!r} is not a number")
             if int(length) > limit:
-                return _json_error(413, "body_too_large", f"request body of {int(length)} bytes is over the limit of {limit} bytes")
+                return _json_error(
+                    413, "body_too_large", f"request body of {int(length)} bytes is over the limit of {limit} bytes"
+                )
         return None
 
     @staticmethod
@@ -313,8 +343,13 @@ class Guard:
 
 async def send_w_json(send, status: int, error: str, detail: str) -> None:
     body = json.dumps({"error": error, "detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 

@@ -23,8 +23,12 @@ MAX_NUMBER_CHARS = 32
 
 
 def _bad_number(text: str) -> ApiError:
-    return ApiError(400, "bad_json", f"number {text[:20]}... ({len(text)} characters) is too long: "
-                    f"numbers have at most {MAX_NUMBER_CHARS} characters")
+    return ApiError(
+        400,
+        "bad_json",
+        f"number {text[:20]}... ({len(text)} characters) is too long: "
+        f"numbers have at most {MAX_NUMBER_CHARS} characters",
+    )
 
 
 def _parse_int(text: str) -> int:
@@ -64,8 +68,11 @@ def parse_json(text: str | bytes | None, what: str, max_bytes: int) -> Any:
     if text is None:
         return None
     if len(text) > max_bytes:
-        raise ApiError(413, "json_too_large", f"{what} has {len(text)} bytes, over the limit of {max_bytes} (max_json_bytes): "
-                       "send fewer clicks")
+        raise ApiError(
+            413,
+            "json_too_large",
+            f"{what} has {len(text)} bytes, over the limit of {max_bytes} (max_json_bytes): send fewer clicks",
+        )
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
@@ -93,8 +100,12 @@ def check_clicks(clicks: Any, shape: tuple[int, int, int], max_per_label: int) -
     if isinstance(clicks, dict):
         for name, points in clicks.items():
             if isinstance(points, (list, tuple)) and len(points) > max_per_label:
-                raise ApiError(400, "too_many_clicks", f"clicks[{str(name)[:40]!r}] has {len(points)} clicks, over the limit of "
-                               f"{max_per_label} per label (max_clicks_per_label): send the clicks of one editing step")
+                raise ApiError(
+                    400,
+                    "too_many_clicks",
+                    f"clicks[{str(name)[:40]!r}] has {len(points)} clicks, over the limit of "
+                    f"{max_per_label} per label (max_clicks_per_label): send the clicks of one editing step",
+                )
     try:
         checked = validate_clicks(clicks, shape)
     except ClickError as exc:

@@ -49,26 +49,37 @@ def create_metrics() -> ServiceMetrics:
 
     return ServiceMetrics(
         requests=metrics.Counter(
-            "deepedit_requests", description="HTTP requests by endpoint, method and status code",
+            "deepedit_requests",
+            description="HTTP requests by endpoint, method and status code",
             tag_keys=("endpoint", "method", "status"),
         ),
         request_latency=metrics.Histogram(
-            "deepedit_request_latency_seconds", description="end-to-end request latency inside the replica",
-            boundaries=LATENCY_BUCKETS_S, tag_keys=("endpoint",),
+            "deepedit_request_latency_seconds",
+            description="end-to-end request latency inside the replica",
+            boundaries=LATENCY_BUCKETS_S,
+            tag_keys=("endpoint",),
         ),
         stage_latency=metrics.Histogram(
-            "deepedit_stage_latency_seconds", description="latency of one stage: " + ", ".join(STAGES),
-            boundaries=LATENCY_BUCKETS_S, tag_keys=("stage",),
+            "deepedit_stage_latency_seconds",
+            description="latency of one stage: " + ", ".join(STAGES),
+            boundaries=LATENCY_BUCKETS_S,
+            tag_keys=("stage",),
         ),
         batch_size=metrics.Histogram(
-            "deepedit_batch_size", description="volumes per batched forward pass", boundaries=BATCH_BUCKETS,
+            "deepedit_batch_size",
+            description="volumes per batched forward pass",
+            boundaries=BATCH_BUCKETS,
         ),
         input_voxels=metrics.Histogram(
-            "deepedit_input_voxels", description="voxels per uploaded volume", boundaries=VOXEL_BUCKETS,
+            "deepedit_input_voxels",
+            description="voxels per uploaded volume",
+            boundaries=VOXEL_BUCKETS,
         ),
         live_sessions=metrics.Gauge("deepedit_live_sessions", description="interactive sessions held by the replica"),
         cache_bytes=metrics.Gauge("deepedit_session_cache_bytes", description="bytes of preprocessed volumes cached"),
         model_info=metrics.Gauge(
-            "deepedit_model_info", description="1 for the loaded checkpoint version", tag_keys=("version", "profile"),
+            "deepedit_model_info",
+            description="1 for the loaded checkpoint version",
+            tag_keys=("version", "profile"),
         ),
     )

@@ -39,11 +39,15 @@ def clicks_from_params(params: dict[str, Any]) -> dict[str, list]:
     for name in LABELS:
         value = params.get(name, [])
         if not isinstance(value, list):
-            raise ApiError(400, "bad_clicks", f"params[{name!r}] must be a list of [i, j, k] points, got {type(value).__name__}")
+            raise ApiError(
+                400, "bad_clicks", f"params[{name!r}] must be a list of [i, j, k] points, got {type(value).__name__}"
+            )
         clicks[name] = list(value)
     fg = params.get(FOREGROUND_SYNONYM, [])
     if not isinstance(fg, list):
-        raise ApiError(400, "bad_clicks", f"params['foreground'] must be a list of [i, j, k] points, got {type(fg).__name__}")
+        raise ApiError(
+            400, "bad_clicks", f"params['foreground'] must be a list of [i, j, k] points, got {type(fg).__name__}"
+        )
     clicks["spleen"] += fg
     return clicks
 
@@ -52,9 +56,9 @@ def multipart_reply(params: dict[str, Any], body: bytes, filename: str) -> Respo
     """MONAI Label's default reply: a `params` JSON part and an `image` file part."""
     boundary = secrets.token_hex(16)
     parts = [
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"params\"\r\nContent-Type: application/json\r\n\r\n".encode(),
+        f'--{boundary}\r\nContent-Disposition: form-data; name="params"\r\nContent-Type: application/json\r\n\r\n'.encode(),
         json.dumps(params).encode(),
-        f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{filename}\"\r\n"
+        f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
         "Content-Type: application/octet-stream\r\n\r\n".encode(),
         body,
         f"\r\n--{boundary}--\r\n".encode(),
@@ -64,8 +68,14 @@ def multipart_reply(params: dict[str, Any], body: bytes, filename: str) -> Respo
 
 def _session_info(session_id: str, entry, ttl: float) -> dict[str, Any]:
     now = time.time()
-    return {"name": session_id, "image": "volume", "shape": entry.info["shape"], "expiry": ttl,
-            "create_ts": int(now - (entry.last_used - entry.created)), "last_access_ts": int(now)}
+    return {
+        "name": session_id,
+        "image": "volume",
+        "shape": entry.info["shape"],
+        "expiry": ttl,
+        "create_ts": int(now - (entry.last_used - entry.created)),
+        "last_access_ts": int(now),
+    }
 
 
 # A mixin of the deployment class: it uses ServiceCore's state, which the type checker sees through this
@@ -83,18 +93,31 @@ class MonaiLabelRoutes(_Service):
     async def ml_info(self) -> dict:
         p = self.current()
         name = self.settings.model_name
-        common = {"labels": dict(LABELS), "dimension": 3, "config": {},
-                  "version": p.version, "spatial_size": list(p.profile.spatial_size)}
+        common = {
+            "labels": dict(LABELS),
+            "dimension": 3,
+            "config": {},
+            "version": p.version,
+            "spatial_size": list(p.profile.spatial_size),
+        }
         return {
             "name": "spleen-deepedit",
             "description": "DeepEdit spleen segmentation on Ray Serve (MONAI Label compatible infer API)",
             "version": p.version,
             "labels": ["spleen"],
             "models": {
-                name: {"type": "deepedit", "description": "interactive spleen segmentation: spleen/background clicks", **common},
+                name: {
+                    "type": "deepedit",
+                    "description": "interactive spleen segmentation: spleen/background clicks",
+                    **common,
+                },
                 f"{name}_seg": {"type": "segmentation", "description": "automatic spleen segmentation", **common},
             },
-            "trainers": {}, "strategies": {}, "scoring": {}, "train_stats": {}, "datastore": {},
+            "trainers": {},
+            "strategies": {},
+            "scoring": {},
+            "train_stats": {},
+            "datastore": {},
         }
 
     @api.get("/auth/")
@@ -150,8 +173,14 @@ class MonaiLabelRoutes(_Service):
         return {"image": image}
 
     @api.post("/infer/{model}")
-    async def ml_infer(self, model: str, request: Request, image: str | None = None,
-                       session_id: str | None = None, output: str | None = None) -> Response:
+    async def ml_infer(
+        self,
+        model: str,
+        request: Request,
+        image: str | None = None,
+        session_id: str | None = None,
+        output: str | None = None,
+    ) -> Response:
         name = self.settings.model_name
         if model not in (name, f"{name}_seg"):
             raise ApiError(404, "unknown_model", f"model {model!r} is not served: use {name!r} or {name + '_seg'!r}")
@@ -179,7 +208,9 @@ class MonaiLabelRoutes(_Service):
                 entry = self.store.get_image(image, caller_id(request))
                 prepared, meta = self.cached(entry, predictor), entry.extra.get(META_KEY)
             else:
-                raise ApiError(400, "missing_image", "give session_id, image (uploaded with PUT /datastore/) or a 'file' field")
+                raise ApiError(
+                    400, "missing_image", "give session_id, image (uploaded with PUT /datastore/) or a 'file' field"
+                )
             t0 = time.perf_counter()
             mask = await self.segment(predictor, prepared, clicks, watch)
             if output == SEG_OUTPUT:
@@ -190,10 +221,16 @@ class MonaiLabelRoutes(_Service):
         t = watch.timings
         result = {
             "label_names": dict(LABELS),
-            "latencies": {"pre": round(t.get("decode", 0) + t.get("preprocess", 0), 4), "infer": round(t.get("forward", 0), 4),
-                          "invert": round(t.get("postprocess", 0), 4), "post": 0.0, "write": round(t.get("encode", 0), 4),
-                          "total": round(total, 4)},
-            "model": model, "model_version": predictor.version,
+            "latencies": {
+                "pre": round(t.get("decode", 0) + t.get("preprocess", 0), 4),
+                "infer": round(t.get("forward", 0), 4),
+                "invert": round(t.get("postprocess", 0), 4),
+                "post": 0.0,
+                "write": round(t.get("encode", 0), 4),
+                "total": round(total, 4),
+            },
+            "model": model,
+            "model_version": predictor.version,
             "clicks": {k: len(v) for k, v in (clicks or {}).items()},
         }
         return infer_reply(result, body, extension, output)
@@ -208,9 +245,15 @@ def result_format(params: Any) -> tuple[str, str]:
     if not isinstance(extension, str) or not isinstance(dtype, str):
         raise ApiError(400, "bad_params", "result_extension and result_dtype must be strings")
     if extension not in MASK_EXTENSIONS:
-        raise ApiError(400, "bad_result_extension", f"result_extension {extension!r} is not supported: use one of {list(MASK_EXTENSIONS)}")
+        raise ApiError(
+            400,
+            "bad_result_extension",
+            f"result_extension {extension!r} is not supported: use one of {list(MASK_EXTENSIONS)}",
+        )
     if dtype not in MASK_DTYPES:
-        raise ApiError(400, "bad_result_dtype", f"result_dtype {dtype!r} is not supported: use one of {sorted(MASK_DTYPES)}")
+        raise ApiError(
+            400, "bad_result_dtype", f"result_dtype {dtype!r} is not supported: use one of {sorted(MASK_DTYPES)}"
+        )
     return extension, dtype
 
 
@@ -218,13 +261,19 @@ def infer_reply(result: dict[str, Any], body: bytes, extension: str, output: str
     """`/infer`'s answer in the `output` MONAI Label asked for: a SEG, the JSON, the image, or both (multipart)."""
     filename = f"result{extension}"
     if output == SEG_OUTPUT:
-        return Response(content=body, media_type=DICOM_MEDIA_TYPE,
-                        headers={"Content-Disposition": 'attachment; filename="result.dcm"'})
+        return Response(
+            content=body,
+            media_type=DICOM_MEDIA_TYPE,
+            headers={"Content-Disposition": 'attachment; filename="result.dcm"'},
+        )
     if output == "json":
         return JSONResponse(result)
     if output == "image":
-        return Response(content=body, media_type="application/octet-stream",
-                        headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+        return Response(
+            content=body,
+            media_type="application/octet-stream",
+            headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+        )
     return multipart_reply(result, body, filename)
 
 
@@ -243,5 +292,8 @@ def parse_multipart_reply(content_type: str, body: bytes) -> dict[str, tuple[str
         name = re.search(r'name="([^"]*)"', head_text)
         filename = re.search(r'filename="([^"]*)"', head_text)
         if name:
-            parts[name.group(1)] = (filename.group(1) if filename else None, data[:-2] if data.endswith(b"\r\n") else data)
+            parts[name.group(1)] = (
+                filename.group(1) if filename else None,
+                data[:-2] if data.endswith(b"\r\n") else data,
+            )
     return parts

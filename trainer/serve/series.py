@@ -50,14 +50,23 @@ def series_limits(limits: VolumeLimits):
     `HEADER_BYTES_PER_FILE` per file."""
     from trainer.dicom import SeriesLimits
 
-    return SeriesLimits(max_files=limits.max_dim, max_bytes=limits.max_volume_bytes + limits.max_dim * HEADER_BYTES_PER_FILE,
-                        max_voxels=limits.max_voxels, max_dim=limits.max_dim, min_slices=limits.min_dim)
+    return SeriesLimits(
+        max_files=limits.max_dim,
+        max_bytes=limits.max_volume_bytes + limits.max_dim * HEADER_BYTES_PER_FILE,
+        max_voxels=limits.max_voxels,
+        max_dim=limits.max_dim,
+        min_slices=limits.min_dim,
+    )
 
 
 def seg_needs_series() -> ApiError:
     """The 400 of a DICOM SEG asked for a volume that was not uploaded as a DICOM series."""
-    return ApiError(400, "bad_format", "a DICOM SEG (format=dcm, output=dicom_seg) answers a DICOM series upload only: "
-                    "upload the series (a zip or the .dcm files) or ask for another format (nii.gz, nii, nrrd)")
+    return ApiError(
+        400,
+        "bad_format",
+        "a DICOM SEG (format=dcm, output=dicom_seg) answers a DICOM series upload only: "
+        "upload the series (a zip or the .dcm files) or ask for another format (nii.gz, nii, nrrd)",
+    )
 
 
 def _api_error(exc: Exception) -> ApiError:
@@ -66,8 +75,11 @@ def _api_error(exc: Exception) -> ApiError:
     if isinstance(exc, DicomError):
         return ApiError(exc.status, exc.code, str(exc)[:500])
     # Anything else a corrupt upload makes the readers raise; its message stays out of logs too.
-    return ApiError(422, "bad_dicom", f"the DICOM upload cannot be read ({type(exc).__name__}): upload the .dcm files of "
-                    "one CT series, unmodified")
+    return ApiError(
+        422,
+        "bad_dicom",
+        f"the DICOM upload cannot be read ({type(exc).__name__}): upload the .dcm files of one CT series, unmodified",
+    )
 
 
 def scan_upload(data: bytes | Sequence[tuple[str, bytes]], limits: VolumeLimits):
@@ -96,7 +108,9 @@ def decode_upload(scan) -> tuple[np.ndarray, np.ndarray, Any]:
     except Exception as exc:  # noqa: BLE001
         raise _api_error(exc) from None
     if not np.isfinite(vol.image).all():
-        raise ApiError(422, "non_finite", "the series' rescaled voxels are not finite (RescaleSlope/Intercept out of range)")
+        raise ApiError(
+            422, "non_finite", "the series' rescaled voxels are not finite (RescaleSlope/Intercept out of range)"
+        )
     return vol.image, vol.affine, vol.meta
 
 

@@ -57,8 +57,15 @@ class SessionStore:
         clock: monotonic seconds (injectable for tests).
     """
 
-    def __init__(self, ttl_s: float, max_bytes: int, clock: Callable[[], float] = time.monotonic, *,
-                 caller_max_entries: int | None = None, caller_max_bytes: int | None = None):
+    def __init__(
+        self,
+        ttl_s: float,
+        max_bytes: int,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        caller_max_entries: int | None = None,
+        caller_max_bytes: int | None = None,
+    ):
         if ttl_s <= 0 or max_bytes <= 0:
             raise ValueError("session ttl_s and max_bytes must be positive")
         self.ttl_s = ttl_s
@@ -75,7 +82,9 @@ class SessionStore:
     @staticmethod
     def check_session_id(session_id: str) -> str:
         if not isinstance(session_id, str) or not SESSION_ID_RE.match(session_id):
-            raise ApiError(404, "unknown_session", "session id is malformed: expected 32 hex characters from POST /v1/sessions")
+            raise ApiError(
+                404, "unknown_session", "session id is malformed: expected 32 hex characters from POST /v1/sessions"
+            )
         return session_id
 
     @staticmethod
@@ -86,8 +95,9 @@ class SessionStore:
 
     # -------------------------------------------------------------- cache
 
-    def create(self, value: Any, nbytes: int, info: dict[str, Any], owner: str = "anon",
-               extra: dict[str, Any] | None = None) -> str:
+    def create(
+        self, value: Any, nbytes: int, info: dict[str, Any], owner: str = "anon", extra: dict[str, Any] | None = None
+    ) -> str:
         session_id = secrets.token_hex(16)
         self._put("s:" + session_id, value, nbytes, info, owner, extra=extra)
         return session_id
@@ -102,21 +112,39 @@ class SessionStore:
             self._expire()
             old = self._entries.get(self._image_key(image_id, owner))
         if old is not None and old.digest != digest:
-            raise ApiError(409, "image_exists", f"image {image_id!r} already holds another volume: upload it under a new id "
-                           f"(ids expire {self.ttl_s:.0f}s after their last use)")
+            raise ApiError(
+                409,
+                "image_exists",
+                f"image {image_id!r} already holds another volume: upload it under a new id "
+                f"(ids expire {self.ttl_s:.0f}s after their last use)",
+            )
 
-    def put_image(self, image_id: str, value: Any, nbytes: int, info: dict[str, Any], owner: str = "anon",
-                  digest: str | None = None, extra: dict[str, Any] | None = None) -> None:
+    def put_image(
+        self,
+        image_id: str,
+        value: Any,
+        nbytes: int,
+        info: dict[str, Any],
+        owner: str = "anon",
+        digest: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         key = self._image_key(image_id, owner)
         if digest is not None:
             self.check_image_free(image_id, owner, digest)
         self._put(key, value, nbytes, info, owner, digest, extra)
 
     def get(self, session_id: str) -> Entry:
-        return self._get("s:" + self.check_session_id(session_id), f"session {session_id} is unknown or expired: upload the volume again")
+        return self._get(
+            "s:" + self.check_session_id(session_id),
+            f"session {session_id} is unknown or expired: upload the volume again",
+        )
 
     def get_image(self, image_id: str, owner: str = "anon") -> Entry:
-        return self._get(self._image_key(image_id, owner), f"image {image_id!r} is not in the datastore (or expired): PUT /datastore/?image={image_id} first")
+        return self._get(
+            self._image_key(image_id, owner),
+            f"image {image_id!r} is not in the datastore (or expired): PUT /datastore/?image={image_id} first",
+        )
 
     def delete(self, session_id: str) -> None:
         key = "s:" + self.check_session_id(session_id)
@@ -137,19 +165,39 @@ class SessionStore:
 
     # -------------------------------------------------------------- internals
 
-    def _put(self, key: str, value: Any, nbytes: int, info: dict[str, Any], owner: str = "anon",
-             digest: str | None = None, extra: dict[str, Any] | None = None) -> None:
+    def _put(
+        self,
+        key: str,
+        value: Any,
+        nbytes: int,
+        info: dict[str, Any],
+        owner: str = "anon",
+        digest: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         if nbytes > self.caller_max_bytes:
-            raise ApiError(413, "volume_too_large", f"the preprocessed volume ({nbytes} bytes) exceeds one caller's share of the "
-                           f"session cache ({self.caller_max_bytes} bytes: session_max_bytes x caller_max_share)")
+            raise ApiError(
+                413,
+                "volume_too_large",
+                f"the preprocessed volume ({nbytes} bytes) exceeds one caller's share of the "
+                f"session cache ({self.caller_max_bytes} bytes: session_max_bytes x caller_max_share)",
+            )
         now = self._clock()
         with self._lock:
             self._expire()
             old = self._entries.pop(key, None)
             if old is not None:
                 self._bytes -= old.nbytes
-            self._entries[key] = Entry(value=value, nbytes=nbytes, info=info, created=now, last_used=now, owner=owner, digest=digest,
-                                      extra=dict(extra or {}))
+            self._entries[key] = Entry(
+                value=value,
+                nbytes=nbytes,
+                info=info,
+                created=now,
+                last_used=now,
+                owner=owner,
+                digest=digest,
+                extra=dict(extra or {}),
+            )
             self._bytes += nbytes
             self._evict_over_quota(owner)
             while self._bytes > self.max_bytes:

@@ -25,8 +25,10 @@ def check_token(token: str, source: str) -> str:
     if not token:
         raise ValueError(f"the bearer token from {source} is empty or unset")
     if len(token) < MIN_TOKEN_CHARS:
-        raise ValueError(f"the bearer token from {source} has {len(token)} characters, fewer than {MIN_TOKEN_CHARS}: "
-                         "generate one with `openssl rand -hex 32`")
+        raise ValueError(
+            f"the bearer token from {source} has {len(token)} characters, fewer than {MIN_TOKEN_CHARS}: "
+            "generate one with `openssl rand -hex 32`"
+        )
     return token
 
 
@@ -47,13 +49,25 @@ class ServeArgs(BaseModel):
 
     checkpoint: str = Field(min_length=1, description="checkpoint URI: local path or s3://bucket/key")
     profile: str | None = Field(default=None, description="override the checkpoint's profile (tiny, cpu, bundle)")
-    device: str | None = Field(default=None, description="torch device; default cuda when the replica has a GPU, else cpu")
-    refine: bool | None = Field(default=None, description="answer clicks with a click-centred window at a fine "
-                                "spacing (trainer.refine); None: when the checkpoint was trained with windows")
-    click_radius: float | None = Field(default=None, ge=0, allow_inf_nan=False,
-                                       description="click locality radius in network-grid voxels, 0 = off (default: the profile's)")
-    model_name: str = Field(default="deepedit_spleen", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$",
-                            description="model name in MONAI Label /info/ (plus <name>_seg for automatic)")
+    device: str | None = Field(
+        default=None, description="torch device; default cuda when the replica has a GPU, else cpu"
+    )
+    refine: bool | None = Field(
+        default=None,
+        description="answer clicks with a click-centred window at a fine "
+        "spacing (trainer.refine); None: when the checkpoint was trained with windows",
+    )
+    click_radius: float | None = Field(
+        default=None,
+        ge=0,
+        allow_inf_nan=False,
+        description="click locality radius in network-grid voxels, 0 = off (default: the profile's)",
+    )
+    model_name: str = Field(
+        default="deepedit_spleen",
+        pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$",
+        description="model name in MONAI Label /info/ (plus <name>_seg for automatic)",
+    )
     # ---- throughput and backpressure
     num_replicas: int = Field(default=1, ge=1, description="replicas of the deployment")
     num_cpus: float = Field(default=1.0, ge=0, description="CPUs reserved per replica")
@@ -62,33 +76,58 @@ class ServeArgs(BaseModel):
     # 0: a lone request never waits; requests that arrive while a forward runs form the next batch.
     batch_wait_timeout_s: float = Field(default=0.0, ge=0, le=5, description="how long a batch waits to fill")
     max_ongoing_requests: int = Field(default=8, ge=1, description="requests a replica runs concurrently")
-    max_queued_requests: int = Field(default=32, ge=-1, description="requests queued per caller before 503 (-1: unbounded)")
+    max_queued_requests: int = Field(
+        default=32, ge=-1, description="requests queued per caller before 503 (-1: unbounded)"
+    )
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After seconds on 503 (overload, timeout)")
     request_timeout_s: float = Field(default=120.0, gt=0, description="a request still running after this gets 503")
     # ---- limits
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1024, description="largest request body (413 beyond)")
     max_voxels: int = Field(default=512 * 512 * 1024, ge=8, description="largest volume in voxels (413 beyond)")
     max_dim: int = Field(default=2048, ge=2, description="largest size of one axis (413 beyond)")
-    max_volume_bytes: int = Field(default=1024**3, ge=1024, description="largest declared voxel data, voxels x bytes per voxel (413 beyond)")
-    max_extension_bytes: int = Field(default=1024 * 1024, ge=0, description="largest NIfTI header-extension area; skipped, never parsed (413 beyond)")
+    max_volume_bytes: int = Field(
+        default=1024**3, ge=1024, description="largest declared voxel data, voxels x bytes per voxel (413 beyond)"
+    )
+    max_extension_bytes: int = Field(
+        default=1024 * 1024, ge=0, description="largest NIfTI header-extension area; skipped, never parsed (413 beyond)"
+    )
     max_gzip_members: int = Field(default=4096, ge=1, description="most gzip members in one upload (413 beyond)")
     max_json_bytes: int = Field(default=64 * 1024, ge=1024, description="largest clicks / params JSON (413 beyond)")
-    max_clicks_per_label: int = Field(default=512, ge=1, le=100_000, description="most clicks per label in one request (400 beyond)")
+    max_clicks_per_label: int = Field(
+        default=512, ge=1, le=100_000, description="most clicks per label in one request (400 beyond)"
+    )
     # ---- memory-aware admission
     memory_budget_bytes: int | None = Field(
-        default=None, ge=64 * 1024**2,
-        description="bytes of decode + preprocess in flight per replica (default: half the replica's memory limit)")
-    admission_wait_s: float = Field(default=2.0, ge=0, le=60, description="how long a request waits for budget before 503")
+        default=None,
+        ge=64 * 1024**2,
+        description="bytes of decode + preprocess in flight per replica (default: half the replica's memory limit)",
+    )
+    admission_wait_s: float = Field(
+        default=2.0, ge=0, le=60, description="how long a request waits for budget before 503"
+    )
     # ---- sessions
     session_ttl_s: float = Field(default=3600.0, gt=0, description="a session expires this long after its last use")
-    session_max_bytes: int = Field(default=2 * 1024**3, ge=1024, description="memory cap of cached volumes per replica (LRU)")
-    caller_max_sessions: int = Field(default=32, ge=1, description="sessions + datastore images one caller holds (its own LRU goes first)")
-    caller_max_share: float = Field(default=0.5, gt=0, le=1, description="fraction of session_max_bytes one caller may hold")
+    session_max_bytes: int = Field(
+        default=2 * 1024**3, ge=1024, description="memory cap of cached volumes per replica (LRU)"
+    )
+    caller_max_sessions: int = Field(
+        default=32, ge=1, description="sessions + datastore images one caller holds (its own LRU goes first)"
+    )
+    caller_max_share: float = Field(
+        default=0.5, gt=0, le=1, description="fraction of session_max_bytes one caller may hold"
+    )
     # ---- security
-    auth_token_env: str | None = Field(default=None, description="name of the env var holding the bearer token (unset: no auth)")
-    auth_token_file: str | None = Field(default=None, description="file holding the bearer token, re-read when it changes "
-                                        "(a mounted Secret rotates without a restart)")
-    auth_token_rate_per_min: int = Field(default=10, ge=1, description="POST /auth/token attempts per client address per minute (429 beyond)")
+    auth_token_env: str | None = Field(
+        default=None, description="name of the env var holding the bearer token (unset: no auth)"
+    )
+    auth_token_file: str | None = Field(
+        default=None,
+        description="file holding the bearer token, re-read when it changes "
+        "(a mounted Secret rotates without a restart)",
+    )
+    auth_token_rate_per_min: int = Field(
+        default=10, ge=1, description="POST /auth/token attempts per client address per minute (429 beyond)"
+    )
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins (empty: CORS off)")
 
     @field_validator("checkpoint")

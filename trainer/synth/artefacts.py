@@ -32,7 +32,7 @@ def blur_with_correlated_noise(rng: np.random.Generator, hu: np.ndarray, noise_s
     gain = _kernel_gain(sigma_xy, 2.0) ** 2 * _kernel_gain(sigma_z, 2.0)
     scale = np.float32(noise_sd / gain)
     for k in range(0, hu.shape[2], 16):  # in slabs: no full-volume temporary
-        slab = hu[:, :, k:k + 16]
+        slab = hu[:, :, k : k + 16]
         slab += rng.standard_normal(slab.shape, dtype=np.float32) * scale
     return ndimage.gaussian_filter(hu, sigma=(sigma_xy, sigma_xy, sigma_z), truncate=2.0, output=np.float32)
 

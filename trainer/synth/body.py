@@ -32,8 +32,13 @@ class Body:
 
 
 def sample_body(rng: np.random.Generator) -> Body:
-    return Body(a=rng.uniform(135, 180), b=rng.uniform(95, 130), taper=rng.uniform(-0.08, 0.08),
-                fat=rng.uniform(8, 30), muscle=rng.uniform(6, 14))
+    return Body(
+        a=rng.uniform(135, 180),
+        b=rng.uniform(95, 130),
+        taper=rng.uniform(-0.08, 0.08),
+        fat=rng.uniform(8, 30),
+        muscle=rng.uniform(6, 14),
+    )
 
 
 def _section(grid: Grid, a: float, b: float, taper: float) -> np.ndarray:
@@ -43,8 +48,9 @@ def _section(grid: Grid, a: float, b: float, taper: float) -> np.ndarray:
     return ((x / a) ** 2 + (y / b) ** 2) <= s2
 
 
-def paint_body(rng: np.random.Generator, grid: Grid, hu: np.ndarray, body: Body,
-               muscle_hu: float) -> tuple[np.ndarray, np.ndarray]:
+def paint_body(
+    rng: np.random.Generator, grid: Grid, hu: np.ndarray, body: Body, muscle_hu: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Fat, muscle wall and textured visceral fat. Returns the (body, cavity) masks."""
     outline = _section(grid, body.a, body.b, body.taper)
     hu[outline] = rng.uniform(-120, -80)  # subcutaneous fat
@@ -78,8 +84,9 @@ def sample_spine(rng: np.random.Generator, body: Body) -> Spine:
     return Spine(center=vert_c, radius=vert_r, aorta=aorta, ivc=ivc)
 
 
-def paint_spine_and_vessels(rng: np.random.Generator, grid: Grid, hu: np.ndarray, body: Body, spine: Spine,
-                            contrast: Contrast) -> None:
+def paint_spine_and_vessels(
+    rng: np.random.Generator, grid: Grid, hu: np.ndarray, body: Body, spine: Spine, contrast: Contrast
+) -> None:
     """Vertebrae with canal, paraspinal muscles, ribs, aorta and IVC along the whole scan."""
     c, r = spine.center, spine.radius
     paint(hu, column(grid, c[0], c[1], r, r * 0.9), rng.uniform(700, 900))  # cortical bone

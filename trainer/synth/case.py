@@ -126,12 +126,22 @@ def generate_case(
 
     image, label, affine = reorient(image, label, geo.affine, orientation)
     spleen_ml = float(np.count_nonzero(label)) * float(np.prod(geo.spacing)) / 1000.0
-    return Case(image=image, label=label, affine=affine, orientation=orientation, spleen_ml=spleen_ml,
-                geometry=geometry, phase=contrast.phase, liver_hu=contrast.liver, features=tuple(features))
+    return Case(
+        image=image,
+        label=label,
+        affine=affine,
+        orientation=orientation,
+        spleen_ml=spleen_ml,
+        geometry=geometry,
+        phase=contrast.phase,
+        liver_hu=contrast.liver,
+        features=tuple(features),
+    )
 
 
-def _streak_sources(rng: np.random.Generator, grid: Grid, humeri: list[np.ndarray], st_c: np.ndarray, st_ax,
-                    oral: float | None) -> list[StreakSource]:
+def _streak_sources(
+    rng: np.random.Generator, grid: Grid, humeri: list[np.ndarray], st_c: np.ndarray, st_ax, oral: float | None
+) -> list[StreakSource]:
     """Streaks between the humeri when the arms are down, and from a stomach full of dense contrast."""
     z0, z1 = float(grid.axes[2][0]), float(grid.axes[2][-1])
     sources = []
@@ -140,8 +150,16 @@ def _streak_sources(rng: np.random.Generator, grid: Grid, humeri: list[np.ndarra
         d = humeri[1] - humeri[0]
         base = float(np.arctan2(d[1], d[0]))
         angles = tuple(base + rng.uniform(-0.08, 0.08) for _ in range(int(rng.integers(2, 5))))
-        sources.append(StreakSource(x=float(mid[0]), y=float(mid[1]), z0=z0, z1=z1, angles=angles, amplitude=(20.0, 80.0)))
+        sources.append(
+            StreakSource(x=float(mid[0]), y=float(mid[1]), z0=z0, z1=z1, angles=angles, amplitude=(20.0, 80.0))
+        )
     if oral is not None and oral > 350 and rng.random() < 0.6:
-        sources.append(StreakSource(x=float(st_c[0]), y=float(st_c[1]), z0=float(st_c[2] - st_ax[2] * 0.7),
-                                    z1=float(st_c[2] + st_ax[2] * 0.7)))
+        sources.append(
+            StreakSource(
+                x=float(st_c[0]),
+                y=float(st_c[1]),
+                z0=float(st_c[2] - st_ax[2] * 0.7),
+                z1=float(st_c[2] + st_ax[2] * 0.7),
+            )
+        )
     return sources

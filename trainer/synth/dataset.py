@@ -66,8 +66,13 @@ def write_dataset(
             (out / "labelsTs").mkdir(exist_ok=True)
             write_nifti(out / "labelsTs" / name, case.label, case.affine)
             test.append(f"./imagesTs/{name}")
-        facts[name] = {"orientation": case.orientation, "spleen_ml": round(case.spleen_ml, 1),
-                       "shape": list(case.image.shape), "phase": case.phase, "features": list(case.features)}
+        facts[name] = {
+            "orientation": case.orientation,
+            "spleen_ml": round(case.spleen_ml, 1),
+            "shape": list(case.image.shape),
+            "phase": case.phase,
+            "features": list(case.features),
+        }
     meta = _dataset_json(training, test, seed, geometry, facts)
     (out / "dataset.json").write_text(json.dumps(meta, indent=2))
     return meta

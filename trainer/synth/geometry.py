@@ -43,8 +43,10 @@ class ScanGeometry:
 
 def check_geometry(geometry: str) -> str:
     if geometry not in GEOMETRIES:
-        raise ValueError(f"geometry {geometry!r} is not one of {GEOMETRIES}: use 'compact' (small, fast) "
-                         "or 'clinical' (scanner-like 0.6-1.0 mm in-plane, 300-500 mm long)")
+        raise ValueError(
+            f"geometry {geometry!r} is not one of {GEOMETRIES}: use 'compact' (small, fast) "
+            "or 'clinical' (scanner-like 0.6-1.0 mm in-plane, 300-500 mm long)"
+        )
     return geometry
 
 
@@ -53,8 +55,9 @@ def check_shape(shape: tuple[int, int, int] | None) -> None:
         raise ValueError(f"shape {tuple(shape)!r} must be three positive voxel counts, e.g. (96, 96, 48)")
 
 
-def sample_geometry(rng: np.random.Generator, geometry: str, shape: tuple[int, int, int] | None,
-                    body_a: float, spleen_half_z: float) -> ScanGeometry:
+def sample_geometry(
+    rng: np.random.Generator, geometry: str, shape: tuple[int, int, int] | None, body_a: float, spleen_half_z: float
+) -> ScanGeometry:
     """Draw the grid for a body of left-right semi-axis `body_a` mm around a spleen centred at z = 0.
 
     A given `shape` fixes the matrix; the field of view is drawn as for that geometry and the spacing
@@ -82,8 +85,9 @@ def _compact(rng: np.random.Generator, shape: tuple[int, int, int] | None, body_
     return ScanGeometry(shape=(int(shape[0]), int(shape[1]), int(shape[2])), spacing=(sx, sx, sz), origin=origin)
 
 
-def _clinical(rng: np.random.Generator, shape: tuple[int, int, int] | None, body_a: float,
-              spleen_half_z: float) -> ScanGeometry:
+def _clinical(
+    rng: np.random.Generator, shape: tuple[int, int, int] | None, body_a: float, spleen_half_z: float
+) -> ScanGeometry:
     n = int(rng.choice([384, 448, 512], p=[0.15, 0.15, 0.7]))
     lo, hi = max(300.0, 0.6 * n, 2 * body_a + 20), min(500.0, 1.0 * n)
     if lo > hi:  # this body does not fit that matrix at <= 1 mm: the usual 512

@@ -30,13 +30,16 @@ def paint_liver(rng: np.random.Generator, grid: Grid, hu: np.ndarray, body: Body
     return center
 
 
-def paint_kidneys(rng: np.random.Generator, grid: Grid, hu: np.ndarray, spine: Spine,
-                  contrast: Contrast) -> list[tuple[np.ndarray, tuple]]:
+def paint_kidneys(
+    rng: np.random.Generator, grid: Grid, hu: np.ndarray, spine: Spine, contrast: Contrast
+) -> list[tuple[np.ndarray, tuple]]:
     """Kidneys either side of the spine, with sinus fat and medulla; the left adrenal above-medial."""
     kid_z = rng.uniform(-60, -10)
     kidneys = []
     for side in (-1, 1):
-        kc = np.array([side * rng.uniform(55, 80), spine.center[1] + rng.uniform(5, 25), kid_z + side * rng.uniform(0, 20)])
+        kc = np.array(
+            [side * rng.uniform(55, 80), spine.center[1] + rng.uniform(5, 25), kid_z + side * rng.uniform(0, 20)]
+        )
         kax = (rng.uniform(22, 30), rng.uniform(20, 28), rng.uniform(45, 60))
         krot = rotation(rng, 25, 10)
         paint(hu, ellipsoid(grid, kc, kax, krot), contrast.kidney_cortex)
@@ -54,21 +57,38 @@ def paint_kidneys(rng: np.random.Generator, grid: Grid, hu: np.ndarray, spine: S
     return kidneys
 
 
-def paint_stomach(rng: np.random.Generator, grid: Grid, hu: np.ndarray, sp_c: np.ndarray, sp_axes: np.ndarray,
-                  touching: bool, oral: float | None, spleen_hu: float) -> tuple[np.ndarray, tuple]:
+def paint_stomach(
+    rng: np.random.Generator,
+    grid: Grid,
+    hu: np.ndarray,
+    sp_c: np.ndarray,
+    sp_axes: np.ndarray,
+    touching: bool,
+    oral: float | None,
+    spleen_hu: float,
+) -> tuple[np.ndarray, tuple]:
     """Stomach anterior-medial to the spleen: fluid, food or oral contrast, with a gas cap."""
     gap = rng.uniform(-2, 4) if touching else rng.uniform(8, 25)
     c = sp_c + np.array([rng.uniform(35, 55) + sp_axes[0] * 0.3, sp_axes[1] * 0.6 + gap + 25, rng.uniform(0, 30)])
     ax = (rng.uniform(30, 45), rng.uniform(25, 35), rng.uniform(35, 55))
-    content = oral if oral is not None else rng.uniform(25, 45) if rng.random() < 0.5 else spleen_hu - rng.uniform(10, 30)
+    content = (
+        oral if oral is not None else rng.uniform(25, 45) if rng.random() < 0.5 else spleen_hu - rng.uniform(10, 30)
+    )
     paint(hu, ellipsoid(grid, c, np.array(ax) + 3), rng.uniform(30, 60))  # wall
     paint(hu, ellipsoid(grid, c, ax), content)
     paint(hu, ellipsoid(grid, c + np.array([0, ax[1] * 0.5, 0]), np.array(ax) * 0.5), rng.uniform(-1000, -900))
     return c, ax
 
 
-def paint_pancreas_and_splenic_vessels(rng: np.random.Generator, grid: Grid, hu: np.ndarray, spine: Spine,
-                                       plan: SpleenPlan, sp_c: np.ndarray, contrast: Contrast) -> None:
+def paint_pancreas_and_splenic_vessels(
+    rng: np.random.Generator,
+    grid: Grid,
+    hu: np.ndarray,
+    spine: Spine,
+    plan: SpleenPlan,
+    sp_c: np.ndarray,
+    contrast: Contrast,
+) -> None:
     """Pancreas from head to a tail that reaches the splenic hilum; splenic vein behind it and a
     tortuous splenic artery from the aorta, both entering the hilum."""
     hilum = plan.hilum(sp_c)
@@ -78,7 +98,7 @@ def paint_pancreas_and_splenic_vessels(rng: np.random.Generator, grid: Grid, hu:
     tail = hilum + np.array([rng.uniform(-4, 2), rng.uniform(4, 12), rng.uniform(-10, 5)])
     path = np.vstack([wiggly_path(rng, head, body, 2, 4), wiggly_path(rng, body, tail, 3, 5)[1:]])
     for i, r in enumerate(np.linspace(rng.uniform(11, 15), rng.uniform(7, 10), len(path) - 1)):
-        paint_all(hu, tube(grid, path[i:i + 2], r), contrast.pancreas)
+        paint_all(hu, tube(grid, path[i : i + 2], r), contrast.pancreas)
     # Splenic vein: along the back of the pancreas to the confluence behind its neck.
     vein = path + np.array([0.0, -rng.uniform(9, 13), 0.0])
     vein[-1] = hilum
@@ -88,8 +108,16 @@ def paint_pancreas_and_splenic_vessels(rng: np.random.Generator, grid: Grid, hu:
     paint_all(hu, tube(grid, wiggly_path(rng, coeliac, hilum, 6, 10), rng.uniform(2.5, 4)), contrast.artery)
 
 
-def paint_colon(rng: np.random.Generator, grid: Grid, hu: np.ndarray, body: Body, plan: SpleenPlan,
-                sp_c: np.ndarray, contrast: Contrast, oral: float | None) -> None:
+def paint_colon(
+    rng: np.random.Generator,
+    grid: Grid,
+    hu: np.ndarray,
+    body: Body,
+    plan: SpleenPlan,
+    sp_c: np.ndarray,
+    contrast: Contrast,
+    oral: float | None,
+) -> None:
     """Transverse colon to the splenic flexure beside the spleen's lower pole, then down the left flank."""
     ca, cb = body.ca, body.cb
     low = sp_c[2] - plan.half_extent[2]
@@ -144,8 +172,16 @@ def paint_bladder(rng: np.random.Generator, grid: Grid, hu: np.ndarray, body: Bo
     paint(hu, ellipsoid(grid, c, rng.uniform(25, 55, 3)), rng.uniform(0, 20))
 
 
-def paint_ascites(rng: np.random.Generator, grid: Grid, hu: np.ndarray, cavity: np.ndarray, body: Body,
-                  plan: SpleenPlan, sp_c: np.ndarray, liver_c: np.ndarray) -> bool:
+def paint_ascites(
+    rng: np.random.Generator,
+    grid: Grid,
+    hu: np.ndarray,
+    cavity: np.ndarray,
+    body: Body,
+    plan: SpleenPlan,
+    sp_c: np.ndarray,
+    liver_c: np.ndarray,
+) -> bool:
     """Sometimes free fluid (0-20 HU): a rim around spleen and liver, in the flanks and the pelvis.
 
     It replaces visceral fat only (never an organ or gas), so it can be painted after the organs.
@@ -154,8 +190,10 @@ def paint_ascites(rng: np.random.Generator, grid: Grid, hu: np.ndarray, cavity: 
         return False
     fluid = rng.uniform(0, 20)
     rim = rng.uniform(5, 25)
-    shapes = [ellipsoid(grid, sp_c, plan.axes + rim, plan.rot),
-              ellipsoid(grid, liver_c, (body.ca * 0.7 + rim, body.cb * 0.85 + rim, 110 + rim))]
+    shapes = [
+        ellipsoid(grid, sp_c, plan.axes + rim, plan.rot),
+        ellipsoid(grid, liver_c, (body.ca * 0.7 + rim, body.cb * 0.85 + rim, 110 + rim)),
+    ]
     for side in (-1, 1):
         c = np.array([side * body.ca * 0.8, 0.0, sp_c[2] - rng.uniform(60, 200)])
         shapes.append(ellipsoid(grid, c, (rim + 10, body.cb * 0.6, rng.uniform(60, 150))))

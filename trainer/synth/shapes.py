@@ -80,8 +80,9 @@ def wiggly_path(rng: np.random.Generator, start, end, pieces: int, amplitude: fl
     return pts
 
 
-def paint(volume: np.ndarray, shape: Shape, value, within: np.ndarray | None = None,
-          label: np.ndarray | None = None) -> None:
+def paint(
+    volume: np.ndarray, shape: Shape, value, within: np.ndarray | None = None, label: np.ndarray | None = None
+) -> None:
     """Set `value` where the shape is (and `within`, a full-volume mask, where given).
 
     `value` is a number or an array broadcastable to the shape's box (a textured organ).

@@ -55,13 +55,18 @@ def plan_spleen(rng: np.random.Generator) -> SpleenPlan:
         frac = fraction_after_cut(base, cut_offset, cut_axes)
     unit_ml = 4.0 / 3.0 * math.pi * float(np.prod(base)) * frac / 1000.0
     k = (target_ml / unit_ml) ** (1.0 / 3.0)
-    return SpleenPlan(target_ml=target_ml, axes=base * k, rot=rotation(rng, 35, 12),
-                      cut_offset=None if cut_offset is None else cut_offset * k,
-                      cut_axes=None if cut_axes is None else cut_axes * k)
+    return SpleenPlan(
+        target_ml=target_ml,
+        axes=base * k,
+        rot=rotation(rng, 35, 12),
+        cut_offset=None if cut_offset is None else cut_offset * k,
+        cut_axes=None if cut_axes is None else cut_axes * k,
+    )
 
 
-def place_spleen(rng: np.random.Generator, plan: SpleenPlan, ca: float, cb: float,
-                 kidney_c: np.ndarray, kidney_ax) -> tuple[np.ndarray, bool]:
+def place_spleen(
+    rng: np.random.Generator, plan: SpleenPlan, ca: float, cb: float, kidney_c: np.ndarray, kidney_ax
+) -> tuple[np.ndarray, bool]:
     """Centre (mm) against the left lateral wall, posterior; sometimes moved onto the left kidney."""
     half = plan.half_extent
     sp_x = min(-ca + half[0] + rng.uniform(2, 12), -10.0)
@@ -77,8 +82,7 @@ def place_spleen(rng: np.random.Generator, plan: SpleenPlan, ca: float, cb: floa
     return center, touching
 
 
-def spleen_shape(grid: Grid, plan: SpleenPlan, center: np.ndarray, cavity: np.ndarray,
-                 ceiling: np.ndarray) -> Shape:
+def spleen_shape(grid: Grid, plan: SpleenPlan, center: np.ndarray, cavity: np.ndarray, ceiling: np.ndarray) -> Shape:
     """The spleen's voxels: ellipsoid less the hilar cut, inside the cavity, below `ceiling`.
 
     `ceiling` is the height (mm) of the diaphragm's underside over each (x, y) column.
@@ -99,8 +103,9 @@ def spleen_shape(grid: Grid, plan: SpleenPlan, center: np.ndarray, cavity: np.nd
     return box, mask
 
 
-def spleen_texture(rng: np.random.Generator, grid: Grid, shape: Shape, contrast: Contrast,
-                   center: np.ndarray, axes: np.ndarray) -> np.ndarray | float:
+def spleen_texture(
+    rng: np.random.Generator, grid: Grid, shape: Shape, contrast: Contrast, center: np.ndarray, axes: np.ndarray
+) -> np.ndarray | float:
     """HU over the spleen's box: flat, or arterial-phase arcs and bands (a moire of two patterns)."""
     if shape is None or contrast.spleen_zebra <= 0:
         return contrast.spleen
@@ -117,8 +122,15 @@ def spleen_texture(rng: np.random.Generator, grid: Grid, shape: Shape, contrast:
     return (contrast.spleen + contrast.spleen_zebra * ((1 - w) * arcs + w * bands)).astype(np.float32)
 
 
-def paint_lesion(rng: np.random.Generator, grid: Grid, hu: np.ndarray, label: np.ndarray, center: np.ndarray,
-                 axes: np.ndarray, spleen_hu: float) -> bool:
+def paint_lesion(
+    rng: np.random.Generator,
+    grid: Grid,
+    hu: np.ndarray,
+    label: np.ndarray,
+    center: np.ndarray,
+    axes: np.ndarray,
+    spleen_hu: float,
+) -> bool:
     """Sometimes a hypodense lesion inside the spleen: still spleen in the label. True if painted."""
     if rng.random() >= 0.2:
         return False

@@ -30,12 +30,14 @@ class Diaphragm:
         return self.dome - self.thickness
 
 
-def sample_diaphragm(rng: np.random.Generator, grid: Grid, body: Body, sp_c: np.ndarray,
-                     spleen_top: float) -> Diaphragm:
+def sample_diaphragm(
+    rng: np.random.Generator, grid: Grid, body: Body, sp_c: np.ndarray, spleen_top: float
+) -> Diaphragm:
     thickness = rng.uniform(3, 7)
     x, y = grid.axes[0][:, None], grid.axes[1][None, :]
-    left = np.array([sp_c[0] + rng.uniform(0, 25), sp_c[1] + rng.uniform(-5, 15),
-                     spleen_top + thickness + rng.uniform(2, 20)])
+    left = np.array(
+        [sp_c[0] + rng.uniform(0, 25), sp_c[1] + rng.uniform(-5, 15), spleen_top + thickness + rng.uniform(2, 20)]
+    )
     right = np.array([body.ca * rng.uniform(0.3, 0.5), left[1] + rng.uniform(-10, 10), left[2] + rng.uniform(-5, 30)])
     domes = []
     for apex in (left, right):
@@ -44,8 +46,16 @@ def sample_diaphragm(rng: np.random.Generator, grid: Grid, body: Body, sp_c: np.
     return Diaphragm(dome=np.maximum(domes[0], domes[1]).astype(np.float32), thickness=thickness)
 
 
-def paint_thorax(rng: np.random.Generator, grid: Grid, hu: np.ndarray, cavity: np.ndarray, body: Body,
-                 spine: Spine, diaphragm: Diaphragm, contrast: Contrast) -> None:
+def paint_thorax(
+    rng: np.random.Generator,
+    grid: Grid,
+    hu: np.ndarray,
+    cavity: np.ndarray,
+    body: Body,
+    spine: Spine,
+    diaphragm: Diaphragm,
+    contrast: Contrast,
+) -> None:
     """Diaphragm muscle, lung air above it (denser posteriorly), mediastinal fat and the heart."""
     k0 = grid.z_index(float(diaphragm.ceiling.min())) if diaphragm.ceiling.min() > grid.axes[2][0] else 0
     if diaphragm.ceiling.min() > grid.axes[2][-1]:
@@ -63,11 +73,18 @@ def paint_thorax(rng: np.random.Generator, grid: Grid, hu: np.ndarray, cavity: n
     thorax = np.zeros_like(cavity)
     thorax[:, :, k0:] = above
     for _ in range(int(rng.integers(10, 30))):  # pulmonary vessels
-        c = np.array([rng.uniform(-1, 1) * body.ca, rng.uniform(-1, 1) * body.cb, rng.uniform(0, 60) + diaphragm.dome.min()])
+        c = np.array(
+            [rng.uniform(-1, 1) * body.ca, rng.uniform(-1, 1) * body.cb, rng.uniform(0, 60) + diaphragm.dome.min()]
+        )
         paint(hu, ellipsoid(grid, c, rng.uniform(1.5, 4, 3)), rng.uniform(-50, 60), within=thorax)
     # Mediastinum: fat in front of the spine, between the lungs.
     a = spine.aorta
-    paint(hu, column(grid, a[0] + 5, a[1] + 10, rng.uniform(20, 35), rng.uniform(30, 50)), rng.uniform(-110, -70), within=thorax)
+    paint(
+        hu,
+        column(grid, a[0] + 5, a[1] + 10, rng.uniform(20, 35), rng.uniform(30, 50)),
+        rng.uniform(-110, -70),
+        within=thorax,
+    )
     # Heart on the central tendon, left of the midline and anterior: myocardium, blood, pericardial fat.
     hx, hy = rng.uniform(-45, -5), body.cb * rng.uniform(0.1, 0.4)
     ix = int(np.clip(np.searchsorted(grid.axes[0], hx), 0, grid.shape[0] - 1))
