@@ -25,7 +25,9 @@ TRAIN_SECONDS = 240
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """(predictor, held-out cases): the cpu profile trained for TRAIN_SECONDS on 24 phantoms."""
+    """(predictor, held-out cases): the cpu profile trained for TRAIN_SECONDS on 24 phantoms, without
+    refinement windows: these tests are about the whole-scan network and click locality (refinement's
+    own behaviour is tests/test_refine.py's)."""
     from trainer.config import TrainConfig
     from trainer.runtime import LocalRuntime
     from trainer.synth import write_dataset
@@ -34,7 +36,7 @@ def trained(tmp_path_factory):
     data = tmp_path_factory.mktemp("blob_ds")
     write_dataset(data, 30, seed=0, test_cases=6)
     out = tmp_path_factory.mktemp("blob_run")
-    train(TrainConfig(profile="cpu", max_train_seconds=TRAIN_SECONDS), str(data), LocalRuntime(out))
+    train(TrainConfig(profile="cpu", max_train_seconds=TRAIN_SECONDS, window_prob=0.0), str(data), LocalRuntime(out))
     predictor = Predictor.from_checkpoint(out / "checkpoints" / "last.pt", device=torch.device("cpu"))
     cases = []
     for path in sorted((data / "imagesTs").glob("*.nii.gz")):

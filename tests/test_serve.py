@@ -367,7 +367,8 @@ def test_segment_raw_and_multipart_match_in_process_predictor(service, client, c
     assert mask.shape == SHAPE and dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
     np.testing.assert_allclose(affine, case.affine, atol=1e-4)
     stages = parse_server_timing(r.headers["server-timing"])
-    assert set(stages) == {"decode", "preprocess", "forward", "postprocess", "encode"}
+    # Model a refines: the clicks' window is a stage of its own.
+    assert set(stages) == {"decode", "preprocess", "forward", "window", "postprocess", "encode"}
 
     expected = Predictor.from_checkpoint(ckpts[0]).predict(case.image.astype(np.float32), case.affine, clicks).mask
     np.testing.assert_array_equal(mask, expected)  # the service runs the one predictor
@@ -410,7 +411,9 @@ def test_session_click_round_trip_skips_upload_and_preprocess(client, case, volu
     after = _info(client)["counters"]
     assert after["preprocess"] - before["preprocess"] == 1  # one upload, three clicks, one preprocess
     assert after["forward"] - before["forward"] == 3
-    assert after["window"] - before["window"] == 3  # one window forward per click (the automatic pass cached)
+    # At most one window forward per click (the automatic pass and unchanged windows are cached; a click
+    # that leaves its cluster's window and guidance as they were costs none).
+    assert 1 <= after["window"] - before["window"] <= 3
     view = client.get(f"/v1/sessions/{sid}").json()
     assert view["segmentations"] == 3 and view["preprocessed"] == 1
     # Same clicks through the session and through a full upload give the same mask.

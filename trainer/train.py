@@ -301,11 +301,8 @@ def _checkpoint(model, optimizer, scaler, cfg: TrainConfig, epoch: int, metrics:
     )
 
 
-def train(cfg: TrainConfig, data_dir: str, runtime: Runtime) -> dict[str, Any]:
-    """Train `cfg` on the Decathlon dataset at `data_dir`; returns the last epoch's metrics.
-
-    Checkpoints, metrics and resumption go through `runtime`.
-    """
+def _setup(cfg: TrainConfig, runtime: Runtime):
+    """Seeded model (prepared by the runtime: device, DDP), optimizer and gradient scaler."""
     if cfg.deterministic:
         use_deterministic_kernels()
     torch.manual_seed(cfg.seed)
@@ -313,6 +310,29 @@ def train(cfg: TrainConfig, data_dir: str, runtime: Runtime) -> dict[str, Any]:
     model = runtime.prepare_model(build_network(cfg.profile_spec))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=runtime.device.type == "cuda" and cfg.amp)
+    return model, optimizer, scaler
+
+
+def _epoch_metrics(epoch, stats, val_dice, best, optimizer, elapsed: float, start_epoch: int) -> dict[str, Any]:
+    """One epoch's record: metrics.jsonl, the checkpoint's metrics and the printed epoch line."""
+    return {
+        "epoch": epoch + 1,
+        **stats,
+        "val_dice": val_dice,
+        "best_val_dice": best if best > float("-inf") else None,
+        "lr": optimizer.param_groups[0]["lr"],
+        "elapsed_s": elapsed,
+        "resumed_from": start_epoch,
+        "time": time.time(),
+    }
+
+
+def train(cfg: TrainConfig, data_dir: str, runtime: Runtime) -> dict[str, Any]:
+    """Train `cfg` on the Decathlon dataset at `data_dir`; returns the last epoch's metrics.
+
+    Checkpoints, metrics and resumption go through `runtime`.
+    """
+    model, optimizer, scaler = _setup(cfg, runtime)
     start_epoch, first_step, best = _start_position(cfg, runtime, model, optimizer, scaler)
     runtime.start(cfg.to_dict() | {"data": str(data_dir)})
 
@@ -351,16 +371,7 @@ def train(cfg: TrainConfig, data_dir: str, runtime: Runtime) -> dict[str, Any]:
         val_dice = _validate(model, val_ds, cfg, runtime) if validate else None
         is_best = val_dice is not None and val_dice > best
         best = val_dice if is_best and val_dice is not None else best
-        metrics = {
-            "epoch": epoch + 1,
-            **stats,
-            "val_dice": val_dice,
-            "best_val_dice": best if best > float("-inf") else None,
-            "lr": optimizer.param_groups[0]["lr"],
-            "elapsed_s": clock.elapsed(),
-            "resumed_from": start_epoch,
-            "time": time.time(),
-        }
+        metrics = _epoch_metrics(epoch, stats, val_dice, best, optimizer, clock.elapsed(), start_epoch)
         if runtime.is_main:
             print(format_epoch_line(metrics, cfg.num_epochs), flush=True)
         runtime.on_epoch_end(

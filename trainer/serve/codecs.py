@@ -163,11 +163,27 @@ def read_header(data: bytes, limits: VolumeLimits) -> NiftiPlan:
     Raises:
         ApiError: 4xx naming the value, the limit (and its setting) or the fix.
     """
+    gzipped = data[:2] == GZIP_MAGIC
+    header, shape, dtype, offset, hdr_size = _parse_header(data, gzipped, limits)
+    _check_shape(shape, limits)
+    _check_voxels_and_offset(shape, dtype, offset, hdr_size, limits)
+    plan = NiftiPlan(header=header, shape=shape, dtype=dtype, offset=offset, gzipped=gzipped)
+    if not gzipped and len(data) < plan.file_bytes:
+        raise ApiError(
+            400,
+            "truncated_nifti",
+            f"the NIfTI data is truncated: {len(data)} bytes, {plan.file_bytes} expected "
+            f"for shape {list(shape)} {dtype}: upload the whole file",
+        )
+    return plan
+
+
+def _parse_header(data: bytes, gzipped: bool, limits: VolumeLimits):
+    """(header, 3D shape, dtype, vox_offset, header size) of a NIfTI-1 or -2 upload."""
     if not data:
         raise ApiError(
             400, "empty_body", "no volume: send a .nii or .nii.gz file as the body or as the multipart field 'file'"
         )
-    gzipped = data[:2] == GZIP_MAGIC
     raw = _inflate(data, NIFTI2_HEADER, limits.max_gzip_members) if gzipped else data[:NIFTI2_HEADER]
     cls = _header_class(raw)
     if cls is None:
@@ -196,6 +212,10 @@ def read_header(data: bytes, limits: VolumeLimits) -> NiftiPlan:
     # A trailing singleton axis (x, y, z, 1) is still a 3D volume.
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
+    return header, shape, dtype, offset, hdr_size
+
+
+def _check_shape(shape: tuple[int, ...], limits: VolumeLimits) -> None:
     if len(shape) != 3:
         raise ApiError(422, "not_3d", f"expected a 3D volume, got shape {list(shape)}")
     if any(s < limits.min_dim for s in shape):
@@ -213,6 +233,10 @@ def read_header(data: bytes, limits: VolumeLimits) -> NiftiPlan:
             "volume_too_large",
             f"volume shape {list(shape)} has {n_vox} voxels, over the limit of {limits.max_voxels} (max_voxels)",
         )
+
+
+def _check_voxels_and_offset(shape: tuple[int, ...], dtype, offset: int, hdr_size: int, limits: VolumeLimits) -> None:
+    n_vox = math.prod(shape)
     if dtype.kind not in "iuf" or dtype.fields is not None:
         raise ApiError(422, "bad_dtype", f"voxel type {dtype} is not supported: use an integer or float type")
     if n_vox * dtype.itemsize > limits.max_volume_bytes:
@@ -237,15 +261,6 @@ def read_header(data: bytes, limits: VolumeLimits) -> NiftiPlan:
             f"limit of {limits.max_extension_bytes} (max_extension_bytes): strip the extensions (e.g. nibabel: "
             "img.header.extensions.clear())",
         )
-    plan = NiftiPlan(header=header, shape=shape, dtype=dtype, offset=offset, gzipped=gzipped)
-    if not gzipped and len(data) < plan.file_bytes:
-        raise ApiError(
-            400,
-            "truncated_nifti",
-            f"the NIfTI data is truncated: {len(data)} bytes, {plan.file_bytes} expected "
-            f"for shape {list(shape)} {dtype}: upload the whole file",
-        )
-    return plan
 
 
 def _affine(header) -> np.ndarray:

@@ -41,49 +41,57 @@ class Contrast:
 def sample_contrast(rng: np.random.Generator) -> Contrast:
     """Draw a phase, then each tissue's HU within what that phase shows in real scans."""
     phase = str(rng.choice(PHASES, p=_PHASE_P))
-    u = rng.uniform
-    muscle = u(35, 60)
-    if phase == "non-contrast":
-        spleen = u(40, 60)
-        blood = u(35, 55)
-        kidney = u(28, 40)
-        return Contrast(
-            phase=phase,
-            liver=spleen + u(6, 18),
-            spleen=spleen,
-            spleen_zebra=0.0,
-            kidney_cortex=kidney,
-            kidney_medulla=kidney - u(0, 6),
-            pancreas=u(35, 50),
-            artery=blood,
-            vein=blood,
-            portal=blood,
-            myocardium=u(35, 50),
-            heart_blood=blood,
-            adrenal=u(20, 40),
-            muscle=muscle,
-            bowel_wall=u(25, 40),
-        )
-    if phase == "arterial":
-        artery = u(250, 450)
-        spleen = u(100, 150)
-        return Contrast(
-            phase=phase,
-            liver=u(60, 85),
-            spleen=spleen,
-            spleen_zebra=u(40, 80),
-            kidney_cortex=u(180, 280),
-            kidney_medulla=u(60, 110),
-            pancreas=u(100, 150),
-            artery=artery,
-            vein=u(60, 120),
-            portal=u(90, 160),
-            myocardium=u(90, 140),
-            heart_blood=artery * u(0.8, 1.0),
-            adrenal=u(50, 90),
-            muscle=muscle,
-            bowel_wall=u(60, 110),
-        )
+    muscle = rng.uniform(35, 60)
+    draw = {"non-contrast": _non_contrast, "arterial": _arterial}.get(phase, _portal_venous)
+    return draw(rng.uniform, phase, muscle)
+
+
+def _non_contrast(u, phase: str, muscle: float) -> Contrast:
+    spleen = u(40, 60)
+    blood = u(35, 55)
+    kidney = u(28, 40)
+    return Contrast(
+        phase=phase,
+        liver=spleen + u(6, 18),
+        spleen=spleen,
+        spleen_zebra=0.0,
+        kidney_cortex=kidney,
+        kidney_medulla=kidney - u(0, 6),
+        pancreas=u(35, 50),
+        artery=blood,
+        vein=blood,
+        portal=blood,
+        myocardium=u(35, 50),
+        heart_blood=blood,
+        adrenal=u(20, 40),
+        muscle=muscle,
+        bowel_wall=u(25, 40),
+    )
+
+
+def _arterial(u, phase: str, muscle: float) -> Contrast:
+    artery = u(250, 450)
+    spleen = u(100, 150)
+    return Contrast(
+        phase=phase,
+        liver=u(60, 85),
+        spleen=spleen,
+        spleen_zebra=u(40, 80),
+        kidney_cortex=u(180, 280),
+        kidney_medulla=u(60, 110),
+        pancreas=u(100, 150),
+        artery=artery,
+        vein=u(60, 120),
+        portal=u(90, 160),
+        myocardium=u(90, 140),
+        heart_blood=artery * u(0.8, 1.0),
+        adrenal=u(50, 90),
+        muscle=muscle,
+        bowel_wall=u(60, 110),
+    )
+
+
+def _portal_venous(u, phase: str, muscle: float) -> Contrast:
     liver = u(85, 135)
     vessel = u(130, 220)
     kidney = u(140, 220)
