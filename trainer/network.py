@@ -200,3 +200,8 @@ def network_input(image: torch.Tensor, clicks: list[Clicks], sigma: float) -> to
     shape = tuple(image.shape[-3:])
     guidance = np.stack([guidance_channels(c, shape, sigma) for c in clicks])
     return torch.cat([image, torch.from_numpy(guidance).to(image.device, image.dtype)], dim=1)
+
+
+def default_device() -> torch.device:
+    """CUDA when there is a GPU, else the CPU (training and inference alike)."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

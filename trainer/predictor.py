@@ -37,9 +37,8 @@ from .data import DataError, load_volume, write_mask
 from .geometry import as_channel_tensor, place_global, place_ras, ras_index, zoo_index_to_ras
 from .locality import LOGIT_EPS, GridPoints, has_clicks, localize
 from .locality import nudge as nudge  # re-exported: its old home
-from .network import LoadedModel, autocast, load_model
+from .network import LoadedModel, autocast, default_device, load_model
 from .network import infer_profile as infer_profile  # re-exported: its old home
-from .runtime import default_device
 from .transforms import inference_transforms
 
 

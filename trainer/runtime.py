@@ -16,10 +16,7 @@ import yaml
 
 from . import env
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+from .network import default_device as default_device  # re-exported: its old home
 
 
 class Runtime(Protocol):
