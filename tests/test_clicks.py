@@ -7,6 +7,7 @@ import torch
 from trainer.clicks import (
     apply_click_budget,
     body_mask,
+    click_weight,
     corrective_clicks,
     encode_guidance,
     guidance_channels,
@@ -190,3 +191,16 @@ def test_click_budget_keeps_or_clears_whole_labels_and_is_seedable():
         assert any(a.values())
         seen.add(tuple(len(v) for v in a.values()))
     assert (3, 0) in seen and (3, 1) in seen and (0, 1) in seen
+
+
+def test_click_weight_in_mm_is_the_gaussian_of_the_physical_distance():
+    """With `spacing`, the weight is exp(-d^2 / 2 r^2) of the distance in mm, computed here the plain
+    way (every voxel, no truncation window), and the voxel form is spacing 1."""
+    shape, spacing, radius = (30, 24, 12), (0.8, 1.5, 4.0), 6.0
+    points = [(10.3, 11.0, 5.0), (22.0, 3.0, 9.6)]
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).astype(np.float64)
+    d2 = [(((grid - np.array(p)) * np.array(spacing)) ** 2).sum(-1) for p in points]
+    expected = np.max([np.exp(-d / (2 * radius**2)) for d in d2], axis=0)
+    got = click_weight(points, shape, radius, spacing=spacing)
+    np.testing.assert_allclose(got, expected, atol=np.exp(-8) + 1e-6)
+    np.testing.assert_array_equal(click_weight(points, shape, 2.0, spacing=(1, 1, 1)), click_weight(points, shape, 2.0))

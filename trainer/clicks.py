@@ -58,9 +58,10 @@ def gaussian_kernel_1d(sigma: float, truncated: float = 4.0) -> np.ndarray:
     return np.clip(out, 0, None).astype(np.float32)
 
 
-def _window(point: Sequence[int], shape: Shape, tail: int) -> tuple[slice, ...]:
-    """The box of `tail` voxels on each side of `point`, clipped to the volume."""
-    return tuple(slice(max(v - tail, 0), min(v + tail + 1, n)) for v, n in zip(point, shape))
+def _window(point: Sequence[int], shape: Shape, tail: int | Sequence[int]) -> tuple[slice, ...]:
+    """The box of `tail` voxels (one number, or one per axis) on each side of `point`, clipped to the volume."""
+    tails = [tail] * len(point) if isinstance(tail, int) else list(tail)
+    return tuple(slice(max(v - t, 0), min(v + t + 1, n)) for v, t, n in zip(point, tails, shape))
 
 
 def encode_guidance(points, shape: Shape, sigma: float = 3.0) -> np.ndarray:
@@ -99,26 +100,31 @@ def guidance_channels(clicks: Clicks, shape: Shape, sigma: float = 3.0) -> np.nd
     return np.stack([encode_guidance(clicks.get(name, []), shape, sigma) for name in CLICK_CHANNELS])
 
 
-def click_weight(points, shape: Shape, radius: float, *, scales=None, truncate: float = 4.0) -> np.ndarray:
+def click_weight(
+    points, shape: Shape, radius: float, *, scales=None, truncate: float = 4.0, spacing: Sequence[float] | None = None
+) -> np.ndarray:
     """How strongly a voxel is "near a click": max over clicks of scale * exp(-d^2 / (2 radius^2)).
 
-    d is the Euclidean distance in voxels to the click, which may lie between voxels (fractional
-    coordinates); computed in a window of `truncate` radius around each click (at 4 the weight
-    beyond is below e^-8), so the cost is O(clicks * (2 truncate radius)^3). `scales`: one factor
-    per click (default 1). No clicks: all zero.
+    d is the Euclidean distance to the click, which may lie between voxels (fractional coordinates):
+    in voxels, or in mm with `spacing` (the voxel size per axis; `radius` is then in mm too). Computed
+    in a window of `truncate` radius around each click (at 4 the weight beyond is below e^-8), so the
+    cost is O(clicks * (2 truncate radius)^3). `scales`: one factor per click (default 1). No clicks:
+    all zero.
     """
     weight = np.zeros(shape, dtype=np.float32)
     if radius <= 0:
         return weight
-    tail = int(math.ceil(truncate * radius))
+    steps = [1.0] * len(shape) if spacing is None else [float(s) for s in spacing]
+    tails = [int(math.ceil(truncate * radius / s)) for s in steps]
     for i, p in enumerate(points):
         centre = [float(x) for x in p[-3:]]
-        sl = _window(tuple(int(round(v)) for v in centre), shape, tail)
+        sl = _window(tuple(int(round(v)) for v in centre), shape, tails)
         if any(s.start >= s.stop for s in sl):
             continue
         d2 = [
-            ((np.arange(s.start, s.stop, dtype=np.float32) - v) ** 2) / np.float32(2 * radius * radius)
-            for s, v in zip(sl, centre)
+            (((np.arange(s.start, s.stop, dtype=np.float32) - v) * np.float32(step)) ** 2)
+            / np.float32(2 * radius * radius)
+            for s, v, step in zip(sl, centre, steps)
         ]
         window = np.exp(-(d2[0][:, None, None] + d2[1][None, :, None] + d2[2][None, None, :]))
         if scales is not None:

@@ -22,7 +22,7 @@ phantoms, see docs/evaluation.md.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -59,12 +59,15 @@ def localize(
     return result
 
 
-def piece_weight(points: list, changed: torch.Tensor, radius: float, *, opening: bool) -> torch.Tensor:
+def piece_weight(
+    points: list, changed: torch.Tensor, radius: float, *, opening: bool, spacing: Sequence[float] | None = None
+) -> torch.Tensor:
     """Where clicks of one label may change the mask: a Gaussian of `radius` around each click, and
     all of each connected piece of `changed` (what the clicked pass adds, or removes) that contains a
-    click. With `opening`, thin parts of `changed` are opened away first."""
+    click. With `opening`, thin parts of `changed` are opened away first. `radius` is in voxels, or
+    in mm with `spacing` (the voxel size per axis, `clicks.click_weight`)."""
     device, region = changed.device, changed.cpu().numpy()
-    weight = click_weight(points, region.shape, radius)
+    weight = click_weight(points, region.shape, radius, spacing=spacing)
     if region.any():
         _take_clicked_pieces(weight, points, region, opening)
     return torch.from_numpy(weight).to(device)
@@ -79,7 +82,8 @@ def _take_clicked_pieces(weight: np.ndarray, points: list, changed: np.ndarray, 
     # clicks take their piece as it is: opened, it left 21 % of false-positive blobs instead of
     # 8 % (tests/test_clicks_work.py's check), for falls of at most 0.0006 (docs/evaluation.md).
     pieces, _ = ndimage.label(ndimage.binary_opening(changed, cube) if opening else changed, structure=cube)
-    voxels = [tuple(min(max(int(v), 0), n - 1) for v, n in zip(q, changed.shape)) for q in points]
+    # The voxel holding each (fractional) click, clipped to the array.
+    voxels = [tuple(min(max(int(round(float(v))), 0), n - 1) for v, n in zip(q[-3:], changed.shape)) for q in points]
     hit = {int(pieces[v]) for v in voxels} - {0}
     if hit:
         weight[np.isin(pieces, sorted(hit))] = 1.0

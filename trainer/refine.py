@@ -87,6 +87,14 @@ class Window:
     lo: tuple[int, int, int]
     size: tuple[int, int, int]
 
+    @classmethod
+    def centred(cls, centre: np.ndarray, size: np.ndarray) -> Window:
+        """The box of `size` fine voxels whose middle lies nearest `centre` (continuous fine coordinates:
+        voxel f spans [f, f + 1)); inference (`window_around`) and training (`draw_window`) both cut so."""
+        size = np.asarray(size).astype(int)
+        lo = np.floor(np.asarray(centre, dtype=np.float64) - size / 2 + 0.5).astype(int)
+        return cls(lo=tuple(int(v) for v in lo), size=tuple(int(v) for v in size))  # type: ignore[arg-type]
+
 
 def window_around(points: np.ndarray, grid: Sequence[int]) -> Window:
     """The window holding fine-volume points (K, 3), each at least `CLICK_MARGIN` of the grid from a face.
@@ -98,9 +106,7 @@ def window_around(points: np.ndarray, grid: Sequence[int]) -> Window:
     lo_pt, hi_pt = points.min(axis=0), points.max(axis=0)
     scale = max(1.0, float(np.max((hi_pt - lo_pt + 1 + 2 * CLICK_MARGIN * grid_arr) / grid_arr)))
     size = np.ceil(grid_arr * scale - 1e-9).astype(int)
-    centre = (lo_pt + hi_pt + 1) / 2  # continuous coordinates: voxel f spans [f, f + 1)
-    lo = np.floor(centre - size / 2 + 0.5).astype(int)
-    return Window(lo=tuple(int(v) for v in lo), size=tuple(int(v) for v in size))  # type: ignore[arg-type]
+    return Window.centred((lo_pt + hi_pt + 1) / 2, size)
 
 
 def cluster_clicks(points: np.ndarray, grid: Sequence[int], reach: float = CLUSTER_REACH) -> list[np.ndarray]:
@@ -275,27 +281,14 @@ def window_to_scan(
 def near_clicks(
     box: Sequence[slice], clicks: np.ndarray, spacing: Sequence[float], radius_mm: float, changed: np.ndarray
 ) -> torch.Tensor:
-    """Where a window may change the mask: exp(-d^2 / 2 r^2) with d the distance in mm to the nearest
-    click, and 1 on each connected piece of `changed` (the voxels the window flips) that holds a click,
-    so a click in a missed spleen or a false-positive blob takes all of it (click locality, in mm)."""
-    from scipy import ndimage
+    """Where a window may change the mask: click locality in mm (`locality.piece_weight` with the scan's
+    spacing): exp(-d^2 / 2 r^2) with d the distance in mm to the nearest click, and 1 on each connected
+    piece of `changed` (the voxels the window flips) that holds a click, so a click in a missed spleen
+    or a false-positive blob takes all of it. `clicks`: RAS scan indices (K, 3); `box`: where `changed` lies."""
+    from .locality import piece_weight
 
-    weight = torch.zeros(tuple(b.stop - b.start for b in box))
-    for c in clicks:
-        parts = [
-            torch.exp(
-                -(((torch.arange(b.start, b.stop, dtype=torch.float64) - v) * s) ** 2) / (2 * radius_mm**2)
-            ).float()
-            for b, v, s in zip(box, c, spacing)
-        ]
-        weight = torch.maximum(weight, parts[0][:, None, None] * parts[1][None, :, None] * parts[2][None, None, :])
-    if changed.any():
-        pieces, _ = ndimage.label(changed, structure=np.ones((3, 3, 3), bool))
-        inside = [tuple(int(round(v)) - b.start for v, b in zip(c, box)) for c in clicks]
-        hit = {int(pieces[i]) for i in inside if all(0 <= x < n for x, n in zip(i, pieces.shape))} - {0}
-        if hit:
-            weight[torch.from_numpy(np.isin(pieces, sorted(hit)))] = 1.0
-    return weight
+    local = np.asarray(clicks, dtype=np.float64).reshape(-1, 3) - np.array([b.start for b in box])
+    return piece_weight(list(local), torch.from_numpy(changed), radius_mm, opening=False, spacing=spacing)
 
 
 def blend_into(

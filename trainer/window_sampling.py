@@ -59,8 +59,7 @@ def draw_window(label: np.ndarray, grid: Sequence[int], rng: np.random.Generator
     scale = math.exp(rng.uniform(0.0, math.log(MAX_TRAIN_SCALE)))
     size = np.ceil(grid_arr * scale).astype(int)
     centre = _window_centre(label, size, rng) + rng.uniform(-0.125, 0.125, 3) * size
-    lo = np.floor(centre - size / 2 + 0.5).astype(int)
-    return Window(lo=tuple(int(v) for v in lo), size=tuple(int(v) for v in size))  # type: ignore[arg-type]
+    return Window.centred(centre, size)
 
 
 def window_item(
