@@ -150,6 +150,29 @@ def test_a_session_click_costs_one_window_forward():
     assert len(net.calls) == 4 and p.window_forwards == 3
 
 
+def test_scattered_clicks_run_at_most_max_windows_and_a_long_session_keeps_working():
+    """Clicks far apart each make a cluster: beyond MAX_WINDOWS clusters the windows widen instead of
+    multiplying (a request's cost is bounded), and a session whose clusters outnumber the cache keeps
+    answering (before: a KeyError, caching one window evicted another the same click needed)."""
+    image, affine, _ = _ball_scan(shape=(100, 100, 60), spacing=(4.0, 4.0, 5.0))
+    net = FakeThresholdNet()
+    p = Predictor(net, get_profile("tiny"), device=torch.device("cpu"), refine=True)
+    prepared = p.preprocess(image, affine)
+    lattice = [[x, y, z] for z in (8, 50) for y in (10, 50, 90) for x in (10, 50, 90)]  # 160-210 mm apart
+    clicks: dict[str, list] = {"spleen": [], "background": []}
+    for n, point in enumerate(lattice):
+        clicks["background" if n % 2 else "spleen"].append(point)
+        before = p.window_forwards
+        pred = p.predict_prepared(prepared, clicks)
+        assert p.window_forwards - before <= rf.MAX_WINDOWS
+        assert len(prepared.windows) <= rf.MAX_WINDOWS
+        assert pred.mask.shape == image.shape
+    assert len(rf.plan_windows(prepared, clicks, p.profile.spatial_size)) <= rf.MAX_WINDOWS
+    before = p.window_forwards
+    p.predict_prepared(prepared, clicks)  # the same clicks again: their windows are cached
+    assert p.window_forwards == before
+
+
 def test_only_checkpoints_trained_with_windows_refine_by_default(tmp_path):
     profile = get_profile("tiny")
     weights = build_network(profile).state_dict()

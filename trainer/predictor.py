@@ -70,7 +70,7 @@ class Prepared:
 
 #: Window answers kept with a volume (a session), as float16 logits: 8 x 0.25 MB for `cpu`, 8 x 4 MB for
 #: `bundle`. A session's byte count is taken at upload, before any window: these are on top of it.
-WINDOW_CACHE = 8
+WINDOW_CACHE = rf.MAX_WINDOWS
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,7 +330,9 @@ class Predictor:
         for b, c in enumerate(clicks):
             if self.refine and has_clicks(c):
                 wanted += [(b, *w) for w in rf.plan_windows(prepared[b], c, self.profile.spatial_size)]
-        todo = [w for w in wanted if not self._window_cached(prepared[w[0]], w[1])]
+        # Answers are collected here, not read back from the caches: caching one may evict another.
+        answers = {(b, key): prepared[b].windows[key] for b, key, *_ in wanted if self._window_cached(prepared[b], key)}
+        todo = [w for w in wanted if (w[0], w[1]) not in answers]
         if todo:
             grid = self.profile.spatial_size
             image = torch.stack([rf.crop(prepared[b].fine, window, grid) for b, _, window, _ in todo])  # type: ignore[arg-type]
@@ -344,20 +346,24 @@ class Predictor:
                     sign=rf.click_sign(guidance),
                     clicks=tuple(q for points in guidance.values() for q in points),
                 )
-                self._cache_window(prepared[b], key, answer)
+                answers[(b, key)] = answer
+                self._cache_window(prepared[b], key, answer, keep={k for v, k, *_ in wanted if v == b})
         for b, key, _, _ in wanted:
-            out[b].append(prepared[b].windows[key])
+            out[b].append(answers[(b, key)])
         return out
 
     def _window_cached(self, prepared: Prepared, key: tuple) -> bool:
         return prepared.window_owner is self._token and key in prepared.windows
 
-    def _cache_window(self, prepared: Prepared, key: tuple, answer: WindowAnswer) -> None:
+    def _cache_window(self, prepared: Prepared, key: tuple, answer: WindowAnswer, keep: set) -> None:
+        """Cache a window answer; beyond WINDOW_CACHE the oldest go first (dicts keep insertion order),
+        except those in `keep` (the current prediction's: at most MAX_WINDOWS, so the cache stays bounded)."""
         if prepared.window_owner is not self._token:
             prepared.windows, prepared.window_owner = {}, self._token
         prepared.windows[key] = answer
-        while len(prepared.windows) > WINDOW_CACHE:  # the oldest first (dicts keep insertion order)
-            prepared.windows.pop(next(iter(prepared.windows)))
+        stale = [k for k in prepared.windows if k not in keep]
+        for old in stale[: max(0, len(prepared.windows) - WINDOW_CACHE)]:
+            del prepared.windows[old]
 
     def postprocess(
         self, prob: torch.Tensor, prepared: Prepared, windows: list[WindowAnswer] | None = None

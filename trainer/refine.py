@@ -41,6 +41,10 @@ FINE_LEVELS = 255
 #: Clicks within this many window grids of each other (every axis) share one window; farther ones get
 #: their own, so a click far from the others does not coarsen their window.
 CLUSTER_REACH = 0.5
+#: Most windows one prediction runs: when clicks form more clusters, the linkage reach doubles until
+#: they form at most this many (wider, coarser windows), so a request's cost is bounded whatever its
+#: clicks (up to `max_clicks_per_label` a label at the service) and every window fits the cache.
+MAX_WINDOWS = 8
 #: How far each click lies at least from the window's faces, as a fraction of the grid: one click sits
 #: in the middle; clicks spread wider than half the grid make the window (and its spacing) larger.
 CLICK_MARGIN = 0.25
@@ -128,7 +132,7 @@ def cluster_clicks(points: np.ndarray, grid: Sequence[int], reach: float = CLUST
 
 def plan_windows(prepared: Any, clicks: Mapping[str, list], grid: Sequence[int]) -> list[tuple[tuple, Window, dict]]:
     """Per cluster of `clicks` (original voxel indices) on a prepared volume: (cache key, window, its
-    guidance: every click inside the window, in window grid voxels)."""
+    guidance: every click inside the window, in window grid voxels). At most `MAX_WINDOWS` clusters."""
     if prepared.fine is None:
         raise ValueError("this volume was prepared without refinement: prepare it with the refining predictor")
     fine = tuple(prepared.fine.shape)
@@ -139,7 +143,11 @@ def plan_windows(prepared: Any, clicks: Mapping[str, list], grid: Sequence[int])
         fine,
     )
     plans = []
-    for rows in cluster_clicks(points, grid):
+    clusters, reach = cluster_clicks(points, grid), CLUSTER_REACH
+    while len(clusters) > MAX_WINDOWS:
+        reach *= 2
+        clusters = cluster_clicks(points, grid, reach)
+    for rows in clusters:
         window = window_around(points[rows], grid)
         guidance: dict[str, list] = {name: [] for name in clicks}
         for name, point in zip(names, points):
