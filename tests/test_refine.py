@@ -160,6 +160,7 @@ def test_scattered_clicks_run_at_most_max_windows_and_a_long_session_keeps_worki
     prepared = p.preprocess(image, affine)
     lattice = [[x, y, z] for z in (8, 50) for y in (10, 50, 90) for x in (10, 50, 90)]  # 160-210 mm apart
     clicks: dict[str, list] = {"spleen": [], "background": []}
+    grid = p.profile.spatial_size
     for n, point in enumerate(lattice):
         clicks["background" if n % 2 else "spleen"].append(point)
         before = p.window_forwards
@@ -167,10 +168,37 @@ def test_scattered_clicks_run_at_most_max_windows_and_a_long_session_keeps_worki
         assert p.window_forwards - before <= rf.MAX_WINDOWS
         assert len(prepared.windows) <= rf.MAX_WINDOWS
         assert pred.mask.shape == image.shape
-    assert len(rf.plan_windows(prepared, clicks, p.profile.spatial_size)) <= rf.MAX_WINDOWS
+        plans = rf.plan_windows(prepared, clicks, grid)
+        # Only the closest clusters merge: as many windows as allowed, the finest ones still the grid.
+        assert len(plans) == min(n + 1, rf.MAX_WINDOWS), (n, len(plans))
+        assert min(max(w.size) for _, w, _ in plans) == max(grid)
     before = p.window_forwards
     p.predict_prepared(prepared, clicks)  # the same clicks again: their windows are cached
     assert p.window_forwards == before
+
+
+def test_a_prediction_needing_more_windows_than_the_cache_holds_gets_them_all(monkeypatch):
+    """Caching one window may evict another; the prediction still gets every window it asked for."""
+    from trainer import predictor as pm
+
+    monkeypatch.setattr(pm, "WINDOW_CACHE", 1)
+    image, affine, _ = _ball_scan(shape=(100, 100, 60), spacing=(4.0, 4.0, 5.0))
+    p = Predictor(FakeThresholdNet(), get_profile("tiny"), device=torch.device("cpu"), refine=True)
+    prepared = p.preprocess(image, affine)
+    clicks = {"spleen": [[10, 10, 8], [90, 90, 50]], "background": [[10, 90, 30]]}
+    assert len(p.windows([prepared], [clicks])[0]) == 3
+    assert p.window_forwards == 3
+    assert len(prepared.windows) <= 3  # the current prediction's windows stay; older ones go first
+
+
+def test_window_locality_takes_the_clicked_piece_and_ignores_clicks_outside_its_box():
+    box = (slice(10, 30), slice(0, 20), slice(5, 15))
+    changed = np.zeros((20, 20, 10), bool)
+    changed[0:3, 5:15, 2:8] = True  # a piece on the box's low-x face
+    inside = rf.near_clicks(box, np.array([[11.0, 10.0, 10.0]]), (1.0, 1.0, 1.0), 1.0, changed)
+    assert bool((inside[torch.from_numpy(changed)] == 1).all())
+    outside = rf.near_clicks(box, np.array([[2.0, 10.0, 10.0]]), (1.0, 1.0, 1.0), 1.0, changed)
+    assert float(outside.max()) < 1e-6  # 8 mm outside the box: neither its Gaussian nor the face's piece
 
 
 def test_only_checkpoints_trained_with_windows_refine_by_default(tmp_path):

@@ -41,9 +41,9 @@ FINE_LEVELS = 255
 #: Clicks within this many window grids of each other (every axis) share one window; farther ones get
 #: their own, so a click far from the others does not coarsen their window.
 CLUSTER_REACH = 0.5
-#: Most windows one prediction runs: when clicks form more clusters, the linkage reach doubles until
-#: they form at most this many (wider, coarser windows), so a request's cost is bounded whatever its
-#: clicks (up to `max_clicks_per_label` a label at the service) and every window fits the cache.
+#: Most windows one prediction runs: when clicks form more clusters, the closest clusters merge until
+#: this many are left (`cluster_clicks(most=)`: wider windows), so a request's cost is bounded whatever
+#: its clicks (up to `max_clicks_per_label` a label at the service) and every window fits the cache.
 MAX_WINDOWS = 8
 #: How far each click lies at least from the window's faces, as a fraction of the grid: one click sits
 #: in the middle; clicks spread wider than half the grid make the window (and its spacing) larger.
@@ -113,19 +113,37 @@ def window_around(points: np.ndarray, grid: Sequence[int]) -> Window:
     return Window.centred((lo_pt + hi_pt + 1) / 2, size)
 
 
-def cluster_clicks(points: np.ndarray, grid: Sequence[int], reach: float = CLUSTER_REACH) -> list[np.ndarray]:
+def cluster_clicks(
+    points: np.ndarray, grid: Sequence[int], reach: float = CLUSTER_REACH, most: int | None = None
+) -> list[np.ndarray]:
     """Clicks that share a window: single linkage, two clicks linked when they lie within `reach`
-    grids of each other on every axis. Each cluster is an array of row indices into `points`; the
-    clusters are ordered by their smallest point, so neither the order of the clicks nor their labels
-    change the windows."""
-    from scipy.sparse.csgraph import connected_components
+    grids of each other on every axis. With `most`, where that gives more clusters, the closest ones
+    merge until `most` are left (the spanning tree's shortest links kept; ties broken by position).
+    Each cluster is an array of row indices into `points`; the clusters are ordered by their smallest
+    point, so neither the order of the clicks nor their labels change the windows."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components, minimum_spanning_tree
 
     points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
-    if not len(points):
-        return []
-    unit = points / np.asarray(grid, dtype=np.float64)
-    near = (np.abs(unit[:, None, :] - unit[None, :, :]).max(axis=2) <= reach).astype(np.int8)
-    _, labels = connected_components(near, directed=False)
+    if not np.isfinite(points).all():
+        raise ValueError("click coordinates must be finite")
+    n = len(points)
+    if n <= 1:
+        return [np.arange(n)] if n else []
+    order = np.lexsort(points.T[::-1])  # one order whatever the clicks' order: ties break alike
+    unit = points[order] / np.asarray(grid, dtype=np.float64)
+    dist = np.abs(unit[:, None, :] - unit[None, :, :]).max(axis=2) + 1e-12  # + eps: 0 means "no edge"
+    np.fill_diagonal(dist, 0.0)
+    tree = minimum_spanning_tree(dist).tocoo()
+    rank = np.argsort(tree.data, kind="stable")
+    keep = int(np.sum(tree.data <= reach + 1e-12))
+    if most is not None:
+        keep = max(keep, n - most)
+    chosen = rank[:keep]
+    links = coo_matrix((np.ones(keep), (tree.row[chosen], tree.col[chosen])), shape=(n, n))
+    _, sorted_labels = connected_components(links, directed=False)
+    labels = np.empty(n, dtype=np.intp)
+    labels[order] = sorted_labels
     clusters = [np.flatnonzero(labels == k) for k in range(labels.max() + 1)]
     return sorted(clusters, key=lambda rows: tuple(points[rows].min(axis=0)))
 
@@ -143,11 +161,7 @@ def plan_windows(prepared: Any, clicks: Mapping[str, list], grid: Sequence[int])
         fine,
     )
     plans = []
-    clusters, reach = cluster_clicks(points, grid), CLUSTER_REACH
-    while len(clusters) > MAX_WINDOWS:
-        reach *= 2
-        clusters = cluster_clicks(points, grid, reach)
-    for rows in clusters:
+    for rows in cluster_clicks(points, grid, most=MAX_WINDOWS):
         window = window_around(points[rows], grid)
         guidance: dict[str, list] = {name: [] for name in clicks}
         for name, point in zip(names, points):
@@ -296,7 +310,7 @@ def near_clicks(
     from .locality import piece_weight
 
     local = np.asarray(clicks, dtype=np.float64).reshape(-1, 3) - np.array([b.start for b in box])
-    return piece_weight(list(local), torch.from_numpy(changed), radius_mm, opening=False, spacing=spacing)
+    return piece_weight(list(local), torch.from_numpy(changed), radius_mm, opening=False, spacing=spacing, clip=False)
 
 
 def blend_into(
