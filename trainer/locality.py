@@ -66,21 +66,20 @@ def piece_weight(
     *,
     opening: bool,
     spacing: Sequence[float] | None = None,
-    clip: bool = True,
 ) -> torch.Tensor:
     """Where clicks of one label may change the mask: a Gaussian of `radius` around each click, and
     all of each connected piece of `changed` (what the clicked pass adds, or removes) that contains a
     click. With `opening`, thin parts of `changed` are opened away first. `radius` is in voxels, or
     in mm with `spacing` (the voxel size per axis, `clicks.click_weight`). A click outside `changed`'s
-    array takes the piece at the nearest face with `clip`, none without."""
+    array takes no piece (its Gaussian still counts)."""
     device, region = changed.device, changed.cpu().numpy()
     weight = click_weight(points, region.shape, radius, spacing=spacing)
     if region.any():
-        _take_clicked_pieces(weight, points, region, opening, clip)
+        _take_clicked_pieces(weight, points, region, opening)
     return torch.from_numpy(weight).to(device)
 
 
-def _take_clicked_pieces(weight: np.ndarray, points: list, changed: np.ndarray, opening: bool, clip: bool) -> None:
+def _take_clicked_pieces(weight: np.ndarray, points: list, changed: np.ndarray, opening: bool) -> None:
     from scipy import ndimage
 
     cube = np.ones((3, 3, 3), bool)
@@ -89,11 +88,10 @@ def _take_clicked_pieces(weight: np.ndarray, points: list, changed: np.ndarray, 
     # clicks take their piece as it is: opened, it left 21 % of false-positive blobs instead of
     # 8 % (tests/test_clicks_work.py's check), for falls of at most 0.0006 (docs/evaluation.md).
     pieces, _ = ndimage.label(ndimage.binary_opening(changed, cube) if opening else changed, structure=cube)
-    # The voxel holding each (fractional) click, clipped to the array (or dropped when outside it).
+    # The voxel holding each (fractional) click; one outside the array (a window's click beyond its
+    # box) holds none. Grid clicks always lie inside their grid.
     rounded = [tuple(int(round(float(v))) for v in q[-3:]) for q in points]
-    if not clip:
-        rounded = [r for r in rounded if all(0 <= v < n for v, n in zip(r, changed.shape))]
-    voxels = [tuple(min(max(v, 0), n - 1) for v, n in zip(r, changed.shape)) for r in rounded]
+    voxels = [r for r in rounded if all(0 <= v < n for v, n in zip(r, changed.shape))]
     hit = {int(pieces[v]) for v in voxels} - {0}
     if hit:
         weight[np.isin(pieces, sorted(hit))] = 1.0

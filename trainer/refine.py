@@ -310,7 +310,7 @@ def near_clicks(
     from .locality import piece_weight
 
     local = np.asarray(clicks, dtype=np.float64).reshape(-1, 3) - np.array([b.start for b in box])
-    return piece_weight(list(local), torch.from_numpy(changed), radius_mm, opening=False, spacing=spacing, clip=False)
+    return piece_weight(list(local), torch.from_numpy(changed), radius_mm, opening=False, spacing=spacing)
 
 
 def blend_into(
