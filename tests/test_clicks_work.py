@@ -1,11 +1,13 @@
 """A background click inside a false-positive blob removes most of it (issue 3), on our recipe's model.
 
-The cpu profile is trained by the demo's recipe with a shorter budget (4 minutes instead of 9.5)
-and used through the `Predictor`, as `infer` and the server use it, on held-out phantoms at their
-original resolution. A false-positive blob is made the way a real one arises: a ball with the
-spleen's own CT values near the spleen (an accessory-spleen-like nodule, labelled background). Where
-the automatic mask takes it for spleen, one background click at its centre must remove most of it
-and leave the spleen alone.
+The cpu profile is trained by the demo's recipe for a fixed 8 epochs (3 minutes here, 4 on CI) and
+used through the `Predictor`, as `infer` and the server use it, on held-out phantoms at their
+original resolution. A step count, not a time budget: a slower machine trains the same model (a
+240 s budget gave CI's slower cores a model that took one of the test's blobs for spleen, too few).
+A false-positive blob is made the way a real one arises: a ball with the spleen's own CT values
+near the spleen (an accessory-spleen-like nodule, labelled background). Where the automatic mask
+takes it for spleen, one background click at its centre must remove most of it and leave the
+spleen alone.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from trainer.predictor import Predictor, load_volume
 
 pytestmark = pytest.mark.slow
 
-TRAIN_SECONDS = 240
+EPOCHS = 8
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """(predictor, held-out cases): the cpu profile trained for TRAIN_SECONDS on 24 phantoms, without
+    """(predictor, held-out cases): the cpu profile trained for EPOCHS on 24 phantoms, without
     refinement windows: these tests are about the whole-scan network and click locality (refinement's
     own behaviour is tests/test_refine.py's)."""
     from trainer.config import TrainConfig
@@ -34,9 +36,9 @@ def trained(tmp_path_factory):
     from trainer.train import train
 
     data = tmp_path_factory.mktemp("blob_ds")
-    write_dataset(data, 30, seed=0, test_cases=6)
+    write_dataset(data, 30, seed=0, test_cases=12)
     out = tmp_path_factory.mktemp("blob_run")
-    train(TrainConfig(profile="cpu", max_train_seconds=TRAIN_SECONDS, window_prob=0.0), str(data), LocalRuntime(out))
+    train(TrainConfig(profile="cpu", epochs=EPOCHS, window_prob=0.0), str(data), LocalRuntime(out))
     predictor = Predictor.from_checkpoint(out / "checkpoints" / "last.pt", device=torch.device("cpu"))
     cases = []
     for path in sorted((data / "imagesTs").glob("*.nii.gz")):
@@ -46,28 +48,41 @@ def trained(tmp_path_factory):
     return predictor, cases
 
 
-def _blobs(image, affine, label, rng, radius_mm=20.0, gaps_mm=(3.0, 8.0)):
-    """Balls of the spleen's median HU at `gap` mm from the spleen, centred inside the body."""
+# Blob candidates per case, tried in this order until TAKEN_PER_CASE of them are taken for spleen. Few
+# are (the better the model, the fewer), so the test looks through up to 12 candidates on each of 12
+# phantoms rather than betting on two fixed blobs. Measured on this machine: 11 blobs taken, on 6 of
+# the 12 phantoms; one click left 21 % of their voxels.
+RADII_MM = (30.0, 20.0)
+GAPS_MM = (0.0, 2.0, 5.0)
+DRAWS = 2
+TAKEN_PER_CASE = 2
+
+
+def _blobs(image, affine, label, rng):
+    """Balls of the spleen's median HU at 0-5 mm from the spleen, centred inside the body."""
     spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
     distance = ndimage.distance_transform_edt(~label, sampling=spacing)
     spleen_hu = float(np.median(image[label]))
     grid = np.ogrid[tuple(slice(0, n) for n in image.shape)]
-    for gap in gaps_mm:
-        centres = np.argwhere((np.abs(distance - (radius_mm + gap)) < 2.0) & (image > -200))
-        if not len(centres):
-            continue
-        centre = centres[rng.integers(len(centres))]
-        ball = sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, spacing)) <= radius_mm**2
-        ball &= ~label
-        with_blob = image.astype(np.float32)
-        with_blob[ball] = spleen_hu + rng.normal(0.0, 8.0, int(ball.sum()))
-        yield with_blob, ball, [int(v) for v in centre]
+    for _draw in range(DRAWS):
+        for radius_mm in RADII_MM:
+            for gap in GAPS_MM:
+                centres = np.argwhere((np.abs(distance - (radius_mm + gap)) < 2.0) & (image > -200))
+                if not len(centres):
+                    continue
+                centre = centres[rng.integers(len(centres))]
+                ball = sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, spacing)) <= radius_mm**2
+                ball &= ~label
+                with_blob = image.astype(np.float32)
+                with_blob[ball] = spleen_hu + rng.normal(0.0, 8.0, int(ball.sum()))
+                yield with_blob, ball, [int(v) for v in centre]
 
 
 def test_a_background_click_inside_a_false_positive_blob_removes_most_of_it(trained):
     predictor, cases = trained
     before_total, after_total, blobs = 0, 0, []
     for i, (name, image, affine, label) in enumerate(cases):
+        taken = 0
         for with_blob, blob, centre in _blobs(image, affine, label, np.random.default_rng(i)):
             auto = predictor.predict(with_blob, affine).mask.astype(bool)
             before = int((auto & blob).sum())
@@ -80,7 +95,11 @@ def test_a_background_click_inside_a_false_positive_blob_removes_most_of_it(trai
             assert after < before, blobs[-1]
             # The click removes the blob, not the spleen.
             assert spleen_dice(clicked & ~blob, label) >= spleen_dice(auto & ~blob, label) - 0.02, name
-    assert len(blobs) >= 2, f"only {len(blobs)} blob(s) were taken for spleen; nothing to test"
+            taken += 1
+            if taken == TAKEN_PER_CASE:
+                break
+    print("\n".join(blobs))
+    assert len(blobs) >= 4, f"only {len(blobs)} blob(s) were taken for spleen; nothing to test"
     assert after_total <= 0.5 * before_total, blobs
 
 
@@ -88,8 +107,8 @@ def test_a_background_click_does_not_add_spleen(trained):
     """The background channel is not a "spleen is near" cue (MONAI Label #1406, where background
     clicks added spleen): the network alone (click locality off, as the bundle profile runs), given
     one background click just outside the spleen or 60-150 mm from it, adds no spleen-sized blob.
-    What it adds is the jitter of a changed input along the boundary: measured 4 % of a spleen per
-    click on average (12 clicks, 6 held-out phantoms). With click locality (the `cpu` profile) a
+    What it adds is the jitter of a changed input along the boundary: measured 3.4 % of a spleen per
+    click on average (24 clicks, 12 held-out phantoms, the 8-epoch model). With click locality (the `cpu` profile) a
     background click can only remove spleen."""
     predictor, cases = trained
     raw = Predictor(predictor.model, predictor.profile, device=torch.device("cpu"), click_radius=0)
