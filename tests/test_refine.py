@@ -318,3 +318,38 @@ def test_with_a_radius_a_window_changes_the_mask_only_near_its_clicks():
         axis=0,
     )
     assert d_free.max() > 20.0  # without the radius the window also redrew the far side
+
+
+def test_the_fine_volume_is_at_the_window_spacing_whatever_the_scan():
+    """A window means the same millimetres on a coarse scan and a fine one: the fine volume is at the
+    window spacing exactly (coarse scans linearly upsampled, fine ones area-downsampled), so training
+    on 3.5 mm phantoms teaches the 128 mm windows that inference cuts from 0.7 mm clinical scans."""
+    from monai.data import MetaTensor
+
+    window_spacing = rf.window_spacing((64, 64, 32), 128.0)  # cpu: 2x2x4 mm
+    fines = []
+    for spacing, shape in (((3.5, 3.5, 5.0), (112, 112, 48)), ((0.875, 0.875, 2.5), (448, 448, 96))):
+        image, affine, ball = _ball_scan(spacing=spacing, shape=shape, radius_mm=40.0)
+        assert rf.fine_shape(shape, spacing, window_spacing) == (196, 196, 60)  # 392x392x240 mm
+        windowed = MetaTensor(torch.from_numpy(ball[None].astype(np.float32)), affine=torch.from_numpy(affine))
+        fine = rf.fine_volume(windowed, window_spacing)
+        assert tuple(fine.shape) == (196, 196, 60) and fine.dtype == torch.uint8
+        fines.append(fine.float() / rf.FINE_LEVELS)
+    # The same ball at the same fine voxels: soft fractions agree up to the coarse scan's blur.
+    coarse, fine = (f >= 0.5 for f in fines)
+    assert spleen_dice(coarse.numpy(), fine.numpy()) >= 0.95
+    assert float((fines[0] - fines[1]).abs().mean()) < 0.02
+
+
+def test_a_small_scan_declaring_huge_voxels_gets_a_bounded_fine_volume():
+    """Upsampling is where a fine volume could outgrow its scan: 64 voxels a side of 50 mm would be
+    1600 at 2 mm (4 G voxels from a 262 K-voxel upload). It stays within FINE_MAX_VOXELS, never below
+    the scan's own size, and ordinary scans are untouched by the bound."""
+    window_spacing = rf.window_spacing((64, 64, 32), 128.0)
+    shape = rf.fine_shape((64, 64, 64), (50.0, 50.0, 50.0), window_spacing)
+    assert np.prod(shape) <= rf.FINE_MAX_VOXELS and all(f >= 64 for f in shape)
+    assert shape == (322, 322, 161)  # one factor on every axis: 2x2x4 mm grown to 9.9x9.9x19.9 mm
+    assert rf.fine_shape((4, 4, 4), (1000.0, 1000.0, 1000.0), window_spacing) == (322, 322, 161)
+    needle = rf.fine_shape((16, 16, 16), (5e5, 1.0, 1.0), window_spacing)
+    assert needle[1:] == (8, 4) and np.prod(needle) <= rf.FINE_MAX_VOXELS  # downsampled axes as usual
+    assert rf.fine_shape((512, 512, 1500), (0.7, 0.7, 1.0), window_spacing) == (179, 179, 375)

@@ -2,9 +2,10 @@
 
 The whole scan is resized to one coarse grid (cpu 64x64x32: ~6x6x12 mm on a 400 mm scan), so a click
 answered there can only move the mask by whole grid voxels. Here a second view is kept for each scan:
-the **fine volume**, the windowed scan in RAS order at a spacing no finer than the profile's window
-spacing (`Profile.window_mm` over its grid: 2x2x4 mm for cpu; only ever area-downsampled, never
-upsampled). A **window** is a box of that fine volume holding every click with a margin, resized
+the **fine volume**, the windowed scan in RAS order at the profile's window spacing
+(`Profile.window_mm` over its grid: 2x2x4 mm for cpu; area-downsampled, or linearly upsampled where
+the scan is coarser), so a window means the same millimetres on every scan, in training and at
+inference. A **window** is a box of that fine volume holding every click with a margin, resized
 (area) to the profile's grid; the network answers it with the clicks inside as guidance, and its answer
 replaces the automatic mask inside the box, blended over a ramp at its faces (`blend_into`).
 
@@ -38,6 +39,9 @@ from .transforms import RAS_LABELS, ResizeBeforeOrientd
 BLEND_RAMP = 3.0
 #: Fine volumes hold [0, 1] values in this many steps (uint8).
 FINE_LEVELS = 255
+#: Most voxels a fine volume reaches by upsampling a scan coarser than the window spacing (16 MB as
+#: bytes; cpu's 2x2x4 mm: a 512x512x1000 mm extent). Downsampled axes are bounded by the scan itself.
+FINE_MAX_VOXELS = 1 << 24
 #: Clicks within this many window grids of each other (every axis) share one window; farther ones get
 #: their own, so a click far from the others does not coarsen their window.
 CLUSTER_REACH = 0.5
@@ -73,10 +77,25 @@ def ras_spacing(affine: np.ndarray) -> np.ndarray:
 def fine_shape(
     ras_shape: Sequence[int], spacing: Sequence[float] | np.ndarray, window_spacing: Sequence[float]
 ) -> tuple[int, ...]:
-    """The fine volume's shape: each axis at max(scan spacing, window spacing), so never upsampled."""
-    return tuple(
-        max(1, min(int(n), int(round(n * s / max(s, w))))) for n, s, w in zip(ras_shape, spacing, window_spacing)
-    )
+    """The fine volume's shape: each axis at the window spacing (the scan's extent over it, rounded).
+
+    Exactly that spacing, not merely no finer: a network trained on 3.5 mm scans whose fine volumes
+    kept 3.5 mm learnt windows of 224 mm, and on 0.7 mm scans was asked about 128 mm windows; its
+    first click then lowered the mean dice (docs/evaluation.md, "The clinical geometry").
+
+    Upsampling is bounded: where it would make more than `FINE_MAX_VOXELS` voxels (a scan over
+    ~500x500x1000 mm coarser than the window spacing, or a small upload declaring huge voxels), the
+    upsampled axes shrink by one common factor, never below the scan's own size: a fine volume is
+    never much larger than the scan that the service has admitted and priced.
+    """
+    target = [max(1, int(round(n * s / w))) for n, s, w in zip(ras_shape, spacing, window_spacing)]
+    up = [t > int(n) for t, n in zip(target, ras_shape)]
+    if any(up) and math.prod(target) > FINE_MAX_VOXELS:
+        kept = math.prod(t for t, u in zip(target, up) if not u)
+        grown = math.prod(t for t, u in zip(target, up) if u)
+        factor = (FINE_MAX_VOXELS / kept / grown) ** (1.0 / sum(up))
+        target = [max(int(n), int(t * factor)) if u else t for t, n, u in zip(target, ras_shape, up)]
+    return tuple(target)
 
 
 def window_spacing(grid: Sequence[int], window_mm: float) -> tuple[float, float, float]:
@@ -360,15 +379,21 @@ def fine_volume(windowed, window_spacing_mm: Sequence[float], mode: str = "area"
     """A windowed channel-first MetaTensor (stored axis order, affine attached) -> (F...) uint8, RAS:
     values in [0, 1] stored as multiples of 1 / FINE_LEVELS (0.8 HU of the CT window; a byte a voxel).
 
-    Area-resized to `fine_shape` in the stored order, then reoriented on the small result (as the
-    grid's chain does: `trainer.transforms.ResizeBeforeOrientd`). A label gives soft fractions.
+    Area-resized to `fine_shape` in the stored order on the axes it shrinks, then reoriented on the
+    small result (as the grid's chain does: `trainer.transforms.ResizeBeforeOrientd`), then linearly
+    upsampled on the axes where the scan is coarser than the window spacing (the compact phantoms'
+    3.5 mm, for cpu's 2 mm). A label gives soft fractions.
     """
     affine = np.asarray(windowed.affine, dtype=np.float64)
     ornt = nib.orientations.io_orientation(affine)
     stored = tuple(int(s) for s in windowed.shape[1:])
     ras_shape = tuple(stored[int(np.flatnonzero(ornt[:, 0] == axis)[0])] for axis in range(3))
     shape = fine_shape(ras_shape, ras_spacing(affine), window_spacing_mm)
-    resized = ResizeBeforeOrientd(keys=["fine"], spatial_size=shape, mode=mode).resize(windowed, mode)
+    shrunk = tuple(min(n, f) for n, f in zip(ras_shape, shape))
+    resized = ResizeBeforeOrientd(keys=["fine"], spatial_size=shrunk, mode=mode).resize(windowed, mode)
     oriented = mt.Orientation(axcodes="RAS", labels=RAS_LABELS)(resized)
     out = oriented.as_tensor() if hasattr(oriented, "as_tensor") else torch.as_tensor(oriented)
-    return (out[0].float() * FINE_LEVELS).round_().clamp_(0, FINE_LEVELS).to(torch.uint8).contiguous()
+    out = out[0].float()
+    if shrunk != shape:
+        out = F.interpolate(out[None, None], size=shape, mode="trilinear", align_corners=False)[0, 0]
+    return (out * FINE_LEVELS).round_().clamp_(0, FINE_LEVELS).to(torch.uint8).contiguous()
