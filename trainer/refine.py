@@ -375,7 +375,7 @@ def blend_into(
 # ----------------------------------------------------------------------------- the fine volume
 
 
-def fine_volume(windowed, window_spacing_mm: Sequence[float], mode: str = "area") -> torch.Tensor:
+def fine_volume(windowed, window_spacing_mm: Sequence[float]) -> torch.Tensor:
     """A windowed channel-first MetaTensor (stored axis order, affine attached) -> (F...) uint8, RAS:
     values in [0, 1] stored as multiples of 1 / FINE_LEVELS (0.8 HU of the CT window; a byte a voxel).
 
@@ -390,7 +390,7 @@ def fine_volume(windowed, window_spacing_mm: Sequence[float], mode: str = "area"
     ras_shape = tuple(stored[int(np.flatnonzero(ornt[:, 0] == axis)[0])] for axis in range(3))
     shape = fine_shape(ras_shape, ras_spacing(affine), window_spacing_mm)
     shrunk = tuple(min(n, f) for n, f in zip(ras_shape, shape))
-    resized = ResizeBeforeOrientd(keys=["fine"], spatial_size=shrunk, mode=mode).resize(windowed, mode)
+    resized = ResizeBeforeOrientd(keys=["fine"], spatial_size=shrunk, mode="area").resize(windowed, "area")
     oriented = mt.Orientation(axcodes="RAS", labels=RAS_LABELS)(resized)
     out = oriented.as_tensor() if hasattr(oriented, "as_tensor") else torch.as_tensor(oriented)
     out = out[0].float()
