@@ -138,10 +138,10 @@ def _parity(tmp_path, profile, overrides, names=None) -> list[tuple[str, float, 
         (root / folder).symlink_to(ZOO / folder, target_is_directory=True)
     weights = _weights(profile)
     torch.save(weights, root / "models" / "model.pt")
-    cases = [case for case in CASES if names is None or case[0] in names]
-    for seed, (name, codes, shape, spacing, _) in enumerate(CASES):  # a case's volume whatever the subset
-        if names is not None and name not in names:
-            continue
+    # A case keeps its seed (its position in CASES), so its volume is the same whatever the subset.
+    seeded = [(seed, case) for seed, case in enumerate(CASES) if names is None or case[0] in names]
+    cases = [case for _, case in seeded]
+    for seed, (name, codes, shape, spacing, _) in seeded:
         affine = _affine(codes, spacing, shape)
         img = nib.Nifti1Image(_volume(shape, seed), affine)
         img.set_qform(affine, code=1)

@@ -390,7 +390,7 @@ def fine_volume(windowed, window_spacing_mm: Sequence[float]) -> torch.Tensor:
     ras_shape = tuple(stored[int(np.flatnonzero(ornt[:, 0] == axis)[0])] for axis in range(3))
     shape = fine_shape(ras_shape, ras_spacing(affine), window_spacing_mm)
     shrunk = tuple(min(n, f) for n, f in zip(ras_shape, shape))
-    resized = ResizeBeforeOrientd(keys=["fine"], spatial_size=shrunk, mode="area").resize(windowed, "area")
+    resized = ResizeBeforeOrientd(keys=["fine"], spatial_size=shrunk).resize(windowed, "area")
     oriented = mt.Orientation(axcodes="RAS", labels=RAS_LABELS)(resized)
     out = oriented.as_tensor() if hasattr(oriented, "as_tensor") else torch.as_tensor(oriented)
     out = out[0].float()
