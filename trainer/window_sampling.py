@@ -97,3 +97,77 @@ class RandWindowd(mt.RandomizableTransform):
         d.update(window_item(fine_image, fine_label, window, self.grid, self.soft_label))
         d[WINDOW] = torch.tensor(1, dtype=torch.uint8)
         return d
+
+
+# ----------------------------------------------------------------------------- the current mask as context
+
+#: A window's context (`TrainConfig.window_context`) is the spleen mask with the kinds of error the
+#: whole-scan pass makes: all of it missed (this share), a coarser grid's blocky boundary, a boundary
+#: shifted by a voxel or two, chunks missed and blobs of a neighbour taken.
+CONTEXT_EMPTY_SHARE = 0.1
+#: The whole-scan grid is 1 to this many times coarser than a window (cpu: 2 mm windows, ~3-6 mm grid).
+CONTEXT_MAX_COARSENING = 4
+#: Rounds of corrective clicks a context window trains with (inference: every click of its cluster).
+CONTEXT_MAX_ROUNDS = 3
+
+
+def _ball(shape: Sequence[int], centre: np.ndarray, radius: float) -> np.ndarray:
+    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
+    return sum((g - c) ** 2 for g, c in zip(grids, centre)) <= radius * radius
+
+
+def corrupt_mask(label: np.ndarray, body: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A plausible whole-scan answer for a window whose true spleen is `label` (bool, window grid):
+    the errors a user would click on (`CONTEXT_*`). `body`: where false positives may lie."""
+    import torch.nn.functional as F
+    from scipy import ndimage
+
+    label = label.astype(bool, copy=False)
+    if rng.random() < CONTEXT_EMPTY_SHARE or not label.any():
+        return np.zeros_like(label)
+    shape = np.asarray(label.shape)
+    k = int(rng.integers(1, CONTEXT_MAX_COARSENING + 1))
+    mask = label
+    if k > 1:
+        small = tuple(int(v) for v in np.maximum(shape // k, 1))
+        t = torch.from_numpy(label.astype(np.float32))[None, None]
+        coarse = F.interpolate(F.interpolate(t, size=small, mode="area"), size=tuple(shape), mode="trilinear")
+        mask = coarse[0, 0].numpy() > rng.uniform(0.35, 0.65)
+    shift = int(rng.choice([-2, -1, -1, 0, 0, 0, 1, 1, 2]))
+    if shift > 0:
+        mask = ndimage.binary_dilation(mask, iterations=shift)
+    elif shift < 0:
+        mask = ndimage.binary_erosion(mask, iterations=-shift)
+    # Chunks and blobs are sized by the spleen's part in the window (its equivalent ball's radius).
+    size = max(2.0, float((3 * label.sum() / (4 * np.pi)) ** (1 / 3)))
+    spleen = np.argwhere(label)
+    for _ in range(int(rng.integers(0, 3))):  # missed chunks: a ball around a spleen voxel
+        mask = mask & ~_ball(shape, spleen[rng.integers(len(spleen))], rng.uniform(0.25, 0.7) * size)
+    near = ndimage.binary_dilation(label, iterations=max(2, int(0.5 * size))) & ~label & body.astype(bool)
+    candidates = np.argwhere(near)
+    for _ in range(int(rng.integers(0, 3)) if len(candidates) else 0):  # a neighbour's blob taken
+        blob = _ball(shape, candidates[rng.integers(len(candidates))], rng.uniform(0.2, 0.5) * size)
+        mask = mask | (blob & ~label)
+    return mask
+
+
+def context_clicks(context: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> dict[str, list]:
+    """1..CONTEXT_MAX_ROUNDS clicks on `context`'s errors, as the evaluation's user makes them
+    (`trainer.clicks.next_click`: deep in the largest error piece), each piece then taken as fixed so
+    the next click goes to the next one. No error: seeds from the label (`initial_seeds`)."""
+    from .clicks import _largest_piece, empty_clicks, initial_seeds, next_click
+
+    label = label.astype(bool, copy=False)
+    current = context.astype(bool, copy=True)
+    clicks = empty_clicks()
+    for _ in range(int(rng.integers(1, CONTEXT_MAX_ROUNDS + 1))):
+        click = next_click(current, label, rng)
+        if click is None:
+            break
+        name, point = click
+        clicks[name].append(point)
+        piece = _largest_piece(label & ~current) if name == "spleen" else _largest_piece(current & ~label)
+        current[piece] = name == "spleen"
+    if not any(clicks.values()):
+        clicks = initial_seeds(label, None, rng)
+    return clicks
