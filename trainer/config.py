@@ -101,9 +101,6 @@ class TrainConfig:
         window_prob: share of training samples drawn as click-centred refinement windows
             (`trainer.refine.RandWindowd`); None takes the profile's default (0 for `bundle`).
         window_mm: refinement windows' extent at their finest (mm); None takes the profile's.
-        window_context: refinement windows also get the current mask as a 4th input channel (the
-            network learns to keep it and fix what the clicks point at; `trainer.window_sampling`).
-            Not for `bundle`: the model zoo's network takes 3 channels.
         deterministic: deterministic kernels (`torch.use_deterministic_algorithms`, no cuDNN
             autotuning; the bundle's `set_determinism`): GPU runs repeat to the last digit, slower.
             CPU fp32 runs are reproducible without it.
@@ -141,7 +138,6 @@ class TrainConfig:
     deterministic: bool = False
     window_prob: float | None = None
     window_mm: float | None = None
-    window_context: bool = False
 
     def __post_init__(self) -> None:
         get_profile(self.profile)
@@ -187,16 +183,6 @@ class TrainConfig:
             raise ConfigError(f"window_mm must be a positive number of millimetres, got {self.window_mm}")
         if self.max_train_seconds < 0:
             raise ConfigError(f"max_train_seconds must be >= 0, got {self.max_train_seconds}")
-        if self.window_context and self.profile == "bundle":
-            raise ConfigError(
-                "window_context adds a 4th input channel, and the model zoo's network takes 3: "
-                "train it with --profile cpu, or leave window_context off"
-            )
-        if self.window_context and not self.window_probability > 0:
-            raise ConfigError(
-                f"window_context needs refinement windows, but window_prob is {self.window_probability}: "
-                "set window_prob > 0 or leave window_context off"
-            )
 
     @property
     def profile_spec(self) -> Profile:

@@ -103,57 +103,14 @@ def simulate_clicks(
             corrective = window and rng.random() < WINDOW_CORRECTIVE_SHARE
             clicks[b] = empty_clicks() if corrective else initial_seeds(label[b], body[b], rng)
             rounds[b] = int(rng.integers(1, (WINDOW_MAX_ROUNDS if corrective else cfg.max_click_rounds) + 1))
-    # A network with the current-mask channel gets none on the whole scan (`window_context`).
-    context = torch.zeros_like(image) if cfg.window_context else None
     for r in range(max(rounds, default=0)):
         active = [b for b in range(batch) if rounds[b] > r]
-        x = network_input(image[active], [clicks[b] for b in active], cfg.sigma, _rows(context, active))
+        x = network_input(image[active], [clicks[b] for b in active], cfg.sigma)
         pred = predict_mask(model, x, cfg.amp).cpu().numpy()
         for row, b in enumerate(active):
             new = corrective_clicks(pred[row], label[b], rngs[b], cfg.profile_spec.second_click_voxels)
             clicks[b] = apply_click_budget(merge_clicks(clicks[b], new), rngs[b], cfg.max_click_budget)
     return clicks
-
-
-def _rows(t: torch.Tensor | None, rows: list[int]) -> torch.Tensor | None:
-    return None if t is None else t[rows]
-
-
-def batch_clicks(
-    model: torch.nn.Module,
-    image: torch.Tensor,
-    label: np.ndarray,
-    body: np.ndarray,
-    rngs: list[np.random.Generator],
-    cfg: TrainConfig,
-    windows: list[bool] | None,
-) -> tuple[list[Clicks], torch.Tensor | None]:
-    """A training batch's clicks, and with `cfg.window_context` its context channel (B, 1, X, Y, Z).
-
-    Without context: `simulate_clicks` (windows always get clicks). With it, a window's context is a
-    corrupted label (`corrupt_mask`: the errors of a whole-scan pass) and its clicks are corrections of
-    that mask (`context_clicks`); the other samples are simulated as usual, with an empty context.
-    """
-    if not cfg.window_context:
-        return simulate_clicks(model, image, label, body, rngs, cfg, cfg.click_prob_train, windows), None
-    from .window_sampling import context_clicks, corrupt_mask
-
-    batch = image.shape[0]
-    clicks: list[Clicks] = [empty_clicks() for _ in range(batch)]
-    context = np.zeros((batch, 1, *label.shape[1:]), dtype=np.float32)
-    win = [b for b in range(batch) if windows is not None and windows[b]]
-    for b in win:
-        mask = corrupt_mask(label[b], body[b], rngs[b])
-        context[b, 0] = mask
-        clicks[b] = context_clicks(mask, label[b], rngs[b])
-    rest = [b for b in range(batch) if b not in win]
-    if rest:
-        simulated = simulate_clicks(
-            model, image[rest], label[rest], body[rest], [rngs[b] for b in rest], cfg, cfg.click_prob_train
-        )
-        for b, c in zip(rest, simulated):
-            clicks[b] = c
-    return clicks, torch.from_numpy(context).to(image.device)
 
 
 def grads_finite(model: torch.nn.Module) -> bool:
@@ -207,8 +164,8 @@ def train_step(
     body_np = batch["body"][:, 0].numpy().astype(bool)
     windows = batch.get("window")
     always = None if windows is None else [bool(w) for w in windows.reshape(-1).tolist()]
-    clicks, context = batch_clicks(model, image, label_np, body_np, rngs, cfg, always)
-    x = network_input(image, clicks, cfg.sigma, context)
+    clicks = simulate_clicks(model, image, label_np, body_np, rngs, cfg, cfg.click_prob_train, always)
+    x = network_input(image, clicks, cfg.sigma)
     model.train()
     optimizer.zero_grad(set_to_none=True)
     with autocast(device, cfg.amp):
@@ -246,6 +203,5 @@ def validate_item(
     label_np = label_mask(item["label"][:, 0]).numpy()
     body_np = item["body"][:, 0].numpy().astype(bool)
     clicks = simulate_clicks(model, image, label_np, body_np, [rng], cfg, cfg.click_prob_val)
-    context = torch.zeros_like(image) if cfg.window_context else None
-    pred = predict_mask(model, network_input(image, clicks, cfg.sigma, context), cfg.amp)
+    pred = predict_mask(model, network_input(image, clicks, cfg.sigma), cfg.amp)
     return float(spleen_dice(pred.cpu(), torch.from_numpy(label_np)).mean())

@@ -19,8 +19,6 @@ from .clicks import Clicks, guidance_channels
 from .config import CLICK_CHANNELS, LABELS, PROFILES, ConfigError, Profile, get_profile
 
 IN_CHANNELS = 1 + len(CLICK_CHANNELS)  # CT + spleen clicks + background clicks
-#: With `window_context`, one more input channel: the current mask (refinement windows; 0 elsewhere).
-CONTEXT_CHANNELS = 1
 OUT_CHANNELS = len(LABELS)  # background, spleen
 
 # The bundle's arguments (spec §1); module names are MONAI's so a bundle state_dict loads as is.
@@ -29,12 +27,11 @@ STRIDES: list[int | list[int]] = [1, 2, 2, 2, 2, [2, 2, 1]]
 UPSAMPLE_KERNEL_SIZE: list[int | list[int]] = [2, 2, 2, 2, [2, 2, 1]]
 
 
-def build_network(profile: Profile, *, context: bool = False) -> DynUNet:
-    """A fresh DynUNet for `profile` (filters=None gives MONAI's default, the bundle's 31 M params);
-    `context`: with the current-mask input channel (`TrainConfig.window_context`)."""
+def build_network(profile: Profile) -> DynUNet:
+    """A fresh DynUNet for `profile` (filters=None gives MONAI's default, the bundle's 31 M params)."""
     return DynUNet(
         spatial_dims=3,
-        in_channels=IN_CHANNELS + (CONTEXT_CHANNELS if context else 0),
+        in_channels=IN_CHANNELS,
         out_channels=OUT_CHANNELS,
         kernel_size=KERNEL_SIZE,
         strides=STRIDES,
@@ -56,13 +53,6 @@ def filters_of_state_dict(state_dict: dict) -> tuple[int, ...]:
         i += 1
     bottleneck = state_dict["bottleneck.conv1.conv.weight"].shape[0]
     return (first, *downs, bottleneck)
-
-
-def takes_context(state_or_model: dict | torch.nn.Module) -> bool:
-    """Whether a DynUNet (or its state_dict) takes the current-mask channel: 4 input channels, not 3."""
-    state = state_or_model.state_dict() if isinstance(state_or_model, torch.nn.Module) else state_or_model
-    weight = state.get("input_block.conv1.conv.weight")
-    return weight is not None and int(weight.shape[1]) == IN_CHANNELS + CONTEXT_CHANNELS
 
 
 #: The filters of MONAI's default DynUNet (a profile with `filters: None`, the bundle's).
@@ -162,12 +152,7 @@ def load_model(
     prof = infer_profile(ckpt, profile)
     if check_fit:
         check_fits(ckpt, prof, uri)
-    context = takes_context(ckpt.model)
-    # A config's `network_def` is the profile's 3-channel DynUNet; weights trained with the current-mask
-    # channel (`window_context`) get the same network with it.
-    model = (
-        network if network is not None and takes_context(network) == context else build_network(prof, context=context)
-    )
+    model = network if network is not None else build_network(prof)
     load_weights(model, ckpt, prof.name, repr(str(path)))
     return LoadedModel(model=model, profile=prof, checkpoint=ckpt, version=model_version(path, ckpt, digest=digest))
 
@@ -210,17 +195,11 @@ def spleen_mask(logits: torch.Tensor) -> torch.Tensor:
     return logits[:, 1] > logits[:, 0]
 
 
-def network_input(
-    image: torch.Tensor, clicks: list[Clicks], sigma: float, context: torch.Tensor | None = None
-) -> torch.Tensor:
-    """(B, 1, X, Y, Z) image + per-sample clicks -> (B, 3, X, Y, Z): CT, spleen, background; with
-    `context` (B, 1, X, Y, Z), the current mask as a 4th channel (`TrainConfig.window_context`)."""
+def network_input(image: torch.Tensor, clicks: list[Clicks], sigma: float) -> torch.Tensor:
+    """(B, 1, X, Y, Z) image + per-sample clicks -> (B, 3, X, Y, Z): CT, spleen, background."""
     shape = tuple(image.shape[-3:])
     guidance = np.stack([guidance_channels(c, shape, sigma) for c in clicks])
-    parts = [image, torch.from_numpy(guidance).to(image.device, image.dtype)]
-    if context is not None:
-        parts.append(context.to(image.device, image.dtype))
-    return torch.cat(parts, dim=1)
+    return torch.cat([image, torch.from_numpy(guidance).to(image.device, image.dtype)], dim=1)
 
 
 def default_device() -> torch.device:

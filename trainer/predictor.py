@@ -37,7 +37,7 @@ from .data import DataError, load_volume, write_mask
 from .geometry import as_channel_tensor, place_global, place_ras, ras_index, zoo_index_to_ras
 from .locality import LOGIT_EPS, GridPoints, has_clicks, localize
 from .locality import nudge as nudge  # re-exported: its old home
-from .network import LoadedModel, autocast, default_device, load_model, takes_context
+from .network import LoadedModel, autocast, default_device, load_model
 from .network import infer_profile as infer_profile  # re-exported: its old home
 from .transforms import inference_transforms
 
@@ -127,8 +127,6 @@ class Predictor:
         self.device = device or default_device()
         self.model = model.to(self.device).eval()
         self.profile = profile
-        # A network trained with `window_context` takes the current mask as a 4th channel (windows).
-        self.context = takes_context(model)
         # None: the profile's precision. The model zoo's evaluator (amp: true) runs fp16 autocast on
         # CUDA, and nothing on a CPU (its autocast is CUDA's), so the bundle profile does the same.
         self.amp = (profile.cuda_fp16_inference and self.device.type == "cuda") if amp is None else bool(amp)
@@ -259,15 +257,11 @@ class Predictor:
         logits = logits.float()
         return torch.sigmoid(logits[:, 1:2] - logits[:, 0:1])
 
-    def _logits(self, image: torch.Tensor, clicks: list[Clicks], context: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, 1, G...) images + one click set each -> (B, 2, G...) raw network output; a network
-        that takes the current mask gets `context` (B, 1, G...), or none (zeros: the whole scan)."""
+    def _logits(self, image: torch.Tensor, clicks: list[Clicks]) -> torch.Tensor:
+        """(B, 1, G...) images + one click set each -> (B, 2, G...) raw network output."""
         size = tuple(image.shape[-3:])
         guidance = np.stack([guidance_channels(c, size, self.sigma) for c in clicks])
-        parts = [image.to(self.device), torch.from_numpy(guidance).to(self.device)]
-        if self.context:
-            parts.append(torch.zeros_like(image) if context is None else context)
-        x = torch.cat([t.to(self.device, torch.float32) for t in parts], dim=1)
+        x = torch.cat([image.to(self.device), torch.from_numpy(guidance).to(self.device)], dim=1)
         with autocast(self.device, self.amp):
             return self.model(x)
 
@@ -342,10 +336,7 @@ class Predictor:
         if todo:
             grid = self.profile.spatial_size
             image = torch.stack([rf.crop(prepared[b].fine, window, grid) for b, _, window, _ in todo])  # type: ignore[arg-type]
-            context = None
-            if self.context:  # the whole-scan answer inside each window (cached by `forward`)
-                context = torch.stack([self._window_context(prepared[b], window) for b, _, window, _ in todo])
-            logits = self._logits(image, [guidance for *_, guidance in todo], context).float().cpu()
+            logits = self._logits(image, [guidance for *_, guidance in todo]).float().cpu()
             self.window_forwards += len(todo)
             for row, (b, key, window, guidance) in enumerate(todo):
                 logit = (logits[row, 1] - logits[row, 0]).to(torch.float16)
@@ -360,12 +351,6 @@ class Predictor:
         for b, key, _, _ in wanted:
             out[b].append(answers[(b, key)])
         return out
-
-    def _window_context(self, prepared: Prepared, window: rf.Window) -> torch.Tensor:
-        if prepared.auto_prob is None or prepared.fine is None:
-            raise ValueError("a window's context needs the automatic pass first: call forward before windows")
-        spleen = prepared.auto_prob[-1]  # (1, S...) or the softmax's (2, S...): the spleen channel is last
-        return rf.context_crop(spleen, window, tuple(prepared.fine.shape), self.profile.spatial_size)
 
     def _window_cached(self, prepared: Prepared, key: tuple) -> bool:
         return prepared.window_owner is self._token and key in prepared.windows

@@ -205,20 +205,6 @@ def crop(volume: torch.Tensor, window: Window, grid: Sequence[int]) -> torch.Ten
     return F.interpolate(box[None, None], size=tuple(grid), mode="area")[0]
 
 
-def context_crop(spleen: torch.Tensor, window: Window, fine: Sequence[int], grid: Sequence[int]) -> torch.Tensor:
-    """The whole-scan answer inside a window, as the window's context channel (`window_context`):
-    (S...) spleen probability on the whole-scan grid -> (1, G...) mask (1 where p > 0.5), sampled
-    trilinearly at the window's voxel centres, 0 outside the scan (as `crop` pads the image)."""
-    out = spleen.float()
-    for axis in range(3):
-        s, f, g = spleen.shape[axis], fine[axis], grid[axis]
-        centre = window.lo[axis] + (torch.arange(g, dtype=torch.float64) + 0.5) * window.size[axis] / g
-        m = _linear_matrix(centre * s / f - 0.5, s)
-        m[(centre < 0) | (centre > f)] = 0.0
-        out = torch.tensordot(m, out.movedim(axis, 0), dims=1).movedim(0, axis)
-    return (out > 0.5).float()[None]
-
-
 def to_window(points: np.ndarray, window: Window, grid: Sequence[int]) -> list[tuple[int, int, int]]:
     """Fine-volume points (K, 3) -> window grid voxels (rounded; those outside the window dropped)."""
     out = []

@@ -307,7 +307,7 @@ def _setup(cfg: TrainConfig, runtime: Runtime):
         use_deterministic_kernels()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    model = runtime.prepare_model(build_network(cfg.profile_spec, context=cfg.window_context))
+    model = runtime.prepare_model(build_network(cfg.profile_spec))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=runtime.device.type == "cuda" and cfg.amp)
     return model, optimizer, scaler
