@@ -146,8 +146,13 @@ def test_a_session_click_costs_one_window_forward():
         # click gets a window of its own, and the spleen cluster's window is not rerun for it).
         assert net.calls == [1] * (n + 1), (n, net.calls)
         assert "window" in pred.timings
+        # What the session's caches (the automatic pass at scan resolution, earlier windows) give is
+        # what the same clicks give on a fresh upload.
+        fresh = Predictor(FakeThresholdNet(), get_profile("tiny"), device=torch.device("cpu"), refine=True)
+        np.testing.assert_array_equal(pred.mask, fresh.predict(image, affine, clicks).mask)
     p.predict_prepared(prepared, clicks)  # the same clicks again: every window is cached
     assert len(net.calls) == 4 and p.window_forwards == 3
+    assert prepared.auto_placed and prepared.nbytes > prepared.auto_placed[0].nbytes
 
 
 def test_scattered_clicks_run_at_most_max_windows_and_a_long_session_keeps_working():

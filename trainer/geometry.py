@@ -91,17 +91,25 @@ def zoo_index_to_ras(prepared: Any) -> np.ndarray:
 
 def place_global(mask: np.ndarray, p: torch.Tensor, prepared: Any, upsample: str) -> None:
     """The whole-scan answer `p` (C, S, S, S) resized back into `mask` (see `Predictor.postprocess`)."""
+    placed = global_crop(p, prepared, upsample)
+    if placed is not None:
+        place_ras(mask, *placed, prepared)
+
+
+def global_crop(p: torch.Tensor, prepared: Any, upsample: str) -> tuple[np.ndarray, list[slice]] | None:
+    """The whole-scan answer `p` (C, S, S, S) at scan resolution, as (uint8 RAS crop, its RAS box): only
+    the box that can be foreground; None: no foreground."""
     # Two channels (background, spleen): the argmax, ties to background, as the model zoo's AsDiscrete.
     fg = p[1] > p[0] if len(p) == 2 else p[0] > 0.5
     if not bool(fg.any()):
-        return
+        return None
     mode = "area" if upsample == "area" else "trilinear"
     found = [
         upsample_window(fg.any(dim=tuple(d for d in range(3) if d != axis)), fine, mode)
         for axis, fine in enumerate(prepared.ras_shape)
     ]
     if any(w is None for w in found):
-        return
+        return None
     windows = [w for w in found if w is not None]
     coarse, level = p[(slice(None), *(w[0] for w in windows))], 0.5
     if upsample == "logit" and len(p) == 1:
@@ -111,4 +119,4 @@ def place_global(mask: np.ndarray, p: torch.Tensor, prepared: Any, upsample: str
     up = up[(slice(None), *(w[2] for w in windows))]
     crop = (up[1] > up[0] if len(up) == 2 else up[0] > level).cpu().numpy().view(np.uint8)
     ras_box = [slice(w[1].start + w[2].start, w[1].start + w[2].stop) for w in windows]
-    place_ras(mask, crop, ras_box, prepared)
+    return crop, ras_box

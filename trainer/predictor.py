@@ -34,7 +34,7 @@ from .clicks import ClickError as ClickError  # re-exported: its old home
 from .clicks import Clicks, as_point, empty_clicks, guidance_channels, validate_clicks
 from .config import Profile, check_click_radius
 from .data import DataError, load_volume, write_mask
-from .geometry import as_channel_tensor, place_global, place_ras, ras_index, zoo_index_to_ras
+from .geometry import as_channel_tensor, global_crop, place_global, place_ras, ras_index, zoo_index_to_ras
 from .locality import LOGIT_EPS, GridPoints, has_clicks, localize
 from .locality import nudge as nudge  # re-exported: its old home
 from .network import LoadedModel, autocast, default_device, load_model
@@ -56,6 +56,9 @@ class Prepared:
     # click locality blends clicked passes with it, and a reloaded model must not reuse it.
     auto_prob: torch.Tensor | None = None
     auto_owner: object | None = None
+    # The automatic pass at scan resolution (`geometry.global_crop`: RAS crop and box; () when it holds
+    # no spleen), made once per volume with refinement: every click of a session starts from it.
+    auto_placed: tuple | None = None
     # Refinement's fine volume (F...) uint8, RAS (`trainer.refine`); None without refinement. Its window
     # answers, by window and guidance, and the predictor that made them (`Predictor.windows`).
     fine: torch.Tensor | None = None
@@ -65,7 +68,8 @@ class Prepared:
     @property
     def nbytes(self) -> int:
         tensors = [self.image, self.auto_prob, self.fine, *(w.logit for w in self.windows.values())]
-        return sum(t.element_size() * t.nelement() for t in tensors if t is not None)
+        placed = self.auto_placed[0].nbytes if self.auto_placed else 0  # () when it holds no spleen
+        return placed + sum(t.element_size() * t.nelement() for t in tensors if t is not None)
 
 
 #: Window answers kept with a volume (a session), as float16 logits: 8 x 0.25 MB for `cpu`, 8 x 4 MB for
@@ -315,6 +319,7 @@ class Predictor:
     def _cache_auto(self, prepared: Prepared, prob: torch.Tensor) -> None:
         prepared.auto_prob = prob.detach().to("cpu", torch.float32).clone()
         prepared.auto_owner = self._token
+        prepared.auto_placed = None
 
     @torch.no_grad()
     def windows(self, prepared: list[Prepared], clicks: list[Clicks]) -> list[list[WindowAnswer]]:
@@ -366,11 +371,13 @@ class Predictor:
             del prepared.windows[old]
 
     def postprocess(
-        self, prob: torch.Tensor, prepared: Prepared, windows: list[WindowAnswer] | None = None
+        self, prob: torch.Tensor, prepared: Prepared, windows: list[WindowAnswer] | None = None, *, auto: bool = False
     ) -> np.ndarray:
         """(1, S, S, S) probability (or (2, S, S, S) softmax) -> uint8 mask in the original array order.
 
         With refinement `windows`, their answers replace the mask inside their boxes (`refine.blend_into`).
+        `auto`: `prob` is `prepared`'s cached automatic pass (refinement), whose scan-resolution mask is
+        then made once and kept with the volume (`Prepared.auto_placed`) for every later click.
 
         Equal to `F.interpolate(prob, ras_shape, mode) > 0.5`, reoriented back (up to float rounding at
         values within ~1e-7 of 0.5), with mode `area` for `upsample: area` (the model zoo's `Invertd`
@@ -382,7 +389,13 @@ class Predictor:
         p = prob.detach().float().cpu().reshape(-1, *prob.shape[-3:])
         # Fortran order, as NIfTI stores voxels (x fastest): writing it skips a full-volume transpose.
         mask = np.zeros(prepared.orig_shape, np.uint8, order="F")
-        place_global(mask, p, prepared, self.profile.upsample)
+        if auto and self._cached(prepared):
+            if prepared.auto_placed is None:
+                prepared.auto_placed = global_crop(p, prepared, self.profile.upsample) or ()
+            if prepared.auto_placed:
+                place_ras(mask, *prepared.auto_placed, prepared)
+        else:
+            place_global(mask, p, prepared, self.profile.upsample)
         if windows and prepared.fine is not None:
             spleen = p[1] if len(p) == 2 else p[0]
             # The whole-scan logit (two channels: log p1 - log p0, the same quantity).
@@ -416,7 +429,8 @@ class Predictor:
         t2 = time.perf_counter()
         windows = self.windows([prepared], [checked])[0]
         t3 = time.perf_counter()
-        mask = self.postprocess(prob[0], prepared, windows)
+        # With refinement the whole-scan pass is the cached automatic one (`forward`).
+        mask = self.postprocess(prob[0], prepared, windows, auto=self.refine)
         t4 = time.perf_counter()
         timings = {"clicks": t1 - t0, "forward": t2 - t1, "window": t3 - t2, "postprocess": t4 - t3}
         if not windows:

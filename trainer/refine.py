@@ -257,15 +257,20 @@ def sample(
     values: torch.Tensor, box: Sequence[slice], ras_shape: Sequence[int], fine: Sequence[int], window: Window | None
 ) -> torch.Tensor:
     """Trilinear values of a grid (G...) at the centres of scan voxels `box`; window None: the whole-scan grid."""
-    out = values.float()
+    weights = []
     for axis in range(3):
         g = values.shape[axis]
         if window is None:
             coords = _coords(box[axis], ras_shape[axis], ras_shape[axis], 0.0, ras_shape[axis], g)
         else:
             coords = _coords(box[axis], ras_shape[axis], fine[axis], window.lo[axis], window.size[axis], g)
-        out = torch.tensordot(_linear_matrix(coords, g), out.movedim(axis, 0), dims=1).movedim(0, axis)
-    return out
+        weights.append(_linear_matrix(coords, g))
+    # One axis at a time, each product contiguous in (x, y, z) order: the blend's element-wise steps
+    # on a permuted result (tensordot + movedim) ran several times slower.
+    g0, g1, g2 = values.shape
+    out = (weights[0] @ values.float().reshape(g0, g1 * g2)).reshape(-1, g1, g2)
+    out = torch.matmul(weights[1], out)
+    return out @ weights[2].T
 
 
 def taper(
@@ -357,18 +362,22 @@ def blend_into(
     out = []
     for group in _groups([f[3] for f in found]):
         union = _union([found[k][3] for k in group])
-        p = torch.sigmoid(sample(global_logit, union, ras_shape, fine, None))
+        p = sample(global_logit, union, ras_shape, fine, None).sigmoid_()
         for k in group:
             window, logit, sign, box, points = found[k]
             sub = tuple(slice(b.start - u.start, b.stop - u.start) for b, u in zip(box, union))
-            w = taper(box, ras_shape, fine, window, tuple(logit.shape))
-            new = w * torch.sigmoid(sample(logit, box, ras_shape, fine, window)) + (1 - w) * p[sub]
-            new = torch.maximum(new, p[sub]) if sign > 0 else torch.minimum(new, p[sub]) if sign < 0 else new
+            old = p[sub]
+            # In place on the window's own buffers: a 128 mm box of a 0.7 mm scan is ~3.4 M voxels, and
+            # each temporary of that size costs a few ms of a click's round trip.
+            new = sample(logit, box, ras_shape, fine, window).sigmoid_()
+            new = torch.lerp(old, new, taper(box, ras_shape, fine, window, tuple(logit.shape)), out=new)
+            if sign:
+                (torch.maximum if sign > 0 else torch.minimum)(new, old, out=new)
             if radius_mm > 0:
-                near = near_clicks(box, points, spacing, radius_mm, ((new > 0.5) != (p[sub] > 0.5)).numpy())
-                new = near * new + (1 - near) * p[sub]
-            p[sub] = new
-        out.append((union, (p > 0.5).numpy().astype(np.uint8)))
+                near = near_clicks(box, points, spacing, radius_mm, ((new > 0.5) != (old > 0.5)).numpy())
+                new = torch.lerp(old, new, near, out=new)
+            old.copy_(new)
+        out.append((union, (p > 0.5).to(torch.uint8).numpy()))
     return out
 
 
