@@ -223,3 +223,23 @@ def test_the_couch_is_under_the_patient():
         runs = np.diff(np.flatnonzero(np.diff(np.r_[0, foam.astype(int), 0])))[::2]
         seen += bool(len(runs) and runs.max() * zooms[1] >= 5)
     assert seen >= 3, f"a couch under only {seen} of 8 patients"
+
+
+def test_false_positive_blobs_sit_beside_the_spleen_with_its_values():
+    """The blobs `trainer.evaluate.blob_clicks` clicks away: spleen-valued balls at the requested gap,
+    never over the spleen, the rest of the image untouched."""
+    from trainer.synth.blobs import false_positive_blobs
+
+    case = generate_case(np.random.default_rng([7, 1]), orientation="RAS")
+    label = case.label > 0
+    spacing = np.sqrt((case.affine[:3, :3] ** 2).sum(axis=0))
+    distance = ndimage.distance_transform_edt(~label, sampling=spacing)
+    spleen_hu = float(np.median(case.image[label]))
+    blobs = list(false_positive_blobs(case.image, case.affine, label, np.random.default_rng(0), draws=1))
+    assert len(blobs) >= 4
+    for with_blob, blob, centre in blobs:
+        assert blob.any() and not (blob & label).any()
+        assert blob[tuple(centre)]
+        assert 0.0 < distance[blob].min() <= 5.0 + 2.0 * float(spacing.max())  # at most 5 mm gap, a voxel's slack
+        assert abs(float(np.median(with_blob[blob])) - spleen_hu) < 10.0
+        np.testing.assert_array_equal(with_blob[~blob], case.image[~blob])

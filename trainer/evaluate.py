@@ -210,6 +210,57 @@ def evaluate(predictor: Any, cases: Sequence[dict[str, str]], *, max_clicks: int
     return results
 
 
+@dataclass(frozen=True, slots=True)
+class BlobClick:
+    """One background click at the centre of a false-positive blob (`trainer.synth.blobs`).
+
+    Attributes:
+        case: case name.
+        before: blob voxels the automatic mask takes for spleen.
+        after: blob voxels still spleen after the click.
+        spleen_before: spleen Dice of the automatic mask, blob excluded.
+        spleen_after: the same after the click (what the click did to the spleen itself).
+    """
+
+    case: str
+    before: int
+    after: int
+    spleen_before: float
+    spleen_after: float
+
+
+def blob_clicks(
+    predictor: Any, cases: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]], *, taken_per_case: int = 2
+) -> list[BlobClick]:
+    """Put spleen-like blobs beside the spleen of each `(name, image, affine, bool label)` case, and for each
+    one the automatic mask takes for spleen (at least 30 % of it; up to `taken_per_case` per case), click
+    background at its centre: how much of the blob goes, and what happens to the spleen."""
+    from .synth.blobs import false_positive_blobs
+
+    clicks = []
+    for i, (name, image, affine, label) in enumerate(cases):
+        taken = 0
+        for with_blob, blob, centre in false_positive_blobs(image, affine, label, np.random.default_rng(i)):
+            auto = predictor.predict(with_blob, affine).mask.astype(bool)
+            before = int((auto & blob).sum())
+            if before < 0.3 * blob.sum():  # not taken for spleen: no false positive here
+                continue
+            clicked = predictor.predict(with_blob, affine, {"background": [centre]}).mask.astype(bool)
+            clicks.append(
+                BlobClick(
+                    case=name,
+                    before=before,
+                    after=int((clicked & blob).sum()),
+                    spleen_before=float(spleen_dice(auto & ~blob, label)[0]),
+                    spleen_after=float(spleen_dice(clicked & ~blob, label)[0]),
+                )
+            )
+            taken += 1
+            if taken == taken_per_case:
+                break
+    return clicks
+
+
 # ----------------------------------------------------------------------------- cases
 
 
