@@ -393,7 +393,8 @@ class Predictor:
             if prepared.auto_placed is None:
                 prepared.auto_placed = global_crop(p, prepared, self.profile.upsample) or ()
             if prepared.auto_placed:
-                place_ras(mask, *prepared.auto_placed, prepared)
+                crop, box = prepared.auto_placed
+                place_ras(mask, crop, box, prepared)
         else:
             place_global(mask, p, prepared, self.profile.upsample)
         if windows and prepared.fine is not None:
