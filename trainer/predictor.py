@@ -140,7 +140,6 @@ class Predictor:
         self.click_radius = 0.0 if self.refine else check_click_radius(radius)
         self.window_spacing = rf.window_spacing(profile.spatial_size, window_mm or profile.window_mm)
         self.refine_radius_mm = profile.refine_radius_mm if refine_radius_mm is None else float(refine_radius_mm)
-        self.object_reach = 0.0
         self.version = version
         self._pre = inference_transforms(profile.spatial_size)
         self._token = object()  # identifies this predictor's cached automatic passes
@@ -418,7 +417,6 @@ class Predictor:
                 fine,
                 tuple(rf.ras_spacing(prepared.orig_affine)),
                 self.refine_radius_mm,
-                self.object_reach,
             ):
                 place_ras(mask, crop, box, prepared)
         return mask

@@ -49,10 +49,6 @@ CLUSTER_REACH = 0.5
 #: this many are left (`cluster_clicks(most=)`: wider windows), so a request's cost is bounded whatever
 #: its clicks (up to `max_clicks_per_label` a label at the service) and every window fits the cache.
 MAX_WINDOWS = 8
-#: A background click's `clicked_object` is measured on the mask subsampled to voxels about this size
-#: (mm), and its Gaussian is at least this wide (mm) where the click barely lies inside the mask.
-OBJECT_GRID_MM = 2.0
-OBJECT_MIN_MM = 3.0
 #: How far each click lies at least from the window's faces, as a fraction of the grid: one click sits
 #: in the middle; clicks spread wider than half the grid make the window (and its spacing) larger.
 CLICK_MARGIN = 0.25
@@ -341,42 +337,6 @@ def near_clicks(
     return piece_weight(list(local), torch.from_numpy(changed), radius_mm, opening=False, spacing=spacing)
 
 
-def clicked_object(
-    box: Sequence[slice], clicks: np.ndarray, spacing: Sequence[float], mask: np.ndarray, reach: float
-) -> torch.Tensor:
-    """Where a background click may remove spleen: the object it sits in, not whatever it touches.
-
-    Per click, a Gaussian of sigma `reach` x the click's depth in `mask` (mm to its nearest background
-    voxel, at least `OBJECT_MIN_MM`), so a click on a blob grown onto the spleen takes the blob and
-    stops about where the blob's own surface would be; and all of the mask's connected piece holding the
-    click when that piece lies within 3 sigma of it (a separate blob or organ, taken whole). Computed on
-    the mask subsampled to about `OBJECT_GRID_MM` voxels. `clicks`: RAS scan indices (K, 3); `mask`:
-    the current mask on `box`; `spacing`: the scan's voxel size in RAS order (mm).
-    """
-    from scipy import ndimage
-
-    from .clicks import click_weight
-
-    spacing = np.asarray(spacing, dtype=np.float64)
-    step = np.maximum(1, np.floor(OBJECT_GRID_MM / spacing)).astype(int)
-    coarse = mask[:: step[0], :: step[1], :: step[2]]
-    depth = ndimage.distance_transform_edt(coarse, sampling=spacing * step)
-    pieces, _ = ndimage.label(coarse, structure=np.ones((3, 3, 3), bool))
-    local = np.asarray(clicks, dtype=np.float64).reshape(-1, 3) - np.array([b.start for b in box])
-    weight = np.zeros(mask.shape, np.float32)
-    for click in local:
-        at = tuple(int(v) for v in np.clip(np.round(click / step), 0, np.array(coarse.shape) - 1))
-        sigma = reach * max(float(depth[at]), OBJECT_MIN_MM)
-        np.maximum(weight, click_weight([click], mask.shape, sigma, spacing=spacing), out=weight)
-        if pieces[at]:
-            piece = pieces == pieces[at]
-            far = np.sqrt((((np.argwhere(piece) * step - click) * spacing) ** 2).sum(axis=1)).max()
-            if far <= 3 * sigma:
-                whole = piece.repeat(step[0], 0).repeat(step[1], 1).repeat(step[2], 2)
-                weight[whole[: mask.shape[0], : mask.shape[1], : mask.shape[2]]] = 1.0
-    return torch.from_numpy(weight)
-
-
 def blend_into(
     global_logit: torch.Tensor,
     answers: Sequence[tuple[Window, torch.Tensor, int, np.ndarray]],
@@ -384,7 +344,6 @@ def blend_into(
     fine: Sequence[int],
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     radius_mm: float = 0.0,
-    object_reach: float = 0.0,
 ) -> list[tuple[tuple[slice, slice, slice], np.ndarray]]:
     """The refined mask inside the windows: a list of (RAS box, uint8 mask of the box).
 
@@ -414,9 +373,7 @@ def blend_into(
             new = torch.lerp(old, new, taper(box, ras_shape, fine, window, tuple(logit.shape)), out=new)
             if sign:
                 (torch.maximum if sign > 0 else torch.minimum)(new, old, out=new)
-            if sign < 0 and object_reach > 0:
-                new = torch.lerp(old, new, clicked_object(box, points, spacing, (old > 0.5).numpy(), object_reach), out=new)
-            elif radius_mm > 0:
+            if radius_mm > 0:
                 near = near_clicks(box, points, spacing, radius_mm, ((new > 0.5) != (old > 0.5)).numpy())
                 new = torch.lerp(old, new, near, out=new)
             old.copy_(new)
