@@ -152,7 +152,35 @@ def test_a_session_click_costs_one_window_forward():
         np.testing.assert_array_equal(pred.mask, fresh.predict(image, affine, clicks).mask)
     p.predict_prepared(prepared, clicks)  # the same clicks again: every window is cached
     assert len(net.calls) == 4 and p.window_forwards == 3
-    assert prepared.auto_placed and prepared.nbytes > prepared.auto_placed[0].nbytes
+    assert prepared.auto_placed and prepared.nbytes > prepared.auto_placed[1][0].nbytes
+
+
+class FakeInvertedNet(FakeThresholdNet):
+    """A fake network (not trained) answering the opposite of `FakeThresholdNet`: another model's mask."""
+
+    def forward(self, x):
+        return -super().forward(x)
+
+
+def test_a_session_volume_shared_by_two_models_never_mixes_their_masks():
+    """A volume a session keeps outlives a model swap: the new model's clicks start from its own
+    automatic mask, even when a request of the old model finishes after the swap and leaves its
+    scan-resolution mask with the volume."""
+    image, affine, ball = _ball_scan(shape=(120, 110, 50), spacing=(1.6, 1.6, 4.0))
+    old, new = (
+        Predictor(n, get_profile("tiny"), device=torch.device("cpu"), refine=True)
+        for n in (FakeThresholdNet(), FakeInvertedNet())
+    )
+    prepared = old.preprocess(image, affine)
+    centre = [int(v) for v in np.argwhere(ball).mean(axis=0).round()]
+    clicks = {"spleen": [centre], "background": []}
+    old.predict_prepared(prepared, clicks)
+    late = prepared.auto_placed
+    expected = new.predict(image, affine, clicks).mask
+    np.testing.assert_array_equal(new.predict_prepared(prepared, clicks).mask, expected)
+    prepared.auto_placed = late  # the old model's request, finishing last
+    np.testing.assert_array_equal(new.predict_prepared(prepared, clicks).mask, expected)
+    assert prepared.auto_placed is not None and prepared.auto_placed[0] is new._token
 
 
 def test_scattered_clicks_run_at_most_max_windows_and_a_long_session_keeps_working():

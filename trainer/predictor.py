@@ -56,9 +56,10 @@ class Prepared:
     # click locality blends clicked passes with it, and a reloaded model must not reuse it.
     auto_prob: torch.Tensor | None = None
     auto_owner: object | None = None
-    # The automatic pass at scan resolution (`geometry.global_crop`: RAS crop and box; () when it holds
-    # no spleen), made once per volume with refinement: every click of a session starts from it.
-    auto_placed: tuple | None = None
+    # The automatic pass at scan resolution, made once per volume with refinement (every click of a
+    # session starts from it): (the predictor that made it, `geometry.global_crop`'s RAS crop and box,
+    # or None when it holds no spleen), one tuple so a request racing a model swap never mixes the two.
+    auto_placed: tuple[object, tuple[np.ndarray, list[slice]] | None] | None = None
     # Refinement's fine volume (F...) uint8, RAS (`trainer.refine`); None without refinement. Its window
     # answers, by window and guidance, and the predictor that made them (`Predictor.windows`).
     fine: torch.Tensor | None = None
@@ -68,7 +69,7 @@ class Prepared:
     @property
     def nbytes(self) -> int:
         tensors = [self.image, self.auto_prob, self.fine, *(w.logit for w in self.windows.values())]
-        placed = self.auto_placed[0].nbytes if self.auto_placed else 0  # () when it holds no spleen
+        placed = self.auto_placed[1][0].nbytes if self.auto_placed and self.auto_placed[1] else 0
         return placed + sum(t.element_size() * t.nelement() for t in tensors if t is not None)
 
 
@@ -390,10 +391,11 @@ class Predictor:
         # Fortran order, as NIfTI stores voxels (x fastest): writing it skips a full-volume transpose.
         mask = np.zeros(prepared.orig_shape, np.uint8, order="F")
         if auto and self._cached(prepared):
-            if prepared.auto_placed is None:
-                prepared.auto_placed = global_crop(p, prepared, self.profile.upsample) or ()
-            if prepared.auto_placed:
-                crop, box = prepared.auto_placed
+            placed = prepared.auto_placed
+            if placed is None or placed[0] is not self._token:
+                placed = prepared.auto_placed = (self._token, global_crop(p, prepared, self.profile.upsample))
+            if placed[1] is not None:
+                crop, box = placed[1]
                 place_ras(mask, crop, box, prepared)
         else:
             place_global(mask, p, prepared, self.profile.upsample)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import threading
@@ -315,7 +316,10 @@ class ServiceCore:
         watch.add("forward", time.perf_counter() - t0 - window_s)
         if window:
             watch.add("window", window_s)
-        return await watch.run("postprocess", predictor.postprocess, prob, prepared, window)
+        # With refinement the whole-scan pass is the session's cached automatic one, so is its mask.
+        return await watch.run(
+            "postprocess", functools.partial(predictor.postprocess, auto=predictor.refine), prob, prepared, window
+        )
 
     async def encode_seg(self, mask: np.ndarray, meta, version: str, watch: Stopwatch) -> bytes:
         """The DICOM SEG of `mask` referencing the uploaded series (`meta`); 400 if the input was not DICOM."""
