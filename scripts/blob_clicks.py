@@ -45,7 +45,8 @@ def main(argv=None) -> int:
         lost = np.array([c.spleen_before - c.spleen_after for c in clicks])
         left = sum(c.after for c in clicks) / max(sum(c.before for c in clicks), 1)
         print(
-            f"{'refined' if refine else 'whole-scan locality'}: {len(clicks)} blobs taken for spleen; one click left "
+            f"{'refined' if refine else f'whole-scan, click radius {predictor.click_radius:g}'}: {len(clicks)} blobs taken "
+            f"for spleen; one click left "
             f"{left:.0%} of their voxels; the spleen lost > 0.02 Dice on {int((lost > 0.02).sum())} "
             f"(mean {lost.mean() if len(lost) else 0:.3f}, largest {lost.max() if len(lost) else 0:.3f})",
             flush=True,
