@@ -395,8 +395,8 @@ class Predictor:
             if placed is None or placed[0] is not self._token:
                 placed = prepared.auto_placed = (self._token, global_crop(p, prepared, self.profile.upsample))
             if placed[1] is not None:
-                crop, box = placed[1]
-                place_ras(mask, crop, box, prepared)
+                auto_crop, auto_box = placed[1]
+                place_ras(mask, auto_crop, auto_box, prepared)
         else:
             place_global(mask, p, prepared, self.profile.upsample)
         if windows and prepared.fine is not None:
