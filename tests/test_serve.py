@@ -1405,8 +1405,8 @@ def test_prometheus_scrapes_our_metrics_and_ray_serve_metrics(service, client, v
             # Ray's own serve metrics reach its metrics agent on Ray's export cadence, not per request:
             # poll (bounded) rather than expect them in the same scrape as ours.
             late = time.monotonic() + 30
-            while not _prom_query(base, name) and time.monotonic() < late:
+            while not (found := _prom_query(base, name)) and time.monotonic() < late:
                 time.sleep(1)
-            assert _prom_query(base, name), f"{name} not scraped within 30 s"
+            assert found, f"{name} not scraped within 30 s"
     finally:
         stop_process(proc, timeout_s=20)

@@ -372,13 +372,19 @@ class Predictor:
             del prepared.windows[old]
 
     def postprocess(
-        self, prob: torch.Tensor, prepared: Prepared, windows: list[WindowAnswer] | None = None, *, auto: bool = False
+        self,
+        prob: torch.Tensor,
+        prepared: Prepared,
+        windows: list[WindowAnswer] | None = None,
+        *,
+        forwarded: bool = False,
     ) -> np.ndarray:
         """(1, S, S, S) probability (or (2, S, S, S) softmax) -> uint8 mask in the original array order.
 
         With refinement `windows`, their answers replace the mask inside their boxes (`refine.blend_into`).
-        `auto`: `prob` is `prepared`'s cached automatic pass (refinement), whose scan-resolution mask is
-        then made once and kept with the volume (`Prepared.auto_placed`) for every later click.
+        `forwarded`: `prob` is what `forward` gave for `prepared`; with refinement that is the cached
+        automatic pass, whose scan-resolution mask is then made once and kept with the volume
+        (`Prepared.auto_placed`) for every later click.
 
         Equal to `F.interpolate(prob, ras_shape, mode) > 0.5`, reoriented back (up to float rounding at
         values within ~1e-7 of 0.5), with mode `area` for `upsample: area` (the model zoo's `Invertd`
@@ -390,7 +396,7 @@ class Predictor:
         p = prob.detach().float().cpu().reshape(-1, *prob.shape[-3:])
         # Fortran order, as NIfTI stores voxels (x fastest): writing it skips a full-volume transpose.
         mask = np.zeros(prepared.orig_shape, np.uint8, order="F")
-        if auto and self._cached(prepared):
+        if forwarded and self.refine and self._cached(prepared):
             placed = prepared.auto_placed
             if placed is None or placed[0] is not self._token:
                 placed = prepared.auto_placed = (self._token, global_crop(p, prepared, self.profile.upsample))
@@ -432,8 +438,7 @@ class Predictor:
         t2 = time.perf_counter()
         windows = self.windows([prepared], [checked])[0]
         t3 = time.perf_counter()
-        # With refinement the whole-scan pass is the cached automatic one (`forward`).
-        mask = self.postprocess(prob[0], prepared, windows, auto=self.refine)
+        mask = self.postprocess(prob[0], prepared, windows, forwarded=True)
         t4 = time.perf_counter()
         timings = {"clicks": t1 - t0, "forward": t2 - t1, "window": t3 - t2, "postprocess": t4 - t3}
         if not windows:

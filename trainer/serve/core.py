@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import logging
 import threading
@@ -101,12 +100,12 @@ class WorkGauge:
         self._lock = threading.Lock()
 
     def wrap(self, fn):
-        def counted(*args):
+        def counted(*args, **kwargs):
             with self._lock:
                 self.now += 1
                 self.peak = max(self.peak, self.now)
             try:
-                return fn(*args)
+                return fn(*args, **kwargs)
             finally:
                 with self._lock:
                     self.now -= 1
@@ -126,9 +125,9 @@ def _upload_digest(data) -> str:
     return h.hexdigest()
 
 
-async def in_thread(fn, *args):
-    """`fn(*args)` in a worker thread, counted by `WORK`, waited for even if the request is cancelled."""
-    return await finish_work(asyncio.to_thread(WORK.wrap(fn), *args))
+async def in_thread(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` in a worker thread, counted by `WORK`, waited for even if the request is cancelled."""
+    return await finish_work(asyncio.to_thread(WORK.wrap(fn), *args, **kwargs))
 
 
 class Stopwatch:
@@ -143,10 +142,10 @@ class Stopwatch:
         if self._metrics is not None:
             self._metrics.stage_latency.observe(seconds, tags={"stage": stage})
 
-    async def run(self, stage: str, fn, *args):
+    async def run(self, stage: str, fn, *args, **kwargs):
         t0 = time.perf_counter()
         try:
-            return await in_thread(fn, *args)
+            return await in_thread(fn, *args, **kwargs)
         finally:
             self.add(stage, time.perf_counter() - t0)
 
@@ -316,10 +315,7 @@ class ServiceCore:
         watch.add("forward", time.perf_counter() - t0 - window_s)
         if window:
             watch.add("window", window_s)
-        # With refinement the whole-scan pass is the session's cached automatic one, so is its mask.
-        return await watch.run(
-            "postprocess", functools.partial(predictor.postprocess, auto=predictor.refine), prob, prepared, window
-        )
+        return await watch.run("postprocess", predictor.postprocess, prob, prepared, window, forwarded=True)
 
     async def encode_seg(self, mask: np.ndarray, meta, version: str, watch: Stopwatch) -> bytes:
         """The DICOM SEG of `mask` referencing the uploaded series (`meta`); 400 if the input was not DICOM."""
